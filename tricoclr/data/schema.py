@@ -36,6 +36,26 @@ AUDIO_N_FFT = 1024
 AUDIO_STEPS_PER_SECOND = 128
 
 VIDEO_MODALITIES = ("rgb", "flow")
+AUDIO_LOG_OFFSET = 1e-6  # log(mel + offset): the log of digital silence is log(1e-6) ~ -13.8
+
+# Part kinds of a sample and their file extension inside a WebDataset tar member name.
+META_PART = "meta"
+AUDIO_PART = "audio"
+_PART_EXTENSIONS = {META_PART: "json", AUDIO_PART: "npy"}
+CHUNK_EXTENSION = "tcf"  # "TriCoCLR frames": a pack_frames blob
+
+# On-disk layout of a prepared dataset (one "part", or OUT/part-IIIII-of-NNNNN/ folders).
+MANIFEST_FILE = "manifest.jsonl"
+ARGS_FILE = "prepare_args.json"
+CLASSES_FILE = "classes.json"
+SUMMARY_FILE = "summary.json"
+LMDB_DIR = "lmdb"
+SHARDS_DIR = "shards"
+SHARD_PATTERN = "shard-{index:06d}.tar"
+PART_GLOB = "part-*-of-*"
+
+STATUS_OK, STATUS_PARTIAL, STATUS_FAILED = "ok", "partial", "failed"
+KEPT_STATUSES = (STATUS_OK, STATUS_PARTIAL)
 
 
 def quantise_flow(flow: np.ndarray) -> np.ndarray:
@@ -47,6 +67,26 @@ def quantise_flow(flow: np.ndarray) -> np.ndarray:
 def dequantise_flow(q):
     """uint8 (numpy or torch) -> float flow in px. Works on both array types."""
     return q * (2 * FLOW_BOUND / 255.0) - FLOW_BOUND
+
+
+def flow_y_offset(height: int) -> int:
+    """Row where the y field starts in a stacked flow JPEG: ``height`` rounded up to 8.
+
+    Starting the y field on a JPEG block boundary keeps the 8x8 DCT blocks from mixing the
+    bottom rows of the x field with the top rows of the y field; the rows in between are
+    padding (edge copies of the x field) that readers skip.
+    """
+    return -(-height // 8) * 8
+
+
+def audio_step_for_frame(frame: int, fps: float, steps_per_second: int = AUDIO_STEPS_PER_SECOND) -> int:
+    """Index of the spectrogram step aligned with the start of video frame ``frame``."""
+    return int(round(frame * steps_per_second / fps))
+
+
+def part_dir_name(shard_index: int, num_shards: int) -> str:
+    """Folder of one part of a dataset prepared as ``num_shards`` independent jobs."""
+    return f"part-{shard_index:05d}-of-{num_shards:05d}"
 
 
 # ---- keys ---------------------------------------------------------------------------------
@@ -64,6 +104,16 @@ def chunk_key(modality: str, index: int) -> str:
 def lmdb_key(video_id: str, part: str) -> bytes:
     """LMDB key for one part of one video: b'<id>/meta', b'<id>/rgb_00003', b'<id>/audio'."""
     return f"{video_id}/{part}".encode()
+
+
+def member_name(part: str) -> str:
+    """File name of a sample part inside a WebDataset tar, after the key: 'meta.json', 'rgb_00003.tcf'."""
+    return f"{part}.{_PART_EXTENSIONS.get(part, CHUNK_EXTENSION)}"
+
+
+def part_from_member(member: str) -> str:
+    """Inverse of member_name: 'rgb_00003.tcf' -> 'rgb_00003'."""
+    return member.split(".", 1)[0]
 
 
 def chunks_for_span(start: int, count: int, chunk_frames: int) -> range:

@@ -1,0 +1,386 @@
+"""Decode a video once with PyAV: resample to a fixed frame rate by timestamps, resize, and
+hand audio frames to a collector on the way.
+
+The data flow for one file::
+
+    container --demux--> packets --decode--> frames (presentation order)
+        video: FrameRateResampler (pts -> output slots) -> resize -> (source index, RGB array)
+        audio: an ``on_audio`` callback (data_tools.audio.AudioCollector)
+
+Nothing here raises for a damaged stream once it is open: packet errors, a demuxer that stops
+early, frames flagged corrupt and broken timestamps are counted in a ``DecodeLog`` so that the
+caller can keep what decoded and record why it is ``partial``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Callable, Iterator
+
+import av
+import numpy as np
+
+# Stop reading a file whose packets keep failing: it is garbage, not a video with a glitch.
+MAX_CONSECUTIVE_PACKET_ERRORS = 50
+
+
+class MediaError(Exception):
+    """A file that cannot be used at all (cannot be opened, no video stream, no frame)."""
+
+
+@dataclass
+class MediaInfo:
+    """What the container declares, before decoding."""
+
+    container_format: str
+    width: int
+    height: int
+    sample_aspect: Fraction
+    declared_fps: float | None
+    declared_seconds: float | None
+    has_audio_stream: bool
+    audio_channels: int | None
+    audio_rate: int | None
+
+
+@dataclass
+class DecodeLog:
+    """Everything that went wrong (or was unusual) while decoding one file."""
+
+    packet_errors: int = 0
+    first_packet_error: str | None = None
+    stopped_early: str | None = None  # the demuxer raised: the rest of the file is unreadable
+    corrupt_frames: int = 0
+    non_increasing_timestamps: int = 0  # frames dropped because time went backwards
+    missing_timestamps: int = 0  # frames whose time had to be inferred from the frame rate
+    audio_errors: int = 0
+    first_audio_error: str | None = None
+    source_frames: int = 0  # decoded video frames
+    source_intervals: list[float] = field(default_factory=list)  # seconds between frames
+    first_time: float | None = None
+    end_time: float | None = None
+
+    @property
+    def decoded_seconds(self) -> float:
+        if self.first_time is None or self.end_time is None:
+            return 0.0
+        return self.end_time - self.first_time
+
+    def variable_frame_rate(self) -> bool:
+        """True when frame intervals differ by more than 10% of their median (and a frame)."""
+        if len(self.source_intervals) < 2:
+            return False
+        intervals = np.asarray(self.source_intervals)
+        median = float(np.median(intervals))
+        return bool(np.any(np.abs(intervals - median) > 0.1 * median + 1e-3))
+
+
+def output_size(width: int, height: int, size: int, mode: str, sample_aspect: Fraction = Fraction(1)) -> tuple[int, int]:
+    """(height, width) of the stored frames.
+
+    ``mode="short"`` scales the shorter *display* side to ``size`` (anamorphic pixels are made
+    square using the sample aspect ratio); ``mode="square"`` squashes to size x size as the
+    paper did.
+    """
+    if mode == "square":
+        return size, size
+    if mode != "short":
+        raise ValueError(f"unknown resize mode {mode!r} (expected 'short' or 'square')")
+    display_width = width * float(sample_aspect or 1)
+    scale = size / min(display_width, height)
+    return max(1, int(height * scale + 0.5)), max(1, int(display_width * scale + 0.5))
+
+
+def open_media(path: str) -> tuple[av.container.InputContainer, MediaInfo]:
+    """Open ``path`` and describe it; raises MediaError for a file that holds no usable video."""
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        raise MediaError(f"cannot open as media: {exc}") from exc
+    try:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise MediaError(f"no video stream (streams: {', '.join(kinds)})")
+        video = container.streams.video[0]
+        ctx = video.codec_context
+        if not ctx.width or not ctx.height:
+            raise MediaError(f"video stream has no frame size ({ctx.name}); the file is damaged")
+        audio = container.streams.audio[0] if container.streams.audio else None
+        info = MediaInfo(
+            container_format=container.format.name,
+            width=ctx.width,
+            height=ctx.height,
+            sample_aspect=_sample_aspect(video),
+            declared_fps=float(video.average_rate) if video.average_rate else None,
+            declared_seconds=_declared_seconds(container, video),
+            has_audio_stream=audio is not None,
+            audio_channels=audio.codec_context.channels if audio is not None else None,
+            audio_rate=audio.codec_context.sample_rate if audio is not None else None,
+        )
+    except BaseException:
+        container.close()
+        raise
+    return container, info
+
+
+def _sample_aspect(video) -> Fraction:
+    sar = video.sample_aspect_ratio or video.codec_context.sample_aspect_ratio
+    return Fraction(sar) if sar and sar > 0 else Fraction(1)
+
+
+def _declared_seconds(container, video) -> float | None:
+    """Duration the header claims: the stream's if known, else the container's."""
+    if video.duration and video.time_base:
+        return float(video.duration * video.time_base)
+    if container.duration and container.duration > 0:
+        return container.duration / av.time_base
+    return None
+
+
+# ---- frame-rate resampling --------------------------------------------------------------------
+
+
+class FrameRateResampler:
+    """Map timestamped source frames to output frames at a fixed rate.
+
+    Output frame ``i`` is the source frame on screen at ``t0 + (i + 1/2) / fps`` (``t0``: the
+    first frame's time). Sampling mid-slot is the rounding of FFmpeg's ``fps`` filter: a source
+    at the output rate maps one to one even when its timestamps are rounded to milliseconds.
+    Faster sources drop frames, slower ones repeat them (the caller sees the repeated source
+    index), and variable frame rate needs nothing special.
+    """
+
+    def __init__(self, fps: float):
+        self.fps = Fraction(fps).limit_denominator(1_000_000)
+        self.t0: Fraction | None = None
+        self.next_output = 0
+        self.current = None  # (source index, frame) on screen now
+        self.current_time: Fraction | None = None
+        self.source_index = -1
+
+    def _slot_time(self, i: int) -> Fraction:
+        return self.t0 + (Fraction(i) + Fraction(1, 2)) / self.fps
+
+    def push(self, time: Fraction, frame) -> Iterator[tuple[int, object]]:
+        """Feed one source frame (times must increase); yields the (source index, frame) pairs
+        of the output slots that end up showing the *previous* frame."""
+        self.source_index += 1
+        if self.t0 is None:
+            self.t0 = time
+        else:
+            yield from self._emit_until(time)
+        self.current = (self.source_index, frame)
+        self.current_time = time
+
+    def finish(self, end_time: Fraction) -> Iterator[tuple[int, object]]:
+        """Flush the last frame, which stays on screen until ``end_time``."""
+        if self.current is not None:
+            yield from self._emit_until(end_time)
+
+    def _emit_until(self, time: Fraction) -> Iterator[tuple[int, object]]:
+        while self._slot_time(self.next_output) < time:
+            self.next_output += 1
+            yield self.current
+
+
+# ---- decoding -------------------------------------------------------------------------------
+
+
+class VideoDecoder:
+    """Decode one file into resized RGB frames at ``fps``.
+
+    Iterate ``frames()`` once; it yields ``(source_index, rgb)`` per output frame, where ``rgb``
+    is an (H, W, 3) uint8 array and repeated source frames share the same array object. Audio
+    frames met on the way go to ``on_audio`` (errors there never stop the video). After the
+    iteration, ``log`` says what went wrong and ``t0`` is the time of output frame 0.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        fps: float,
+        size: int,
+        resize: str = "short",
+        threads: int = 1,
+        on_audio: Callable[[av.AudioFrame], None] | None = None,
+    ):
+        self.path = path
+        self.fps = fps
+        self.container, self.info = open_media(path)
+        self.height, self.width = output_size(self.info.width, self.info.height, size, resize, self.info.sample_aspect)
+        self.threads = threads
+        self.on_audio = on_audio
+        self.log = DecodeLog()
+        self.t0: float | None = None
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> "VideoDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def frames(self) -> Iterator[tuple[int, np.ndarray]]:
+        resampler = FrameRateResampler(self.fps)
+        resized: dict[int, np.ndarray] = {}  # only the frame on screen is kept
+        last_time: Fraction | None = None
+        last_duration: Fraction | None = None
+        for time, duration, frame in self._timed_video_frames():
+            if last_time is not None and time <= last_time:
+                self.log.non_increasing_timestamps += 1
+                continue
+            if last_time is not None:
+                self.log.source_intervals.append(float(time - last_time))
+            yield from self._resize_each(resampler.push(time, frame), resized)
+            last_time, last_duration = time, duration
+        if last_time is None:
+            return
+        end_time = last_time + self._last_frame_duration(last_duration)
+        yield from self._resize_each(resampler.finish(end_time), resized)
+        self.t0 = float(resampler.t0)
+        self.log.first_time, self.log.end_time = float(resampler.t0), float(end_time)
+
+    def _resize_each(self, pairs, cache: dict[int, np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+        """Resize each distinct source frame once; repeats reuse the same array."""
+        for source_index, frame in pairs:
+            if source_index not in cache:
+                cache.clear()
+                cache[source_index] = self._to_rgb(frame)
+            yield source_index, cache[source_index]
+
+    def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        # AREA averages when shrinking (no aliasing of fine texture into false motion).
+        return frame.reformat(width=self.width, height=self.height, format="rgb24", interpolation="AREA").to_ndarray()
+
+    def _last_frame_duration(self, declared: Fraction | None) -> Fraction:
+        """How long the last frame stays on screen: its own duration, else a typical interval."""
+        if declared:
+            return declared
+        if self.log.source_intervals:
+            return Fraction(float(np.median(self.log.source_intervals))).limit_denominator(1_000_000)
+        if self.info.declared_fps:
+            return 1 / Fraction(self.info.declared_fps).limit_denominator(1_000_000)
+        return 1 / Fraction(self.fps).limit_denominator(1_000_000)
+
+    def _timed_video_frames(self) -> Iterator[tuple[Fraction, Fraction | None, av.VideoFrame]]:
+        """Decoded video frames with their presentation time and duration in seconds."""
+        fallback_rate = Fraction(self.info.declared_fps or self.fps).limit_denominator(1_000_000)
+        stream_time_base = self.container.streams.video[0].time_base
+        for frame in self._decoded_video_frames():
+            self.log.source_frames += 1
+            # Frames drained at the end of the stream may come without a time base.
+            time_base = frame.time_base or stream_time_base
+            if frame.pts is None or time_base is None:
+                # No timestamp: place the frame one nominal interval after the previous one.
+                self.log.missing_timestamps += 1
+                time = Fraction(self.log.source_frames - 1) / fallback_rate
+            else:
+                time = frame.pts * time_base
+            duration = frame.duration * time_base if frame.duration and time_base else None
+            yield time, duration, frame
+
+    def _decoded_video_frames(self) -> Iterator[av.VideoFrame]:
+        video = self.container.streams.video[0]
+        video.thread_count = self.threads
+        audio = self.container.streams.audio[0] if (self.on_audio and self.container.streams.audio) else None
+        streams = [s for s in (video, audio) if s is not None]
+        consecutive_errors = 0
+        for packet in self._packets(streams):
+            is_video = packet.stream.index == video.index
+            try:
+                decoded = packet.decode()
+            except av.error.FFmpegError as exc:
+                if is_video:
+                    self._packet_error(exc)
+                    consecutive_errors += 1
+                    if consecutive_errors >= MAX_CONSECUTIVE_PACKET_ERRORS:
+                        self.log.stopped_early = f"gave up after {consecutive_errors} consecutive undecodable packets"
+                        return
+                else:
+                    self._audio_error(exc)
+                continue
+            if is_video:
+                consecutive_errors = 0
+                for frame in decoded:
+                    self.log.corrupt_frames += bool(getattr(frame, "is_corrupt", False))
+                    yield frame
+            else:
+                self._deliver_audio(decoded)
+
+    def _packets(self, streams) -> Iterator[av.Packet]:
+        """Demuxed packets, then a flush packet per stream; a demuxer error ends the file."""
+        try:
+            for packet in self.container.demux(streams):
+                if packet.size == 0:  # the demuxer's own end-of-stream marker
+                    continue
+                yield packet
+        except av.error.FFmpegError as exc:
+            self.log.stopped_early = f"reading stopped: {exc}"
+        except av.error.EOFError:  # some PyAV versions raise this at the end of a damaged file
+            pass
+        for stream in streams:
+            yield _FlushPacket(stream)
+
+    def _deliver_audio(self, frames) -> None:
+        for frame in frames:
+            try:
+                self.on_audio(frame)
+            except Exception as exc:  # a bad audio frame must never cost the video
+                self._audio_error(exc)
+
+    def _packet_error(self, exc: Exception) -> None:
+        self.log.packet_errors += 1
+        if self.log.first_packet_error is None:
+            self.log.first_packet_error = str(exc)
+
+    def _audio_error(self, exc: Exception) -> None:
+        self.log.audio_errors += 1
+        if self.log.first_audio_error is None:
+            self.log.first_audio_error = f"{type(exc).__name__}: {exc}"
+
+
+class _FlushPacket:
+    """Stands for the empty packet that drains a decoder at the end of its stream."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def decode(self):
+        return self.stream.decode(None)
+
+
+def describe_problems(log: DecodeLog, info: MediaInfo) -> list[str]:
+    """Human-readable reasons a decode is ``partial``; empty when everything decoded."""
+    problems = []
+    if log.stopped_early:
+        problems.append(f"{log.stopped_early} after {log.decoded_seconds:.2f} s")
+    if log.packet_errors:
+        problems.append(f"{log.packet_errors} video packet(s) failed to decode (first: {log.first_packet_error})")
+    if log.corrupt_frames:
+        problems.append(f"{log.corrupt_frames} video frame(s) decoded with errors")
+    declared = info.declared_seconds
+    if declared and log.decoded_seconds < declared - max(1.0, 0.1 * declared):
+        problems.append(f"decoded {log.decoded_seconds:.2f} s of the {declared:.2f} s the header declares")
+    return problems
+
+
+def describe_notes(log: DecodeLog) -> list[str]:
+    """Unusual but harmless facts worth keeping in the manifest."""
+    notes = []
+    if log.non_increasing_timestamps:
+        notes.append(f"{log.non_increasing_timestamps} frame(s) with non-increasing timestamps skipped")
+    if log.missing_timestamps:
+        notes.append(f"{log.missing_timestamps} frame(s) without timestamps placed at the nominal rate")
+    return notes
+
+
+def source_fps(log: DecodeLog) -> float | None:
+    """The source's measured frame rate (median interval), for the record."""
+    if not log.source_intervals:
+        return None
+    median = float(np.median(log.source_intervals))
+    return round(1.0 / median, 3) if median > 0 and math.isfinite(median) else None

@@ -1,0 +1,59 @@
+"""`tricoclr`: train, evaluate, export and run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (e.g. configs/tiny.yaml); defaults otherwise")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value",
+                        help="config overrides, e.g. batch_size=16 modalities=[rgb,flow]")
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tricoclr/train.py", description="Train TriCoCLR encoders (the whole stage schedule).")
+    add_train_arguments(parser)
+    return run_train(parser.parse_args(argv))
+
+
+def run_train(args) -> int:
+    from tricoclr.config import load_config
+    from tricoclr.trainer import PreemptionRequested, Trainer
+
+    config = load_config(args.config, args.overrides)
+    try:
+        Trainer(config).run()
+    except PreemptionRequested as stop:
+        # Exit cleanly (a non-zero rank exit would make the launcher report a failure); the
+        # PREEMPTED marker the trainer wrote tells the SLURM script to requeue.
+        print(f"preempted: {stop}; rerun the same command to resume", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tricoclr", description="TriCoCLR: cooperative contrastive video learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (same as tricoclr/train.py)")
+    add_train_arguments(train)
+    train.set_defaults(run=run_train)
+    for name, module_name in (("eval", "tricoclr.eval.cli"), ("export", "tricoclr.eval.export"), ("demo", "tricoclr.demo")):
+        try:
+            module = __import__(module_name, fromlist=["add_arguments"])
+        except ImportError:
+            continue
+        command = sub.add_parser(name, help=module.__doc__.splitlines()[0] if module.__doc__ else None)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

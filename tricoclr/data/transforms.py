@@ -1,0 +1,386 @@
+"""Per-modality augmentation of one clip (DESIGN.md, "A training sample"; paper, "Data
+Augmentations"), split where it is cheapest:
+
+- Worker side, per clip, on the CPU: the geometric part -- :func:`rgb_geometric`,
+  :func:`flow_geometric`, :func:`spectrogram_geometric` -- and the *sampling* of the photometric
+  parameters, :func:`sample_photometric_params`. Every random choice comes from the
+  ``torch.Generator`` passed in (see ``sampling.sample_generator``), so the result depends only on
+  (seed, epoch, video index, view, stream).
+- Device side, batched, after the transfer: :func:`apply_photometric` (colour jitter, greyscale,
+  blur with each clip's own parameters, then normalisation) and :func:`normalise_flow`. On a CPU,
+  jitter and blur of 30 frames cost more than decoding them, so they do not belong in workers.
+
+Defaults follow CoCLR (Han et al. 2020, ``main_coclr.py``), checked against its code:
+random resized crop with area in (0.2, 1) and aspect ratio in (3/4, 4/3) (MoCo v2's crop for
+small images), horizontal flip p 0.5, ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, greyscale
+p 0.2, Gaussian blur with sigma in (0.1, 2.0) with p 0.5. Deviations, on purpose:
+
+- CoCLR's "greyscale" copies one random colour channel; we use luminance greyscale
+  (torchvision's ``rgb_to_grayscale``), as SimCLR/MoCo do.
+- CoCLR resizes crops bicubically; we use bilinear with antialiasing (torchvision's default),
+  the same for RGB and flow (bicubic overshoots, which would distort flow vectors).
+- Flow gets no photometric change and its x component is negated by a flip (CoCLR shares the
+  RGB augmentation with flow and does neither).
+- The blur kernel is odd and ~10 % of the image side (13 px at 128, SimCLR's rule); CoCLR
+  blurs with PIL, whose kernel follows sigma.
+- One set of parameters per clip for all its frames; the two clips of a sample are independent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as nnf
+import torchaudio.functional as audio_f
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as tvf
+
+from tricoclr.data.schema import FLOW_BOUND, dequantise_flow
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CROP_SCALE = (0.2, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+# Index of each colour-jitter operation in ``jitter_factors`` and ``jitter_order``.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+
+
+# ---- reproducible randomness for library code that draws from the global RNG ----------------
+
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _global_rng_seeded_from(generator: torch.Generator) -> Iterator[None]:
+    """Run library code that draws from torch's global CPU RNG reproducibly.
+
+    torchvision's crop sampler and torchaudio's masks take no generator, so the global CPU
+    generator is seeded from ``generator`` inside ``fork_rng``, which restores its state
+    afterwards (the caller's global randomness is untouched). ``torch.default_generator`` is
+    seeded rather than calling ``torch.manual_seed``, which would also reseed CUDA. The lock
+    keeps concurrent threads of this module from interleaving; other code drawing from the
+    global RNG in another thread at the same moment would still break reproducibility.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _uniform(generator: torch.Generator, low: float, high: float, shape: Sequence[int] = ()) -> torch.Tensor:
+    """float32 samples uniform in [low, high)."""
+    return low + (high - low) * torch.rand(shape, generator=generator)
+
+
+# ---- RGB and flow: one random resized crop and flip per clip ---------------------------------
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """A crop box in input pixels and whether to flip horizontally, shared by all frames."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def sample_crop_flip(
+    generator: torch.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+    flip_p: float = 0.5,
+) -> CropFlip:
+    """Draw a random resized crop box (torchvision's sampler) and a flip for an HxW frame.
+
+    RGB and flow both go through this function, so with generators in the same state and the
+    same frame size they get the same box and flip.
+    """
+    with _global_rng_seeded_from(generator):
+        # get_params only reads the frame size from its argument.
+        top, left, box_h, box_w = RandomResizedCrop.get_params(
+            torch.empty(0, height, width), list(scale), list(ratio)
+        )
+    flip = bool(torch.rand((), generator=generator) < flip_p)
+    return CropFlip(top, left, box_h, box_w, flip)
+
+
+def rgb_resized_crop_flip(clip: torch.Tensor, box: CropFlip, size: int = 128) -> torch.Tensor:
+    """Crop ``box`` out of every frame of a (T, C, H, W) clip, resize to size x size, flip."""
+    out = tvf.resized_crop(clip, box.top, box.left, box.height, box.width, [size, size], antialias=True)
+    return tvf.horizontal_flip(out) if box.flip else out
+
+
+def rgb_geometric(
+    clip: torch.Tensor,
+    generator: torch.Generator,
+    size: int = 128,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+    flip_p: float = 0.5,
+) -> torch.Tensor:
+    """Worker-side RGB augmentation: (T, 3, H, W) uint8 -> (T, 3, size, size) uint8.
+
+    One random resized crop and flip for all frames of the clip. The photometric part is
+    drawn separately (:func:`sample_photometric_params`) and applied on the device.
+    """
+    box = sample_crop_flip(generator, clip.shape[-2], clip.shape[-1], scale, ratio, flip_p)
+    return rgb_resized_crop_flip(clip, box, size)
+
+
+def flow_resized_crop_flip(flow: torch.Tensor, box: CropFlip, size: int = 128) -> torch.Tensor:
+    """Crop, resize and flip a quantised (T, 2, H, W) uint8 flow clip -> float32 flow in px.
+
+    Flow vectors are displacements in pixels, so they change with the geometry: resizing a
+    crop of width w to ``size`` stretches x displacements by size / w (y likewise by height),
+    and a horizontal flip negates x. Dequantisation is affine and the bilinear weights sum to
+    one, so resizing the quantised field before dequantising gives the same field, up to the
+    rounding of the uint8 resize (at most half a quantisation step, 0.08 px, before the gain):
+    resizing uint8 is ~2.5x faster than float32 on a CPU.
+    """
+    resized = tvf.resized_crop(flow, box.top, box.left, box.height, box.width, [size, size], antialias=True)
+    out = dequantise_flow(resized.to(torch.float32))
+    gain = torch.tensor([size / box.width, size / box.height], dtype=out.dtype)
+    if box.flip:
+        out = tvf.horizontal_flip(out)
+        gain[0] = -gain[0]
+    return out * gain.view(2, 1, 1)
+
+
+def flow_geometric(
+    flow: torch.Tensor,
+    generator: torch.Generator,
+    size: int = 128,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+    flip_p: float = 0.5,
+) -> torch.Tensor:
+    """Worker-side flow augmentation: (T, 2, H, W) uint8 (``schema.quantise_flow``) ->
+    (T, 2, size, size) float32 flow in px (x first). No photometric change.
+
+    The values may exceed +-FLOW_BOUND after a zoom-in crop (up to ~2.2x at scale 0.2);
+    :func:`normalise_flow` divides by FLOW_BOUND for the network.
+    """
+    box = sample_crop_flip(generator, flow.shape[-2], flow.shape[-1], scale, ratio, flip_p)
+    return flow_resized_crop_flip(flow, box, size)
+
+
+def normalise_flow(flow_px: torch.Tensor) -> torch.Tensor:
+    """Flow in px -> network input: divide by FLOW_BOUND (the quantisation range is +-1)."""
+    return flow_px / FLOW_BOUND
+
+
+# ---- audio: time warp and masks of the spectrogram slice -------------------------------------
+
+# Keeps the moved anchor off the ends of the clip, where a piece of the warp would have length 0.
+_WARP_EDGE = 1e-3
+
+
+def sample_time_warp(generator: torch.Generator, warp_fraction: float) -> tuple[float, float]:
+    """SpecAugment-style warp parameters in normalised time [0, 1]: ``(anchor, destination)``.
+
+    The anchor is uniform in [warp_fraction, 1 - warp_fraction] (shrunk by a tiny margin) and
+    moves by a shift uniform in [-warp_fraction, warp_fraction], so the destination stays
+    strictly inside (0, 1) and the warp monotonic. ``warp_fraction=0`` gives no warp.
+    """
+    if not 0.0 <= warp_fraction < 0.5 - _WARP_EDGE:
+        raise ValueError(f"warp_fraction must be in [0, 0.5), got {warp_fraction}")
+    margin = warp_fraction + _WARP_EDGE
+    anchor = float(_uniform(generator, margin, 1.0 - margin))
+    shift = float(_uniform(generator, -warp_fraction, warp_fraction))
+    return anchor, anchor + shift
+
+
+def time_warp(spec: torch.Tensor, anchor: float, destination: float, out_steps: int) -> torch.Tensor:
+    """Dense warp of a (F, T) spectrogram along time -> (F, out_steps).
+
+    The output time ``destination`` samples the input time ``anchor`` (normalised to [0, 1]);
+    both halves are stretched linearly, so the map is piecewise linear, continuous and
+    monotonic, and the ends stay fixed. ``anchor == destination`` is a plain linear resampling
+    to ``out_steps`` (the identity when the lengths match). Bilinear ``grid_sample`` along time.
+    """
+    out_pos = torch.linspace(0.0, 1.0, out_steps)
+    src_pos = torch.where(
+        out_pos <= destination,
+        out_pos * (anchor / destination),
+        anchor + (out_pos - destination) * ((1.0 - anchor) / (1.0 - destination)),
+    )
+    # The mel bins are channels of a height-1 image, so all bins share one sampling grid.
+    grid = torch.stack([src_pos * 2.0 - 1.0, torch.zeros(out_steps)], dim=-1).view(1, 1, out_steps, 2)
+    warped = nnf.grid_sample(spec[None, :, None, :], grid, mode="bilinear", align_corners=True)
+    return warped[0, :, 0, :]
+
+
+def spectrogram_geometric(
+    spec: torch.Tensor,
+    generator: torch.Generator,
+    out_steps: int = 128,
+    expected_steps: int | None = None,
+    warp_fraction: float = 0.1,
+    time_mask: int = 32,
+    freq_mask: int = 32,
+    pad_value: float | None = None,
+) -> torch.Tensor:
+    """Worker-side audio augmentation of one clip's log-mel slice: (F, T) -> (1, F, out_steps)
+    float32.
+
+    1. A slice shorter than ``expected_steps`` (default ``out_steps``; the ``num_steps`` of
+       ``sampling.spectrogram_span``) -- the end of a video, or audio shorter than the video --
+       is padded at its end with ``pad_value``, by default the slice's minimum (the quietest
+       level it has; pass the whole spectrogram's minimum if you have it). An empty slice needs
+       ``pad_value``.
+    2. A random dense time warp (:func:`time_warp`; the anchor moves by up to
+       ``warp_fraction`` of the clip) that also resamples ``expected_steps`` to ``out_steps``.
+    3. One time mask (width uniform in [0, time_mask) steps) and one frequency mask (width
+       uniform in [0, freq_mask) bins), torchaudio's ``mask_along_axis``, filled with the mean of
+       the warped spectrogram. Defaults: up to a quarter of a second and a quarter of the bins.
+    """
+    expected_steps = out_steps if expected_steps is None else expected_steps
+    spec = spec.to(torch.float32)
+    missing = expected_steps - spec.shape[-1]
+    if missing > 0:
+        if pad_value is None:
+            if spec.shape[-1] == 0:
+                raise ValueError("empty spectrogram slice: pass pad_value")
+            pad_value = float(spec.min())
+        spec = nnf.pad(spec, (0, missing), value=pad_value)
+    spec = spec[:, :expected_steps]
+
+    anchor, destination = sample_time_warp(generator, warp_fraction)
+    warped = time_warp(spec, anchor, destination, out_steps)[None]
+
+    fill = float(warped.mean())
+    with _global_rng_seeded_from(generator):
+        warped = audio_f.mask_along_axis(warped, time_mask, fill, axis=2)
+        warped = audio_f.mask_along_axis(warped, freq_mask, fill, axis=1)
+    return warped
+
+
+# ---- photometric: parameters drawn in workers, applied batched on the device -----------------
+
+
+def sample_photometric_params(
+    generator: torch.Generator,
+    p_jitter: float = 0.8,
+    p_grey: float = 0.2,
+    p_blur: float = 0.5,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    sigma: tuple[float, float] = (0.1, 2.0),
+) -> dict[str, torch.Tensor]:
+    """One clip's photometric parameters as small fixed-shape tensors, so that the default
+    collate stacks them into a batch for :func:`apply_photometric`.
+
+    Keys: ``jitter_on`` (bool), ``jitter_factors`` (float32, 4: brightness, contrast,
+    saturation factors uniform in [1 - x, 1 + x] and a hue shift uniform in [-hue, hue]),
+    ``jitter_order`` (int64, a permutation of the four operations, as torchvision's
+    ColorJitter), ``grey_on`` (bool), ``blur_on`` (bool), ``blur_sigma`` (float32). Every value
+    is always drawn, so the stream of draws does not depend on earlier outcomes.
+    """
+    jitter_on = torch.rand((), generator=generator) < p_jitter
+    low = torch.tensor([max(0.0, 1 - brightness), max(0.0, 1 - contrast), max(0.0, 1 - saturation), -hue])
+    high = torch.tensor([1 + brightness, 1 + contrast, 1 + saturation, hue])
+    factors = low + (high - low) * torch.rand(4, generator=generator)
+    order = torch.randperm(4, generator=generator)
+    grey_on = torch.rand((), generator=generator) < p_grey
+    blur_on = torch.rand((), generator=generator) < p_blur
+    blur_sigma = _uniform(generator, *sigma)
+    return {
+        "jitter_on": jitter_on,
+        "jitter_factors": factors,
+        "jitter_order": order,
+        "grey_on": grey_on,
+        "blur_on": blur_on,
+        "blur_sigma": blur_sigma,
+    }
+
+
+def _blend(image: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """torchvision's float blend, with one ratio per clip: ratio * image + (1 - ratio) * other."""
+    ratio = ratio.view(-1, *([1] * (image.dim() - 1)))
+    return (ratio * image + (1.0 - ratio) * other).clamp_(0.0, 1.0)
+
+
+def _brightness(clips: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Batched ``adjust_brightness`` of float (N, T, 3, H, W) clips, one factor per clip."""
+    return _blend(clips, torch.zeros((), device=clips.device), factors)
+
+
+def _contrast(clips: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Batched ``adjust_contrast``: blend with each frame's mean grey level, as torchvision."""
+    mean = tvf.rgb_to_grayscale(clips).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(clips, mean, factors)
+
+
+def _saturation(clips: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Batched ``adjust_saturation``: blend with the greyscale image, as torchvision."""
+    return _blend(clips, tvf.rgb_to_grayscale(clips), factors)
+
+
+def _hue(clips: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``adjust_hue`` clip by clip (its HSV round trip takes one scalar factor)."""
+    return torch.stack([tvf.adjust_hue(clip, float(f)) for clip, f in zip(clips, factors)])
+
+
+_JITTER_OPS = {BRIGHTNESS: _brightness, CONTRAST: _contrast, SATURATION: _saturation, HUE: _hue}
+
+
+def default_blur_kernel_size(image_size: int) -> int:
+    """Odd kernel of about 10 % of the image side (SimCLR: 23 at 224; 13 at 128)."""
+    return int(0.1 * image_size) | 1
+
+
+def apply_photometric(
+    clips: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    blur_kernel_size: int | None = None,
+) -> torch.Tensor:
+    """Device-side RGB augmentation of a batch: (B, 3, T, H, W) uint8 -> float32, normalised.
+
+    Each clip gets its own parameters (``params``: the batched output of
+    :func:`sample_photometric_params`), the same for all its frames: colour jitter in the
+    clip's order, then greyscale, then Gaussian blur, then ``(x / 255 - mean) / std`` (ImageNet
+    statistics by default). Brightness, contrast, saturation and greyscale run batched over the
+    clips that need them, with torchvision's formulas; hue and blur call torchvision's
+    functions clip by clip (each call covers all T frames). Runs on ``clips.device``; ``params``
+    may live on the CPU or the device.
+    """
+    batch = clips.shape[0]
+    # (B, T, 3, H, W): torchvision's layout, channels third from last.
+    x = tvf.to_dtype(clips.permute(0, 2, 1, 3, 4), torch.float32, scale=True).contiguous()
+    # Decisions are made on the CPU in one transfer, not one sync per clip.
+    cpu = {key: value.detach().cpu() for key, value in params.items()}
+    factors = params["jitter_factors"].to(x.device, torch.float32)
+
+    for slot in range(4):
+        for op, fn in _JITTER_OPS.items():
+            chosen = torch.nonzero(cpu["jitter_on"] & (cpu["jitter_order"][:, slot] == op)).flatten()
+            if len(chosen):
+                index = chosen.to(x.device)
+                x[index] = fn(x[index], factors[index, op])
+
+    grey = torch.nonzero(cpu["grey_on"]).flatten().to(x.device)
+    if len(grey):
+        x[grey] = tvf.rgb_to_grayscale(x[grey], num_output_channels=3)
+
+    kernel = blur_kernel_size or default_blur_kernel_size(min(x.shape[-2:]))
+    for i in range(batch):
+        if cpu["blur_on"][i]:
+            sigma = float(cpu["blur_sigma"][i])
+            x[i] = tvf.gaussian_blur(x[i], [kernel, kernel], [sigma, sigma])
+
+    x = tvf.normalize(x, list(mean), list(std))
+    return x.permute(0, 2, 1, 3, 4).contiguous()

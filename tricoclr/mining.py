@@ -1,0 +1,154 @@
+"""Positive mining: which queue entries count as positives for each query (DESIGN.md, "The method").
+
+The oracle of a sample is the concatenation, over the frozen samplers s != m, of f_s(view 2 of s),
+each part L2-normalised; so o·o' is a sum of per-sampler cosines and an entry is mined when the
+samplers agree on it overall, not when any single one does.
+
+Everything here is a pure function of tensors returning a bool mask aligned with the logits of
+``tricoclr.losses.contrastive_logits``: column 0 is the sample's own key, column 1 + j is queue
+entry j.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _same_video_mask(video_ids: torch.Tensor, queue_video_ids: torch.Tensor) -> torch.Tensor:
+    """(B, K) True where a queue entry comes from the sample's video. Ids < 0 (an unfilled
+    queue slot, or an unknown video) never match anything."""
+    same = video_ids.reshape(-1, 1) == queue_video_ids.reshape(1, -1).to(video_ids.device)
+    return same & (queue_video_ids.reshape(1, -1).to(video_ids.device) >= 0)
+
+
+@torch.no_grad()
+def mine_positives(
+    oracle: torch.Tensor | None,
+    queue_oracle: torch.Tensor | None,
+    k: int = 5,
+    *,
+    video_ids: torch.Tensor | None = None,
+    queue_video_ids: torch.Tensor | None = None,
+    same_video_positives: bool = False,
+    queue_full: bool = True,
+) -> torch.Tensor:
+    """Positive mask (B, 1 + K) for a batch against the queue.
+
+    - Column 0 (the sample's own key) is always positive.
+    - Oracle mining (needs ``queue_full``, an oracle with D_o > 0 and k > 0): the k queue entries
+      whose oracle vectors have the largest dot product with the sample's oracle become positives.
+      k larger than K is clamped to K.
+    - ``same_video_positives``: queue entries whose video id equals the sample's are positives
+      too (so never negatives), also before the queue is full. They are left out of the top-k
+      ranking, so the oracle adds k entries from *other* videos (as CoCLR does).
+    - M = 1 (``oracle`` None or D_o = 0): no oracle mining; only the key (plus same-video entries
+      if asked). This makes ``multi_positive_loss`` equal to InfoNCE.
+
+    Args:
+        oracle: (B, D_o) oracle vectors of the batch, or None.
+        queue_oracle: (K, D_o) oracle vectors of the queue entries, or None.
+        k: number of oracle-mined positives per sample (CoCLR: 5).
+        video_ids: (B,) int source-video id of each sample (>= 0).
+        queue_video_ids: (K,) int source-video id of each queue entry (-1 for unfilled slots).
+        same_video_positives: see above (on for cooperative stages, off for InfoNCE).
+        queue_full: whether every queue slot holds a real entry; oracle mining waits for it.
+
+    Returns:
+        bool tensor (B, 1 + K) on the device of the inputs.
+    """
+    batch_size, queue_size, device = _mask_shape(oracle, queue_oracle, video_ids, queue_video_ids)
+    queue_mask = torch.zeros(batch_size, queue_size, dtype=torch.bool, device=device)
+
+    if same_video_positives:
+        if video_ids is None or queue_video_ids is None:
+            raise ValueError("same_video_positives needs video_ids and queue_video_ids")
+        same_video = _same_video_mask(video_ids.to(device), queue_video_ids)
+        queue_mask |= same_video
+    else:
+        same_video = None
+
+    has_oracle = oracle is not None and queue_oracle is not None and oracle.shape[1] > 0
+    top = min(int(k), queue_size)
+    if queue_full and has_oracle and top > 0:
+        if queue_oracle.shape[1] != oracle.shape[1]:
+            raise ValueError(
+                f"oracle dim {oracle.shape[1]} differs from queue_oracle dim {queue_oracle.shape[1]}"
+            )
+        # float32 so that the ranking does not depend on the autocast dtype.
+        similarity = oracle.float() @ queue_oracle.to(device).float().t()
+        if same_video is not None:
+            similarity = similarity.masked_fill(same_video, float("-inf"))
+        top_indices = similarity.topk(top, dim=1).indices
+        # If a row has fewer than k other-video entries, topk also returns some -inf
+        # (same-video) columns: they are positives already, so nothing changes.
+        queue_mask.scatter_(1, top_indices, True)
+
+    key_column = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+    return torch.cat([key_column, queue_mask], dim=1)
+
+
+def _mask_shape(oracle, queue_oracle, video_ids, queue_video_ids):
+    """(B, K, device) from whichever inputs are given."""
+    if oracle is not None and queue_oracle is not None:
+        if oracle.dim() != 2 or queue_oracle.dim() != 2:
+            raise ValueError("oracle must be (B, D_o) and queue_oracle (K, D_o)")
+        return oracle.shape[0], queue_oracle.shape[0], oracle.device
+    if video_ids is not None and queue_video_ids is not None:
+        return video_ids.shape[0], queue_video_ids.shape[0], video_ids.device
+    raise ValueError(
+        "mine_positives needs oracle and queue_oracle (possibly with 0 columns) or video_ids "
+        "and queue_video_ids to know the batch and queue sizes"
+    )
+
+
+def mask_self_positive(
+    positive_mask: torch.Tensor,
+    probability: float,
+    generator: torch.Generator | None = None,
+    *,
+    per_row: bool = False,
+) -> torch.Tensor:
+    """Randomly drop the self-positive (column 0) where other positives exist.
+
+    CoCLR's later fix (TengdaHan/CoCLR issue #43): after InfoNCE pre-training q·k is already
+    high, so the multi-positive loss starts near zero and its gradient is small; with probability
+    ``probability`` (0.9 there) the key is removed from the positives of every row that has
+    another positive, so the mined positives drive the gradient. Rows whose only positive is the
+    key keep it (the loss needs at least one positive per row).
+
+    CoCLR draws once per iteration for the whole batch; ``per_row=True`` draws per row instead.
+    Draws are made on the CPU from ``generator`` (or torch's global generator), so they are the
+    same on any device.
+
+    Returns a new mask; the input is not modified.
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"probability must be in [0, 1], got {probability}")
+    has_other_positive = positive_mask[:, 1:].any(dim=1)
+    if per_row:
+        draw = torch.rand(positive_mask.shape[0], generator=generator) < probability
+        drop = has_other_positive & draw.to(positive_mask.device)
+    else:
+        draw = bool(torch.rand((), generator=generator) < probability)
+        drop = has_other_positive & draw
+    masked = positive_mask.clone()
+    masked[:, 0] &= ~drop
+    return masked
+
+
+@torch.no_grad()
+def mined_precision(
+    positive_mask: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor
+) -> float | None:
+    """Fraction of queue positives (columns 1.., mined or same-video) that share the anchor's
+    class label; pairs where either label is unknown (< 0) are ignored. For logging only: labels
+    never influence training. None when there is no such positive.
+    """
+    queue_positives = positive_mask[:, 1:]
+    labels = labels.reshape(-1, 1).to(queue_positives.device)
+    queue_labels = queue_labels.reshape(1, -1).to(queue_positives.device)
+    counted = queue_positives & (labels >= 0) & (queue_labels >= 0)
+    total = int(counted.sum())
+    if total == 0:
+        return None
+    return int((counted & (labels == queue_labels)).sum()) / total

@@ -1,0 +1,190 @@
+"""The modality registry: everything that differs between RGB, flow and audio lives here.
+
+The method, the trainer and the evaluation never name a modality in their logic; they look it up
+here. Adding a fourth modality (e.g. text) means one new ``Modality`` entry (plus its extractor in
+``data_tools`` and, if needed, a backbone in ``tricoclr.models.backbones``).
+
+An entry says how to read one clip of the modality from a prepared record, how to augment it on
+the loader workers (geometric part, deterministic from a generator), how to finish it on the
+training device (photometric part, batched), and how to present it for evaluation (no randomness).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tricoclr.data import transforms
+from tricoclr.data.sampling import ClipSpec, clip_frame_indices, spectrogram_span
+
+
+@dataclass(frozen=True)
+class ClipRequest:
+    """Where a clip lies in its video, in the units every modality can convert from."""
+
+    start_frame: int
+    spec: ClipSpec
+    fps: float
+    num_frames: int
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str
+    in_channels: int
+    default_backbone: str
+    # record, clip request, data config -> raw clip (uint8 frames or a float spectrogram slice)
+    read: Callable
+    # raw clip, generator, data config -> network-layout tensor ((C,T,H,W) video, (1,F,T) audio)
+    augment: Callable
+    # raw clip, data config -> network-layout tensor with no randomness (evaluation)
+    present: Callable
+    # meta -> whether this video can serve the modality (e.g. it has audible audio)
+    available: Callable = lambda meta: True
+    # per-clip parameters for the device-side part, drawn on the worker (None: nothing on device)
+    sample_device_params: Callable | None = None
+    # batched device-side finish: (batch tensor, batched params or None) -> float tensor
+    finish_on_device: Callable = lambda batch, params: batch
+    extras: dict = field(default_factory=dict)
+
+
+# ---- video modalities (rgb, flow) --------------------------------------------------------------
+
+
+def _read_video(store_key: str):
+    def read(record, clip: ClipRequest, data_cfg: dict) -> torch.Tensor:
+        indices = clip_frame_indices(clip.start_frame, clip.spec, clip.num_frames)
+        first, last = int(indices.min()), int(indices.max())
+        frames = record.frames(store_key, first, last - first + 1)  # only the chunks it needs
+        return frames[indices - first]  # (T, C, H, W) uint8
+
+    return read
+
+
+def _centre_crop_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """(T,C,H,W) -> (T,C,size,size): the largest centred square, resized (evaluation view)."""
+    _, _, h, w = frames.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = frames[:, :, top : top + side, left : left + side]
+    if side == size:
+        return square
+    return F.interpolate(square.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _rgb_augment(raw, generator, data_cfg):
+    clip = transforms.rgb_geometric(raw, generator, size=data_cfg["size"], scale=tuple(data_cfg["crop_scale"]))
+    return clip.permute(1, 0, 2, 3).contiguous()  # (3, T, H, W) uint8; photometric on device
+
+
+def _rgb_present(raw, data_cfg):
+    clip = _centre_crop_resize(raw, data_cfg["size"]).round().clamp(0, 255).to(torch.uint8)
+    return clip.permute(1, 0, 2, 3).contiguous()
+
+
+def _rgb_finish(batch, params):
+    return transforms.apply_photometric(batch, params)
+
+
+def _rgb_finish_eval(batch, params):
+    return transforms.normalise_rgb(batch)
+
+
+def _flow_augment(raw, generator, data_cfg):
+    flow = transforms.flow_geometric(raw, generator, size=data_cfg["size"], scale=tuple(data_cfg["crop_scale"]))
+    return transforms.normalise_flow(flow).permute(1, 0, 2, 3).contiguous()  # (2, T, H, W) float
+
+
+def _flow_present(raw, data_cfg):
+    from tricoclr.data.schema import dequantise_flow
+
+    _, _, h, w = raw.shape
+    side = min(h, w)
+    flow = dequantise_flow(_centre_crop_resize(raw, data_cfg["size"]).float())
+    flow = flow * (data_cfg["size"] / side)  # vectors scale with the resize
+    return transforms.normalise_flow(flow).permute(1, 0, 2, 3).contiguous()
+
+
+# ---- audio ------------------------------------------------------------------------------------
+
+
+def _audio_available(meta: dict) -> bool:
+    return bool(meta.get("has_audio")) and not meta.get("audio_silent", False)
+
+
+def _read_spectrogram(record, clip: ClipRequest, data_cfg: dict) -> torch.Tensor:
+    start, steps = spectrogram_span(clip.start_frame, clip.spec, clip.fps)
+    total = int(record.meta["audio"]["steps"])
+    start = max(0, min(start, total - 1))
+    return record.spectrogram(start, min(steps, total - start))  # (F, steps) float32
+
+
+def _audio_augment(raw, generator, data_cfg):
+    return transforms.spectrogram_geometric(raw, generator, out_steps=data_cfg["spectrogram_steps"])
+
+
+def _audio_present(raw, data_cfg):
+    return transforms.fit_spectrogram(raw, data_cfg["spectrogram_steps"]).unsqueeze(0)
+
+
+MODALITIES: dict[str, Modality] = {}
+
+
+def register(modality: Modality) -> Modality:
+    if modality.name in MODALITIES:
+        raise ValueError(f"modality '{modality.name}' is registered twice")
+    MODALITIES[modality.name] = modality
+    return modality
+
+
+register(
+    Modality(
+        name="rgb",
+        in_channels=3,
+        default_backbone="s3d",
+        read=_read_video("rgb"),
+        augment=_rgb_augment,
+        present=_rgb_present,
+        sample_device_params=transforms.sample_photometric_params,
+        finish_on_device=_rgb_finish,
+        extras={"finish_eval": _rgb_finish_eval},
+    )
+)
+register(
+    Modality(
+        name="flow",
+        in_channels=2,
+        default_backbone="s3d",
+        read=_read_video("flow"),
+        augment=_flow_augment,
+        present=_flow_present,
+    )
+)
+register(
+    Modality(
+        name="audio",
+        in_channels=1,
+        default_backbone="resnet18",
+        read=_read_spectrogram,
+        augment=_audio_augment,
+        present=_audio_present,
+        available=_audio_available,
+    )
+)
+
+
+def get(name: str) -> Modality:
+    try:
+        return MODALITIES[name]
+    except KeyError:
+        raise KeyError(f"unknown modality '{name}'; registered: {sorted(MODALITIES)}") from None
+
+
+def finish_for_eval(name: str, batch: torch.Tensor) -> torch.Tensor:
+    """Device-side finish without randomness (evaluation): normalisation only."""
+    modality = get(name)
+    finish = modality.extras.get("finish_eval")
+    return finish(batch, None) if finish else batch

@@ -1,0 +1,538 @@
+"""The training loop: the whole stage schedule under Accelerate, with exact, atomic checkpoints.
+
+Run it with ``accelerate launch tricoclr/train.py --config CONFIG [dotted.key=value ...]`` (or plain
+``python tricoclr/train.py``). Per stage: the trained encoder and its optimizer go through
+``accelerator.prepare`` (DDP or a DeepSpeed engine: DeepSpeed takes one model per prepare); the
+momentum copy, the frozen samplers and the queues stay outside it (``tricoclr.method``).
+
+Output layout (``output_dir``):
+  config.yaml, run_info.json        the resolved config, git commit, package versions
+  encoders/<modality>.safetensors   latest backbone + head of each encoder (rewritten per stage)
+  encoders/<stage>/<modality>.safetensors   a snapshot at the end of every stage
+  checkpoints/step-XXXXXXXX/        the newest ``keep_checkpoints`` exact-resume checkpoints
+  tb/                               TensorBoard logs
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tricoclr import modalities as registry
+from tricoclr.config import ConfigError, dump_config
+from tricoclr.data.dataset import DataStats, EpochLoader, StageViews, finish_batch
+from tricoclr.data.sampling import sample_generator
+from tricoclr.distributed import convert_to_global_batchnorm
+from tricoclr.method import CooperativeStage, StagePlan, build_schedule, momentum_at, momentum_update
+from tricoclr.models.encoder import Encoder, load_encoder, save_encoder
+
+log = logging.getLogger("tricoclr.train")
+
+STATE_FILE = "trainer_state.json"
+PREEMPTED_MARKER = "PREEMPTED"  # slurm/requeue_or_finish.sh requeues the job when it exists
+STAGE_TENSORS = "stage.safetensors"
+# Keys that may change between a run and its resume without changing what it computes.
+RESUME_NEUTRAL_KEYS = {"resume", "allow_config_change", "max_steps", "checkpoint_every_steps",
+                       "keep_checkpoints", "log_every_steps"}
+RESUME_NEUTRAL_DATA_KEYS = {"workers", "prefetch_factor", "pin_memory", "val_path"}
+MAX_CONSECUTIVE_NONFINITE = 5
+
+
+class PreemptionRequested(Exception):
+    """Raised after the checkpoint that a preemption signal asked for has been written."""
+
+
+def build_encoder(config: dict, modality: str) -> Encoder:
+    spec = registry.get(modality)
+    options = {"stem": config["model"]["flow_stem"]} if spec.in_channels == 2 and config["model"]["backbones"][modality] == "s3d" else None
+    encoder = Encoder(config["model"]["backbones"][modality], spec.in_channels,
+                      embed_dim=config["model"]["embed_dim"], backbone_options=options)
+    if config["method"]["batchnorm"] == "global":
+        convert_to_global_batchnorm(encoder)
+    return encoder
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio`` (or constant), per optimizer step."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _package_versions() -> dict:
+    from importlib import metadata
+
+    names = ["torch", "torchvision", "torchaudio", "accelerate", "webdataset", "lmdb", "av", "numpy", "deepspeed"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _comparable(config: dict) -> dict:
+    comparable = {k: v for k, v in config.items() if k not in RESUME_NEUTRAL_KEYS}
+    comparable["data"] = {k: v for k, v in config["data"].items() if k not in RESUME_NEUTRAL_DATA_KEYS}
+    return comparable
+
+
+def newest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (temporary folders of an interrupted save are ignored)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+    return complete[-1] if complete else None
+
+
+class Trainer:
+    def __init__(self, config: dict, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+        self.config = config
+        self.output_dir = Path(config["output_dir"])
+        if config["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.accelerator = accelerator or Accelerator(
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=config["grad_accum_steps"], sync_with_dataloader=False),
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "tb")),
+            step_scheduler_with_optimizer=False,
+        )
+        self.schedule = build_schedule(config)
+        self.encoders: dict[str, Encoder] = {}
+        self.global_step = 0
+        self._preempt_signal = False
+        self.history: list[dict] = []
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _write_run_info(self, resuming: bool) -> None:
+        config_path = self.output_dir / "config.yaml"
+        if resuming and config_path.exists():
+            import yaml
+
+            with open(config_path) as f:
+                previous = yaml.safe_load(f)
+            if _comparable(previous) != _comparable(self.config) and not self.config["allow_config_change"]:
+                raise ConfigError(
+                    f"{self.output_dir} holds a run with a different config ({config_path}); refusing to "
+                    "resume. Use another output_dir, or allow_config_change=true to resume anyway."
+                )
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.config, config_path)
+            info = {
+                "git_commit": _git_commit(),
+                "packages": _package_versions(),
+                "python": sys.version.split()[0],
+                "world_size": self.accelerator.num_processes,
+                "mixed_precision": str(self.accelerator.mixed_precision),
+                "global_batch": self.global_batch,
+                "argv": sys.argv,
+            }
+            with open(self.output_dir / "run_info.json", "w") as f:
+                json.dump(info, f, indent=2)
+        self.accelerator.wait_for_everyone()
+
+    @property
+    def global_batch(self) -> int:
+        return self.config["batch_size"] * self.accelerator.num_processes * self.config["grad_accum_steps"]
+
+    def _build_encoders(self) -> None:
+        # Same initial weights on every rank and for every world size: seeded per modality.
+        for index, name in enumerate(self.config["modalities"]):
+            torch.manual_seed(self.config["seed"] * 1000 + index)
+            self.encoders[name] = build_encoder(self.config, name)
+
+    def _load_latest_encoders(self) -> None:
+        """A run started at a later stage begins from the latest saved weights of every encoder."""
+        for name, encoder in self.encoders.items():
+            path = self.output_dir / "encoders" / f"{name}.safetensors"
+            if path.exists():
+                loaded, _ = load_encoder(path)
+                encoder.load_state_dict(loaded.state_dict())
+                log.info("loaded %s encoder from %s", name, path)
+            else:
+                log.warning("no saved %s encoder in %s: starting it from random weights", name, path.parent)
+
+    def _install_signal_handler(self) -> None:
+        def request_save(signum, frame):
+            self._preempt_signal = True
+            log.warning("signal %d received: checkpoint at the next optimizer step, then exit", signum)
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, request_save)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+
+    # ---- the schedule -----------------------------------------------------------------------
+
+    def run(self) -> dict:
+        logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        ckpt = newest_checkpoint(self.output_dir) if self.config["resume"] else None
+        self._write_run_info(resuming=ckpt is not None)
+        self._build_encoders()
+        self._install_signal_handler()
+        self.accelerator.init_trackers("tricoclr")
+        resume_state = None
+        if ckpt is not None:
+            with open(ckpt / STATE_FILE) as f:
+                resume_state = json.load(f)
+            self.global_step = resume_state["global_step"]
+            tensors = load_file(ckpt / STAGE_TENSORS)
+            for name, encoder in self.encoders.items():
+                encoder.load_state_dict(_subdict(tensors, f"encoder.{name}."))
+            log.info("resuming from %s (stage %s, step %d)", ckpt, resume_state["stage"], self.global_step)
+        elif self.config["schedule"]["start_stage"]:
+            self._load_latest_encoders()
+        if self.is_main:
+            log.info("global batch = batch_size %d x %d ranks x grad_accum_steps %d = %d",
+                     self.config["batch_size"], self.accelerator.num_processes,
+                     self.config["grad_accum_steps"], self.global_batch)
+        first = self._first_stage_index(resume_state)
+        try:
+            for index in range(first, len(self.schedule)):
+                if self._budget_left() == 0:
+                    break
+                state = resume_state if resume_state and resume_state["stage_index"] == index else None
+                self._run_stage(index, self.schedule[index], state, ckpt if state else None)
+                resume_state = None
+        finally:
+            self.accelerator.end_training()
+        return {"global_step": self.global_step, "history": self.history}
+
+    def _first_stage_index(self, resume_state: dict | None) -> int:
+        if resume_state is not None:
+            return resume_state["stage_index"]
+        start = self.config["schedule"]["start_stage"]
+        if not start:
+            return 0
+        names = [plan.name for plan in self.schedule]
+        if start not in names:
+            raise ConfigError(f"schedule.start_stage '{start}' is not a stage of this schedule: {names}")
+        return names.index(start)
+
+    def _budget_left(self) -> int | None:
+        if self.config["max_steps"] is None:
+            return None
+        return max(0, self.config["max_steps"] - self.global_step)
+
+    def _stage_total_steps(self, plan: StagePlan, steps_per_epoch: int) -> int:
+        total = max(1, math.ceil(plan.epochs * steps_per_epoch))
+        if self.config["max_steps_per_stage"] is not None:
+            total = min(total, self.config["max_steps_per_stage"])
+        return total
+
+    # ---- one stage --------------------------------------------------------------------------
+
+    def _run_stage(self, index: int, plan: StagePlan, resume_state: dict | None, ckpt: Path | None) -> None:
+        cfg, acc = self.config, self.accelerator
+        views = StageViews(both_views=(plan.trained,), view2_only=plan.samplers)
+        stage_seed = cfg["seed"] * 1009 + index
+        loader = EpochLoader(cfg["data"]["path"], views, cfg["data"], stage_seed, cfg["batch_size"],
+                             rank=acc.process_index, world_size=acc.num_processes)
+        k = cfg["grad_accum_steps"]
+        steps_per_epoch = loader.batches_per_epoch() // k
+        if steps_per_epoch == 0:
+            raise ConfigError(f"stage {plan.name}: {loader.batches_per_epoch()} batches per epoch are fewer "
+                              f"than grad_accum_steps={k}")
+        total_steps = self._stage_total_steps(plan, steps_per_epoch)
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+        encoder = self.encoders[plan.trained]
+        stage = CooperativeStage(plan, self.encoders, cfg["method"])
+        stage.queue.reset(generator=torch.Generator().manual_seed(stage_seed))
+        stage.to(acc.device)
+        encoder.to(acc.device).train()
+        if cfg["model"]["channels_last"]:
+            encoder.to(memory_format=torch.channels_last_3d)
+        optimizer = self._build_optimizer(encoder)
+        model, optimizer = acc.prepare(encoder, optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+            s, total_steps, cfg["optim"]["warmup_steps"], cfg["optim"]["schedule"], cfg["optim"]["min_lr_ratio"]))
+
+        stage_step, start_epoch, start_step_in_epoch = 0, 0, 0
+        if resume_state is not None:
+            acc.load_state(str(ckpt))
+            tensors = load_file(ckpt / STAGE_TENSORS, device=str(acc.device))
+            stage.momentum_encoder.load_state_dict(_subdict(tensors, "momentum."))
+            stage.queue.load_state_dict(_subdict(tensors, "queue."))
+            stage_step = resume_state["stage_step"]
+            start_epoch, start_step_in_epoch = divmod(stage_step, steps_per_epoch)
+            for _ in range(stage_step):
+                scheduler.step()
+        if self.is_main:
+            log.info("stage %s: trains %s, oracle %s, %d steps (%d per epoch, %d videos)", plan.name,
+                     plan.trained, list(plan.samplers) or "none (InfoNCE)", total_steps, steps_per_epoch,
+                     loader.num_videos)
+
+        progress = _progress_bar(self.is_main, total_steps, stage_step, plan.name)
+        nonfinite_in_a_row = 0
+        logged_images = resume_state is not None
+        finished = stage_step >= total_steps
+        for epoch in range(start_epoch, num_epochs):
+            if finished:
+                break
+            first_step = start_step_in_epoch if epoch == start_epoch else 0
+            loader.set_epoch(epoch, start_batch=first_step * k)
+            acc.step = 0  # accumulation counter: every epoch starts at a step boundary
+            batches_left = (steps_per_epoch - first_step) * k
+            wait_start = time.perf_counter()
+            window = {"wait": 0.0, "compute": 0.0, "samples": 0}
+            for batch_number, cpu_batch in enumerate(loader):
+                if batch_number >= batches_left:
+                    break
+                window["wait"] += time.perf_counter() - wait_start
+                compute_start = time.perf_counter()
+                batch = finish_batch(cpu_batch, views, acc.device)
+                if not logged_images:
+                    self._log_augmented_clips(plan, batch, views)
+                    logged_images = True
+                with acc.accumulate(model):
+                    with acc.autocast():
+                        key, oracle = stage.keys_and_oracle(batch)
+                        query = model(batch[f"{plan.trained}.view1"])
+                    generator = sample_generator(stage_seed, self.global_step, -1, 0, "mask-self")
+                    loss, stats = stage.loss(query, key, oracle, batch, generator)
+                    nonfinite = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device), "max")
+                    if nonfinite.item() > 0:
+                        # Every rank skips together (an all-reduced flag), or DDP would deadlock.
+                        nonfinite_in_a_row += 1
+                        log.warning("non-finite loss at step %d: skipping the step", self.global_step)
+                        optimizer.zero_grad(set_to_none=True)
+                        stage._pending.clear()
+                        if nonfinite_in_a_row >= MAX_CONSECUTIVE_NONFINITE:
+                            raise FloatingPointError(
+                                f"{nonfinite_in_a_row} non-finite losses in a row in stage {plan.name} at step "
+                                f"{self.global_step}; stopping. The last good checkpoint is in "
+                                f"{self.output_dir / 'checkpoints'}")
+                        continue
+                    acc.backward(loss)
+                    stage.stash_for_enqueue(key, oracle, batch)
+                    window["samples"] += query.shape[0] * acc.num_processes
+                    if acc.sync_gradients:
+                        nonfinite_in_a_row = 0
+                        if cfg["optim"]["grad_clip"]:
+                            acc.clip_grad_norm_(model.parameters(), cfg["optim"]["grad_clip"])
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        mu = momentum_at(stage_step, total_steps, cfg["method"]["momentum"], cfg["method"]["momentum_final"])
+                        momentum_update(stage.momentum_encoder, acc.unwrap_model(model), mu)
+                        stage.enqueue_pending()
+                        stage_step += 1
+                        self.global_step += 1
+                        window["compute"] += time.perf_counter() - compute_start
+                        self._log_step(plan, loss, stats, scheduler, stage, window, progress)
+                        finished = stage_step >= total_steps or self._budget_left() == 0
+                        preempt = self._preemption_requested()
+                        if finished or preempt or self.global_step % cfg["checkpoint_every_steps"] == 0:
+                            self._save_checkpoint(index, plan, stage, stage_step, done=finished)
+                        if preempt:
+                            if self.is_main:
+                                (self.output_dir / PREEMPTED_MARKER).write_text(f"{self.global_step}\n")
+                            raise PreemptionRequested(f"checkpoint written at step {self.global_step}")
+                        if finished:
+                            break
+                        continue
+                window["compute"] += time.perf_counter() - compute_start
+                wait_start = time.perf_counter()
+            if not finished and (epoch + 1) * steps_per_epoch <= stage_step:
+                self._epoch_end(plan, epoch, index, stage, stage_step)
+        if progress is not None:
+            progress.close()
+        self._finish_stage(plan, acc.unwrap_model(model))
+        acc.free_memory()
+        encoder.to("cpu")
+
+    def _epoch_end(self, plan, epoch, index, stage, stage_step) -> None:
+        self._save_checkpoint(index, plan, stage, stage_step, done=False)
+        if self.config["data"]["val_path"] and self.config["monitor"]["knn_every_epochs"]:
+            if (epoch + 1) % self.config["monitor"]["knn_every_epochs"] == 0:
+                self._knn_monitor(plan)
+
+    def _build_optimizer(self, encoder: torch.nn.Module) -> torch.optim.Optimizer:
+        opt = self.config["optim"]
+        lr = opt["lr"]
+        if opt["lr_reference_batch"]:
+            lr = lr * self.global_batch / opt["lr_reference_batch"]  # linear scaling rule
+        params = [p for p in encoder.parameters() if p.requires_grad]
+        fused = {"fused": True} if self.accelerator.device.type == "cuda" else {}
+        if opt["name"] == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=opt["weight_decay"], **fused)
+        if opt["name"] == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=opt["weight_decay"], **fused)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=opt["weight_decay"], **fused)
+
+    def _preemption_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._preempt_signal else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "max").item() > 0)
+
+    # ---- checkpoints and encoders -----------------------------------------------------------
+
+    def _save_checkpoint(self, index: int, plan: StagePlan, stage: CooperativeStage, stage_step: int, done: bool) -> None:
+        """Write into a temporary folder, wait for every rank, then rename: a crash mid-write leaves
+        the previous checkpoint the newest complete one."""
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / f"step-{self.global_step:08d}"
+        tmp = root / f".tmp-step-{self.global_step:08d}"
+        if final.exists():
+            return
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if self.is_main:
+            tensors = {}
+            for name, encoder in self.encoders.items():
+                module = encoder
+                tensors.update({f"encoder.{name}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
+            tensors.update({f"momentum.{k}": v.detach().cpu().contiguous() for k, v in stage.momentum_encoder.state_dict().items()})
+            tensors.update({f"queue.{k}": v.detach().cpu().contiguous() for k, v in stage.queue.state_dict().items()})
+            save_file(tensors, str(tmp / STAGE_TENSORS))
+            state = {"stage_index": index + 1 if done else index, "stage": plan.name, "stage_step": 0 if done else stage_step,
+                     "global_step": self.global_step}
+            with open(tmp / STATE_FILE, "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if done:
+                self._save_stage_encoders(plan)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            for old in sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())[: -self.config["keep_checkpoints"]]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _save_stage_encoders(self, plan: StagePlan) -> None:
+        """encoders/<modality>.safetensors (latest) and encoders/<stage>/<modality>.safetensors."""
+        encoder = self.encoders[plan.trained]
+        from tricoclr.eval.features import EVAL_DATA_KEYS
+
+        # The clip settings travel with the weights, so evaluation presents clips the same way.
+        data = json.dumps({k: self.config["data"][k] for k in EVAL_DATA_KEYS})
+        extra = {"stage": plan.name, "global_step": str(self.global_step), "data": data}
+        for path in (self.output_dir / "encoders" / plan.name / f"{plan.trained}.safetensors",
+                     self.output_dir / "encoders" / f"{plan.trained}.safetensors"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_encoder(encoder, path, modality=plan.trained, extra=extra)
+
+    def _finish_stage(self, plan: StagePlan, encoder) -> None:
+        self.history.append({"stage": plan.name, "global_step": self.global_step})
+        self.accelerator.wait_for_everyone()
+
+    # ---- logging ----------------------------------------------------------------------------
+
+    def _log_step(self, plan, loss, stats, scheduler, stage, window, progress) -> None:
+        every = self.config["log_every_steps"]
+        value = loss.detach().float().item()
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{value:.3f}", queue=f"{stage.queue.fill_fraction:.2f}")
+        if self.global_step % every != 0 and self.global_step != 1:
+            return
+        elapsed = window["wait"] + window["compute"]
+        values = {
+            f"loss/{plan.name}": value,
+            "train/loss": value,
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/queue_fill": stage.queue.fill_fraction,
+            "train/positives_per_sample": stats["positives_per_sample"],
+            "train/broken_records": DataStats.broken_records,
+        }
+        if "mined_precision" in stats:
+            values["train/mined_precision"] = stats["mined_precision"]
+        if elapsed > 0:
+            values["train/samples_per_s"] = window["samples"] / elapsed
+            values["train/data_wait_fraction"] = window["wait"] / elapsed
+        window.update(wait=0.0, compute=0.0, samples=0)
+        self.accelerator.log(values, step=self.global_step)
+        self.history.append({"stage": plan.name, "step": self.global_step, "loss": value})
+
+    def _log_augmented_clips(self, plan, batch, views) -> None:
+        """An image of a few augmented clips per stage (middle frame of each view)."""
+        if not self.is_main:
+            return
+        try:
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        except (ValueError, KeyError):
+            return
+        for name in views.all:
+            for view in views.views_of(name):
+                tensor = batch[f"{name}.view{view}"][:4].detach().float().cpu()
+                if tensor.dim() == 5:  # (B, C, T, H, W): middle frame
+                    image = tensor[:, :, tensor.shape[2] // 2]
+                else:  # (B, 1, F, T) spectrogram
+                    image = tensor.flip(2)
+                if image.shape[1] == 2:
+                    image = torch.cat([image, torch.zeros_like(image[:, :1])], dim=1)
+                low = image.amin(dim=(1, 2, 3), keepdim=True)
+                high = image.amax(dim=(1, 2, 3), keepdim=True)
+                image = (image - low) / (high - low).clamp_min(1e-6)
+                writer.add_images(f"augmented/{plan.name}/{name}.view{view}", image, self.global_step)
+
+    def _knn_monitor(self, plan) -> None:
+        from tricoclr.eval.features import leave_one_out_r1
+
+        encoder = self.encoders[plan.trained]
+        r1 = leave_one_out_r1(encoder, plan.trained, self.config["data"]["val_path"], self.config["data"],
+                              device=self.accelerator.device)
+        encoder.train()
+        self.accelerator.log({f"monitor/knn_R@1/{plan.trained}": r1}, step=self.global_step)
+
+
+def _subdict(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
