@@ -57,6 +57,7 @@ class DecodeLog:
     missing_timestamps: int = 0  # frames whose time had to be inferred from the frame rate
     audio_errors: int = 0
     first_audio_error: str | None = None
+    video_packets: int = 0  # demuxed video packets (each should give one frame)
     source_frames: int = 0  # decoded video frames
     source_intervals: list[float] = field(default_factory=list)  # seconds between frames
     first_time: float | None = None
@@ -291,6 +292,8 @@ class VideoDecoder:
         consecutive_errors = 0
         for packet in self._packets(streams):
             is_video = packet.stream.index == video.index
+            if is_video and not isinstance(packet, _FlushPacket):
+                self.log.video_packets += 1
             try:
                 decoded = packet.decode()
             except av.error.FFmpegError as exc:
@@ -362,6 +365,11 @@ def describe_problems(log: DecodeLog, info: MediaInfo) -> list[str]:
         problems.append(f"{log.packet_errors} video packet(s) failed to decode (first: {log.first_packet_error})")
     if log.corrupt_frames:
         problems.append(f"{log.corrupt_frames} video frame(s) decoded with errors")
+    lost = log.video_packets - log.packet_errors - log.source_frames
+    if lost > 0 and not log.stopped_early:
+        # A damaged packet the decoder silently skipped: a frame is missing (its predecessor
+        # is shown longer).
+        problems.append(f"{lost} video packet(s) decoded to no frame")
     declared = info.declared_seconds
     if declared and log.decoded_seconds < declared - max(1.0, 0.1 * declared):
         problems.append(f"decoded {log.decoded_seconds:.2f} s of the {declared:.2f} s the header declares")

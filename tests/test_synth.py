@@ -168,6 +168,20 @@ def test_class_table_any_size(n_classes):
         assert pairs_sharing(table, ("appearance", "motion"))
 
 
+def test_class_table_properties_for_every_size():
+    """The module docstring's claims, for every supported class count."""
+    for n_classes in range(2, synth.MAX_CLASSES + 1):
+        triples = synth.factor_indices(n_classes)
+        assert len(set(triples)) == n_classes
+        pairs = list(itertools.combinations(triples, 2))
+        if n_classes >= 4:
+            for k in range(3):  # each factor alone confuses some pair
+                assert any(a[k] == b[k] for a, b in pairs), (n_classes, k)
+            assert any(a[:2] == b[:2] for a, b in pairs)  # twins: only the sound separates
+        else:
+            assert len({t[2] for t in triples}) == n_classes  # each class its own sound
+
+
 def test_class_table_rejects_too_many():
     with pytest.raises(ValueError):
         synth.class_table(synth.MAX_CLASSES + 1)
@@ -225,10 +239,11 @@ def test_cli_arguments_and_run(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     synth.add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path), "--classes", "2", "--videos-per-class",
-                              "1", "--seconds", "0.5", "--size", "32", "--fps", "10"])
+                              "1", "--seconds", "0.54", "--size", "32", "--fps", "10"])
     assert (args.workers, args.seed, args.train_fraction) == (1, 0, 0.7)
     assert synth.run(args) == 0
     assert "2 videos" in capsys.readouterr().out
     assert len(all_videos(tmp_path)) == 2
-    frames, _ = decode(next((tmp_path / "videos").rglob("*.mp4")))
-    assert frames.shape == (5, 32, 32, 3)
+    frames, samples = decode(next((tmp_path / "videos").rglob("*.mp4")))
+    assert frames.shape == (5, 32, 32, 3)  # 0.54 s at 10 fps rounds to 5 frames ...
+    assert len(samples) >= 0.5 * RATE  # ... and the audio covers all five

@@ -8,6 +8,8 @@ tests stay fast on two shared CPU cores.
 from __future__ import annotations
 
 import math
+import os
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -53,6 +55,7 @@ def make_video(
     width: int = 64,
     height: int = 64,
     codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
     dx: int = 1,
     frames: list[np.ndarray] | None = None,
     frame_times: list[float] | None = None,
@@ -61,13 +64,15 @@ def make_video(
     audio_layout: str = "mono",
     audio_codec: str = "aac",
     faststart: bool = False,
+    broken_packet: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Write a video (and optionally audio) file with PyAV and return its path.
 
     ``frames`` defaults to a texture moving ``dx`` px per frame. ``frame_times`` (seconds)
     gives each frame an explicit presentation time, for variable frame rate files. ``audio``
-    is a mono float32 waveform copied to every channel of ``audio_layout``.
+    is a mono float32 waveform copied to every channel of ``audio_layout``. ``broken_packet``
+    replaces that video packet's payload with random bytes (same size and timestamps).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +82,7 @@ def make_video(
     with av.open(str(path), "w", options=options) as out:
         vstream = out.add_stream(codec, rate=fps)
         vstream.width, vstream.height = frames[0].shape[1], frames[0].shape[0]
-        vstream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        vstream.pix_fmt = pix_fmt
         if codec == "libx264":
             vstream.options = {"preset": "ultrafast", "crf": "18"}
         if frame_times is not None:
@@ -85,18 +90,30 @@ def make_video(
         astream = None
         if audio is not None:
             astream = out.add_stream(audio_codec, rate=audio_rate, layout=audio_layout)
-        for i, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            if frame_times is not None:
-                frame.pts = int(round(frame_times[i] * 1000))
-                frame.time_base = Fraction(1, 1000)
-            for packet in vstream.encode(frame):
-                out.mux(packet)
-        for packet in vstream.encode():
-            out.mux(packet)
+        written = 0
+        for i, img in enumerate(frames + [None]):
+            if img is None:
+                packets = vstream.encode()  # flush the encoder
+            else:
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+                if frame_times is not None:
+                    frame.pts = int(round(frame_times[i] * 1000))
+                    frame.time_base = Fraction(1, 1000)
+                packets = vstream.encode(frame)
+            for packet in packets:
+                out.mux(_garbled(packet) if written == broken_packet else packet)
+                written += 1
         if astream is not None:
             _write_audio(out, astream, audio, audio_rate, audio_layout)
     return path
+
+
+def _garbled(packet: av.Packet) -> av.Packet:
+    """A packet with the same size and timestamps as ``packet`` but random payload."""
+    noise = np.random.default_rng(7).integers(0, 256, packet.size, dtype=np.uint8).tobytes()
+    bad = av.Packet(noise)
+    bad.pts, bad.dts, bad.time_base, bad.stream = packet.pts, packet.dts, packet.time_base, packet.stream
+    return bad
 
 
 def _write_audio(out, astream, audio: np.ndarray, rate: int, layout: str) -> None:
@@ -161,3 +178,41 @@ def lie_about_duration(path: Path, factor: float = 10.0) -> Path:
     struct.pack_into(fmt, data, at + 3, value * factor)
     path.write_bytes(bytes(data))
     return path
+
+
+# ---- running the preparation ------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prepare_argv(source, out, *extra: str, fmt: str = "lmdb", flow: str = "farneback") -> list[str]:
+    """Command-line arguments of a quick in-process preparation run."""
+    return [str(source), "--out", str(out), "--format", fmt, "--flow", flow, "--workers", "0", "--no-progress", *extra]
+
+
+def run_prepare(source, out, *extra: str, fmt: str = "lmdb", flow: str = "farneback") -> dict[str, dict]:
+    """Prepare ``source`` into ``out`` in this process; returns the manifest keyed by source."""
+    from data_tools import prepare
+    from tricoclr.data.store import open_store
+
+    assert prepare.main(prepare_argv(source, out, *extra, fmt=fmt, flow=flow)) == 0
+    return {e["source"]: e for e in open_store(out).manifest()}
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for running the project's code in a child Python."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+# ---- jobs for the worker-pool tests (module level: worker processes import them) --------------
+
+
+def double_or_crash(task, config):
+    """Doubles ``task``; aborts the whole process for "crash" and hangs for "hang"."""
+    if task == "crash":
+        os.abort()
+    if task == "hang":
+        time.sleep(60)
+    return task * 2

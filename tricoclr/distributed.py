@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -80,7 +79,7 @@ class GlobalBatchNorm(_BatchNorm):
     as torch does. In eval mode (or with world size 1) it is exactly ``nn.BatchNorm{1,2,3}d``.
 
     Like any synchronised batch norm, every rank must run the same number of training-mode
-    forwards, in the same order (each does collectives).
+    forwards (and backwards through them), in the same order: each does collectives.
 
     Accepts (N, C) and (N, C, *) inputs, i.e. the shapes of BatchNorm1d, 2d and 3d.
     """

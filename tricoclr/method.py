@@ -85,7 +85,7 @@ class CooperativeStage(nn.Module):
         super().__init__()
         self.plan = plan
         self.cfg = method_cfg
-        trained = encoders[plan.trained]
+        trained = encoders[plan.trained].requires_grad_(True)  # it may have been a sampler before
         self.momentum_encoder = copy.deepcopy(trained).requires_grad_(False)
         self.samplers = nn.ModuleDict({name: encoders[name] for name in plan.samplers})
         for sampler in self.samplers.values():

@@ -90,7 +90,10 @@ def _rgb_finish(batch, params):
 
 
 def _rgb_finish_eval(batch, params):
-    return transforms.normalise_rgb(batch)
+    """Evaluation: normalisation only (CoCLR left colour jitter on at test time)."""
+    mean = torch.tensor(transforms.IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(transforms.IMAGENET_STD, device=batch.device).view(1, 3, 1, 1, 1)
+    return (batch.float() / 255 - mean) / std
 
 
 def _flow_augment(raw, generator, data_cfg):
@@ -116,18 +119,26 @@ def _audio_available(meta: dict) -> bool:
 
 
 def _read_spectrogram(record, clip: ClipRequest, data_cfg: dict) -> torch.Tensor:
+    """The clip's log-mel slice, (F, steps) float32, padded at the end of the video with the
+    spectrogram's minimum (the quietest level) so every clip covers its whole time span."""
     start, steps = spectrogram_span(clip.start_frame, clip.spec, clip.fps)
     total = int(record.meta["audio"]["steps"])
     start = max(0, min(start, total - 1))
-    return record.spectrogram(start, min(steps, total - start))  # (F, steps) float32
+    spec = record.spectrogram(start, min(steps, total - start))
+    if spec.shape[-1] < steps:
+        spec = F.pad(spec, (0, steps - spec.shape[-1]), value=float(spec.min()))
+    return spec
 
 
 def _audio_augment(raw, generator, data_cfg):
-    return transforms.spectrogram_geometric(raw, generator, out_steps=data_cfg["spectrogram_steps"])
+    return transforms.spectrogram_geometric(raw, generator, out_steps=data_cfg["spectrogram_steps"],
+                                            expected_steps=raw.shape[-1])
 
 
 def _audio_present(raw, data_cfg):
-    return transforms.fit_spectrogram(raw, data_cfg["spectrogram_steps"]).unsqueeze(0)
+    """No warp, no masks: the slice resampled to the network's number of steps."""
+    fitted = F.interpolate(raw[None].float(), size=data_cfg["spectrogram_steps"], mode="linear", align_corners=False)
+    return fitted  # (1, F, steps)
 
 
 MODALITIES: dict[str, Modality] = {}

@@ -359,10 +359,13 @@ class Trainer:
                         self.global_step += 1
                         window["compute"] += time.perf_counter() - compute_start
                         self._log_step(plan, loss, stats, scheduler, stage, window, progress)
-                        finished = stage_step >= total_steps or self._budget_left() == 0
+                        stage_complete = stage_step >= total_steps
+                        finished = stage_complete or self._budget_left() == 0
                         preempt = self._preemption_requested()
                         if finished or preempt or self.global_step % cfg["checkpoint_every_steps"] == 0:
-                            self._save_checkpoint(index, plan, stage, stage_step, done=finished)
+                            self._save_checkpoint(index, plan, stage, stage_step, done=stage_complete)
+                        if finished and not stage_complete and self.is_main:
+                            self._save_latest_encoder(plan)  # the run ends inside this stage
                         if preempt:
                             if self.is_main:
                                 (self.output_dir / PREEMPTED_MARKER).write_text(f"{self.global_step}\n")
@@ -443,14 +446,19 @@ class Trainer:
 
     def _save_stage_encoders(self, plan: StagePlan) -> None:
         """encoders/<modality>.safetensors (latest) and encoders/<stage>/<modality>.safetensors."""
+        self._save_latest_encoder(plan, snapshot=True)
+
+    def _save_latest_encoder(self, plan: StagePlan, snapshot: bool = False) -> None:
         encoder = self.encoders[plan.trained]
         from tricoclr.eval.features import EVAL_DATA_KEYS
 
         # The clip settings travel with the weights, so evaluation presents clips the same way.
         data = json.dumps({k: self.config["data"][k] for k in EVAL_DATA_KEYS})
         extra = {"stage": plan.name, "global_step": str(self.global_step), "data": data}
-        for path in (self.output_dir / "encoders" / plan.name / f"{plan.trained}.safetensors",
-                     self.output_dir / "encoders" / f"{plan.trained}.safetensors"):
+        paths = [self.output_dir / "encoders" / f"{plan.trained}.safetensors"]
+        if snapshot:
+            paths.append(self.output_dir / "encoders" / plan.name / f"{plan.trained}.safetensors")
+        for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_encoder(encoder, path, modality=plan.trained, extra=extra)
 
@@ -484,7 +492,8 @@ class Trainer:
             values["train/data_wait_fraction"] = window["wait"] / elapsed
         window.update(wait=0.0, compute=0.0, samples=0)
         self.accelerator.log(values, step=self.global_step)
-        self.history.append({"stage": plan.name, "step": self.global_step, "loss": value})
+        self.history.append({"stage": plan.name, "step": self.global_step, "loss": value,
+                             **{k.split("/")[1]: v for k, v in values.items() if k.startswith("train/")}})
 
     def _log_augmented_clips(self, plan, batch, views) -> None:
         """An image of a few augmented clips per stage (middle frame of each view)."""

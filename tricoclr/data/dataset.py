@@ -110,10 +110,9 @@ def finish_batch(batch: dict, views: StageViews, device: torch.device | str) -> 
         for view in views.views_of(name):
             key = f"{name}.view{view}"
             tensor = batch[key].to(device, non_blocking=True)
-            params = batch.get(f"{key}.params")
-            if params is not None:
-                params = {k: v.to(device, non_blocking=True) for k, v in params.items()}
-            out[key] = modality.finish_on_device(tensor, params)
+            # Per-clip parameters stay on the CPU: the device-side part reads its per-clip
+            # decisions there without waiting on the device.
+            out[key] = modality.finish_on_device(tensor, batch.get(f"{key}.params"))
     return out
 
 

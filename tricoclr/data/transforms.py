@@ -260,8 +260,9 @@ def spectrogram_geometric(
 
     fill = float(warped.mean())
     with _global_rng_seeded_from(generator):
-        warped = audio_f.mask_along_axis(warped, time_mask, fill, axis=2)
-        warped = audio_f.mask_along_axis(warped, freq_mask, fill, axis=1)
+        # Widths capped at the axis length: torchaudio would otherwise start a mask before 0.
+        warped = audio_f.mask_along_axis(warped, min(time_mask, warped.shape[2]), fill, axis=2)
+        warped = audio_f.mask_along_axis(warped, min(freq_mask, warped.shape[1]), fill, axis=1)
     return warped
 
 
@@ -306,34 +307,31 @@ def sample_photometric_params(
     }
 
 
-def _blend(image: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """torchvision's float blend, with one ratio per clip: ratio * image + (1 - ratio) * other."""
-    ratio = ratio.view(-1, *([1] * (image.dim() - 1)))
-    return (ratio * image + (1.0 - ratio) * other).clamp_(0.0, 1.0)
+def _per_clip(values: torch.Tensor) -> torch.Tensor:
+    """(N,) per-clip values -> (N, 1, 1, 1, 1), to broadcast over (N, T, C, H, W) clips."""
+    return values.view(-1, 1, 1, 1, 1)
 
 
-def _brightness(clips: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Batched ``adjust_brightness`` of float (N, T, 3, H, W) clips, one factor per clip."""
-    return _blend(clips, torch.zeros((), device=clips.device), factors)
+def _jitter_slot(clips: torch.Tensor, ops: torch.Tensor, factors: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """One step of colour jitter for a batch of float (N, T, 3, H, W) clips, each clip doing
+    its own operation ``ops[i]`` with its own factor.
 
-
-def _contrast(clips: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Batched ``adjust_contrast``: blend with each frame's mean grey level, as torchvision."""
-    mean = tvf.rgb_to_grayscale(clips).mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend(clips, mean, factors)
-
-
-def _saturation(clips: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Batched ``adjust_saturation``: blend with the greyscale image, as torchvision."""
-    return _blend(clips, tvf.rgb_to_grayscale(clips), factors)
-
-
-def _hue(clips: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """``adjust_hue`` clip by clip (its HSV round trip takes one scalar factor)."""
-    return torch.stack([tvf.adjust_hue(clip, float(f)) for clip, f in zip(clips, factors)])
-
-
-_JITTER_OPS = {BRIGHTNESS: _brightness, CONTRAST: _contrast, SATURATION: _saturation, HUE: _hue}
+    torchvision's brightness, contrast and saturation are all the same blend
+    ``clamp(f * image + (1 - f) * other)``, with ``other`` black, the frame's mean grey level,
+    or the greyscale image; so one blend does all three at once, with no per-clip indexing.
+    Clips whose operation is hue, or that are not ``active``, get ``f = 1``: unchanged.
+    """
+    ops = _per_clip(ops)
+    grey = tvf.rgb_to_grayscale(clips)
+    other = torch.where(
+        ops == BRIGHTNESS,
+        torch.zeros((), device=clips.device),
+        torch.where(ops == CONTRAST, grey.mean(dim=(-3, -2, -1), keepdim=True), grey),
+    )
+    ratio = _per_clip(factors.gather(1, ops.view(-1, 1)))
+    ratio = torch.where(_per_clip(active) & (ops != HUE), ratio, torch.ones((), device=clips.device))
+    # lerp(other, clips, f) = f * clips + (1 - f) * other in one kernel (equal up to rounding).
+    return torch.lerp(other, clips, ratio).clamp_(0.0, 1.0)
 
 
 def default_blur_kernel_size(image_size: int) -> int:
@@ -353,34 +351,33 @@ def apply_photometric(
     Each clip gets its own parameters (``params``: the batched output of
     :func:`sample_photometric_params`), the same for all its frames: colour jitter in the
     clip's order, then greyscale, then Gaussian blur, then ``(x / 255 - mean) / std`` (ImageNet
-    statistics by default). Brightness, contrast, saturation and greyscale run batched over the
-    clips that need them, with torchvision's formulas; hue and blur call torchvision's
-    functions clip by clip (each call covers all T frames). Runs on ``clips.device``; ``params``
-    may live on the CPU or the device.
+    statistics by default). Brightness, contrast, saturation and greyscale run batched, with
+    torchvision's formulas and per-clip factors; hue and blur call torchvision's functions clip
+    by clip (each call covers all T frames). Runs on ``clips.device``; ``params`` may live on
+    the CPU (best: no transfer back) or on the device.
     """
-    batch = clips.shape[0]
-    # (B, T, 3, H, W): torchvision's layout, channels third from last.
-    x = tvf.to_dtype(clips.permute(0, 2, 1, 3, 4), torch.float32, scale=True).contiguous()
-    # Decisions are made on the CPU in one transfer, not one sync per clip.
+    # (N, T, 3, H, W): torchvision's layout, channels third from last.
+    # Reorder while still uint8: a quarter of the bytes of a float copy.
+    x = tvf.to_dtype(clips.permute(0, 2, 1, 3, 4).contiguous(), torch.float32, scale=True)
+    # Per-clip decisions (hue, blur) are read from a CPU copy, so the loops never wait on the
+    # device; the batched parts use a device copy (non_blocking: no stream sync).
     cpu = {key: value.detach().cpu() for key, value in params.items()}
-    factors = params["jitter_factors"].to(x.device, torch.float32)
+    dev = {key: value.to(x.device, non_blocking=True) for key, value in params.items()}
+    factors = dev["jitter_factors"].to(torch.float32)
 
     for slot in range(4):
-        for op, fn in _JITTER_OPS.items():
-            chosen = torch.nonzero(cpu["jitter_on"] & (cpu["jitter_order"][:, slot] == op)).flatten()
-            if len(chosen):
-                index = chosen.to(x.device)
-                x[index] = fn(x[index], factors[index, op])
+        x = _jitter_slot(x, dev["jitter_order"][:, slot], factors, dev["jitter_on"])
+        hue_clips = cpu["jitter_on"] & (cpu["jitter_order"][:, slot] == HUE)
+        for i in hue_clips.nonzero().flatten().tolist():
+            # adjust_hue's HSV round trip takes one scalar factor: clip by clip.
+            x[i] = tvf.adjust_hue(x[i], float(cpu["jitter_factors"][i, HUE]))
 
-    grey = torch.nonzero(cpu["grey_on"]).flatten().to(x.device)
-    if len(grey):
-        x[grey] = tvf.rgb_to_grayscale(x[grey], num_output_channels=3)
+    x = torch.where(_per_clip(dev["grey_on"]), tvf.rgb_to_grayscale(x, num_output_channels=3), x)
 
     kernel = blur_kernel_size or default_blur_kernel_size(min(x.shape[-2:]))
-    for i in range(batch):
-        if cpu["blur_on"][i]:
-            sigma = float(cpu["blur_sigma"][i])
-            x[i] = tvf.gaussian_blur(x[i], [kernel, kernel], [sigma, sigma])
+    for i in cpu["blur_on"].nonzero().flatten().tolist():
+        sigma = float(cpu["blur_sigma"][i])
+        x[i] = tvf.gaussian_blur(x[i], [kernel, kernel], [sigma, sigma])
 
     x = tvf.normalize(x, list(mean), list(std))
     return x.permute(0, 2, 1, 3, 4).contiguous()

@@ -301,9 +301,9 @@ def _median_selection_ops(count: int) -> tuple[tuple[str, int, int, int], ...]:
     return tuple((kind, count + index, a, b) for index, (kind, a, b) in enumerate(nodes) if count + index in needed)
 
 
-def _median_blur_network(images: torch.Tensor, ksize: int) -> torch.Tensor:
-    """Median by a selection network of elementwise min/max on shifted views (fuses under
-    torch.compile into one kernel)."""
+def _median_blur_network(images: torch.Tensor, ksize: int, ops: tuple[tuple[str, int, int, int], ...]) -> torch.Tensor:
+    """Median by a selection network (``ops`` from _median_selection_ops) of elementwise min/max
+    on shifted views; under torch.compile this fuses into one kernel."""
     height, width = images.shape[-2:]
     radius = ksize // 2
     padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
@@ -311,7 +311,6 @@ def _median_blur_network(images: torch.Tensor, ksize: int) -> torch.Tensor:
     for dy in range(ksize):
         for dx in range(ksize):
             values[dy * ksize + dx] = padded[..., dy:dy + height, dx:dx + width]
-    ops = _median_selection_ops(ksize * ksize)
     for kind, out, a, b in ops:
         values[out] = torch.minimum(values[a], values[b]) if kind == "min" else torch.maximum(values[a], values[b])
     return values[ops[-1][1]].contiguous() if ops else images.clone()
@@ -342,7 +341,7 @@ def median_blur(images: torch.Tensor, ksize: int, method: str = "unfold", chunk_
     if ksize == 1:
         return images.clone()
     if method == "network":
-        return _median_blur_network(images, ksize)
+        return _median_blur_network(images, ksize, _median_selection_ops(ksize * ksize))
     if method == "unfold":
         return _median_blur_unfold(images, ksize, chunk_pixels)
     raise ValueError(f"unknown median method {method!r}")
@@ -411,23 +410,51 @@ def primal_dual_step(
     return u_out, p_out, active & (change > scaled_epsilon)
 
 
+def primal_dual_steps(
+    count: int,
+    u: torch.Tensor,
+    p: torch.Tensor,
+    image_grad: torch.Tensor,
+    grad_sq: torch.Tensor,
+    rho_c: torch.Tensor,
+    active: torch.Tensor,
+    l_t: float,
+    theta: float,
+    taut: float,
+    scaled_epsilon: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``count`` consecutive primal_dual_step calls (one compiled graph when compiled)."""
+    for _ in range(count):
+        u, p, active = primal_dual_step(u, p, image_grad, grad_sq, rho_c, active, l_t, theta, taut, scaled_epsilon)
+    return u, p, active
+
+
 @dataclass
 class _Kernels:
-    """The per-iteration functions, eager or compiled."""
+    """The functions run per warp and per iteration, eager or through torch.compile."""
 
-    step: Callable
-    median: Callable
+    steps: Callable  # see primal_dual_steps
+    median: Callable  # (images, ksize) -> images
+    data_term: Callable  # see _warped_data_term
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(compiled: bool, median_method: str) -> _Kernels:
     if not compiled:
-        return _Kernels(step=primal_dual_step, median=functools.partial(median_blur, method=median_method))
+        return _Kernels(
+            steps=primal_dual_steps,
+            median=functools.partial(median_blur, method=median_method),
+            data_term=_warped_data_term,
+        )
+    # dynamic=None: static shapes first, dynamic ones after the first change of shape (pyramid
+    # levels, shrinking working sets), so a run compiles each function only a few times.
     compile_fn = functools.partial(torch.compile, dynamic=None, fullgraph=True)
-    return _Kernels(
-        step=compile_fn(primal_dual_step),
-        median=compile_fn(functools.partial(_median_blur_network)),
-    )
+    network = compile_fn(_median_blur_network)
+
+    def median(images: torch.Tensor, ksize: int) -> torch.Tensor:
+        return network(images, ksize, _median_selection_ops(ksize * ksize))
+
+    return _Kernels(steps=compile_fn(primal_dual_steps), median=median, data_term=compile_fn(_warped_data_term))
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,7 +536,7 @@ def _solve_level(I0: torch.Tensor, I1: torch.Tensor, u: torch.Tensor, params: TV
     )
     check_every = params.check_every or (1 if u.device.type == "cpu" else 5)
     for _ in range(params.warps):
-        data_term = _warped_data_term(I0, I1_and_grad, u, params.gamma, params.remap_subpixel_steps)
+        data_term = kernels.data_term(I0, I1_and_grad, u, params.gamma, params.remap_subpixel_steps)
         work = _WorkingSet(u, p, data_term)
         iterations = 0
         for _ in range(params.outer_iterations):
@@ -517,9 +544,13 @@ def _solve_level(I0: torch.Tensor, I1: torch.Tensor, u: torch.Tensor, params: TV
                 break
             if params.median_filtering > 1:
                 work.u = _median_filter_active(work.u, work.active, params.median_filtering, kernels)
-            for _ in range(params.inner_iterations):
-                work.u, work.p, work.active = kernels.step(work.u, work.p, *work.data_term, work.active, **constants)
-                iterations += 1
+            done = 0
+            while done < params.inner_iterations:
+                # Iterations run in chunks that end at the checks: one call, one compiled graph.
+                count = min(check_every - iterations % check_every, params.inner_iterations - done)
+                work.u, work.p, work.active = kernels.steps(count, work.u, work.p, *work.data_term, work.active, **constants)
+                done += count
+                iterations += count
                 if params.fixed_iterations or iterations % check_every:
                     continue
                 # One host sync per check: drop converged samples once a quarter of them are.
@@ -541,7 +572,7 @@ def tvl1_flow(
     frame1: torch.Tensor,
     params: TVL1Params | None = None,
     *,
-    compile: bool = False,
+    compile: bool | None = None,
     median_method: str | None = None,
 ) -> torch.Tensor:
     """TV-L1 optical flow from frame0 to frame1 for a batch of grayscale pairs.
@@ -550,9 +581,11 @@ def tvl1_flow(
     OpenCV does), on any device. Returns (B,2,H,W) float32 on the same device: x then y
     displacement in pixels with frame0(p) ≈ frame1(p + flow(p)).
 
-    ``compile=True`` runs the iteration and the median filter through torch.compile (faster on
-    GPU after a one-off compilation; needs Triton there). ``median_method`` ("unfold" or
-    "network") overrides the eager median implementation; both are exact.
+    ``compile`` runs the warp, the iteration and the median filter through torch.compile: several
+    times faster, after a one-off compilation of about a minute per process (Triton on GPU, a C++
+    compiler on CPU); None (default) compiles on CUDA only. Compiled and eager results agree.
+    ``median_method`` ("unfold" or "network") picks the eager median implementation; both are
+    exact.
     """
     params = params or TVL1Params()
     I0 = _as_intensity_batch(frame0)
@@ -564,6 +597,8 @@ def tvl1_flow(
         raise ValueError("frames must be at least 3x3")
     if median_method is None:
         median_method = "network" if I0.device.type == "cuda" else "unfold"
+    if compile is None:
+        compile = I0.device.type == "cuda"
     kernels = _kernels(bool(compile), median_method)
     components = 3 if params.gamma != 0.0 else 2
 
@@ -592,12 +627,12 @@ def flow_for_frame_sequence(
     batch_size: int = 256,
     params: TVL1Params | None = None,
     *,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """TV-L1 flow between consecutive frames of one clip: N frames give N-1 fields.
 
     gray_frames: (N,H,W) uint8 on any device. Pairs (i, i+1) go through ``device`` in batches of
-    ``batch_size`` pairs. Returns (N-1,2,H,W) float32 on the CPU.
+    ``batch_size`` pairs (``compile`` as in tvl1_flow). Returns (N-1,2,H,W) float32 on the CPU.
     """
     if gray_frames.dim() != 3:
         raise ValueError(f"expected (N,H,W) frames, got {tuple(gray_frames.shape)}")

@@ -1,0 +1,353 @@
+"""Read a prepared dataset: one interface over the LMDB and WebDataset stores.
+
+    store = open_store("prepared/ucf101_train")       # a part, or a folder of part-* folders
+    for meta in store.videos(): ...                    # kept videos, from the manifests
+    rec = store.record(meta["id"])                     # LMDB: random access
+    rgb = rec.frames("rgb", start=30, count=30)        # uint8 (30, 3, H, W); reads 2-3 chunks
+    flow = rec.frames("flow", 30, 30)                  # uint8 (30, 2, H, W), quantised x, y
+    spec = rec.spectrogram(step, 128)                  # float32 (128 mel, 128 steps)
+
+WebDataset shards are read sequentially (``shard_paths`` for a training pipeline, or
+``iter_records``); ``record_from_sample`` wraps one webdataset sample dict.
+
+LMDB environments are opened read-only, lazily, once per process: an environment inherited
+across ``fork`` (DataLoader workers) is unusable, so a store pickled or forked into a worker
+opens its own on first use.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torchvision.io import decode_jpeg
+
+from tricoclr.data import schema
+
+ReadHook = Callable[[str, str, int], None]  # (video id, part name, bytes)
+
+
+# ---- manifests and parts --------------------------------------------------------------------
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Entries of a manifest.jsonl; a torn last line (a writer killed mid-append) is ignored.
+
+    Later lines for the same id replace earlier ones.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    entries: dict[str, dict] = {}
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the unterminated last line: a torn append
+                break
+            raise ValueError(f"{path}:{number}: corrupt manifest line") from None
+        entries[entry["id"]] = entry
+    return list(entries.values())
+
+
+def find_parts(root: str | Path) -> list[Path]:
+    """The part folders of a prepared dataset: ``root`` itself if it holds a manifest, else its
+    ``part-*-of-*`` subfolders (sorted)."""
+    root = Path(root)
+    if (root / schema.MANIFEST_FILE).exists() or (root / schema.ARGS_FILE).exists():
+        return [root]
+    parts = sorted(p for p in root.glob(schema.PART_GLOB) if p.is_dir())
+    if not parts:
+        raise FileNotFoundError(f"{root} is not a prepared dataset (no {schema.MANIFEST_FILE} and no part-* folders)")
+    return parts
+
+
+def detect_format(part: Path) -> str:
+    """'lmdb' or 'webdataset', from the recorded arguments or the folders present."""
+    args_file = part / schema.ARGS_FILE
+    if args_file.exists():
+        return json.loads(args_file.read_text())["format"]
+    if (part / schema.LMDB_DIR).is_dir():
+        return "lmdb"
+    if (part / schema.SHARDS_DIR).is_dir():
+        return "webdataset"
+    raise FileNotFoundError(f"{part}: neither {schema.LMDB_DIR}/ nor {schema.SHARDS_DIR}/ found")
+
+
+# ---- one video ------------------------------------------------------------------------------
+
+
+class VideoRecord:
+    """One prepared video; fetches only the chunks a request needs.
+
+    ``fetch(parts)`` returns the blobs of the named parts ('rgb_00003', 'audio', ...), None for
+    a missing one.
+    """
+
+    def __init__(self, meta: dict, fetch: Callable[[list[str]], list[bytes | None]]):
+        self.meta = meta
+        self._fetch = fetch
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    def frames(self, modality: str, start: int, count: int) -> torch.Tensor:
+        """uint8 (count, C, H, W) frames [start, start + count): rgb C=3, flow C=2 (x, y).
+
+        Flow values are quantised (schema.dequantise_flow gives pixels).
+        """
+        total = self._frame_count(modality)
+        if start < 0 or count < 0 or start + count > total:
+            raise IndexError(f"{self.id}: {modality} frames [{start}, {start + count}) outside [0, {total})")
+        chunk_frames = self.meta["chunk_frames"]
+        chunks = list(schema.chunks_for_span(start, count, chunk_frames))
+        blobs = self._fetch([schema.chunk_key(modality, c) for c in chunks])
+        images = []
+        for chunk, blob in zip(chunks, blobs):
+            if blob is None:
+                raise KeyError(f"{self.id}: chunk {schema.chunk_key(modality, chunk)} missing from the store")
+            jpegs = schema.unpack_frames(blob)
+            first = chunk * chunk_frames
+            lo, hi = max(start - first, 0), min(start + count - first, len(jpegs))
+            images.extend(_decode_jpeg(j) for j in jpegs[lo:hi])
+        if modality == "flow":
+            images = [self._split_flow(img) for img in images]
+        if not images:
+            channels = 2 if modality == "flow" else 3
+            return torch.empty((0, channels, self.meta["height"], self.meta["width"]), dtype=torch.uint8)
+        return torch.stack(images)
+
+    def _frame_count(self, modality: str) -> int:
+        if modality == "rgb":
+            return self.meta["frames"]
+        if modality == "flow":
+            if self.meta.get("flow_method", "none") == "none":
+                raise KeyError(f"{self.id}: prepared without flow (--flow none)")
+            return self.meta["flow_frames"]
+        raise KeyError(f"unknown video modality {modality!r}; expected one of {schema.VIDEO_MODALITIES}")
+
+    def _split_flow(self, stacked: torch.Tensor) -> torch.Tensor:
+        """(1, Y + H, W) stacked JPEG -> (2, H, W): x rows [0, H), y rows [Y, Y + H)."""
+        h = self.meta["height"]
+        y = self.meta.get("flow_y_offset", h)
+        return torch.cat([stacked[:, :h], stacked[:, y : y + h]])
+
+    def spectrogram(self, start_step: int = 0, num_steps: int | None = None) -> torch.Tensor:
+        """float32 (n_mels, num_steps) log-mel slice; steps past the end read as silence.
+
+        Frame ``f`` starts at step schema.audio_step_for_frame(f, fps).
+        """
+        if not self.meta.get("has_audio"):
+            silent = " (its audio is silent)" if self.meta.get("audio_silent") else ""
+            raise ValueError(f"{self.id}: no audio{silent}; stages using audio skip such videos (docs/schema.md)")
+        (blob,) = self._fetch([schema.AUDIO_PART])
+        if blob is None:
+            raise KeyError(f"{self.id}: audio record missing from the store")
+        spec = schema.decode_array(blob)
+        steps = spec.shape[1]
+        num_steps = steps - start_step if num_steps is None else num_steps
+        if start_step < 0 or start_step >= steps or num_steps < 0:
+            raise IndexError(f"{self.id}: spectrogram steps [{start_step}, {start_step + num_steps}) outside [0, {steps})")
+        out = torch.from_numpy(spec[:, start_step : start_step + num_steps].astype(np.float32))
+        if out.shape[1] < num_steps:  # rounding at the very end of the video
+            silence = float(np.log(self.meta["audio"]["log_offset"]))
+            out = torch.cat([out, torch.full((out.shape[0], num_steps - out.shape[1]), silence)], dim=1)
+        return out
+
+
+def _decode_jpeg(data: memoryview) -> torch.Tensor:
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+def record_from_sample(sample: dict[str, bytes]) -> VideoRecord:
+    """A VideoRecord over one webdataset sample dict ('__key__', 'meta.json', 'rgb_00000.tcf', ...)."""
+    meta = schema.decode_meta(sample[schema.member_name(schema.META_PART)])
+    blobs = {schema.part_from_member(k): v for k, v in sample.items() if not k.startswith("__")}
+    return VideoRecord(meta, lambda parts: [blobs.get(p) for p in parts])
+
+
+# ---- LMDB access ----------------------------------------------------------------------------
+
+
+class _LmdbReader:
+    """A read-only LMDB environment opened lazily in the process that uses it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._env = None
+        self._pid = None
+
+    def env(self):
+        if self._env is None or self._pid != os.getpid():
+            import lmdb
+
+            # lock=False: readers never write, and a lock file on a shared FS is a liability.
+            self._env = lmdb.open(
+                str(self.path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048, subdir=True
+            )
+            self._pid = os.getpid()
+        return self._env
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        with self.env().begin(buffers=False) as txn:
+            return [txn.get(key) for key in keys]
+
+    def ids(self) -> Iterator[str]:
+        """Every video id in the environment, in key order, one seek per video.
+
+        Keys are '<id>/<part>' and ids use [A-Za-z0-9_-] only, so jumping to '<id>0' ('0'
+        follows '/') skips exactly that video's keys.
+        """
+        with self.env().begin() as txn:
+            cursor = txn.cursor()
+            found = cursor.first()
+            while found:
+                video_id = bytes(cursor.key()).split(b"/", 1)[0]
+                yield video_id.decode()
+                found = cursor.set_range(video_id + b"0")
+
+    def __getstate__(self):
+        return {"path": self.path, "_env": None, "_pid": None}
+
+
+# ---- the dataset ----------------------------------------------------------------------------
+
+
+class VideoStore:
+    """A prepared dataset (all its parts), read-only. Use ``open_store``."""
+
+    def __init__(self, root: Path, parts: list[Path], format: str):
+        self.root = root
+        self.parts = parts
+        self.format = format
+        self.stats: collections.Counter = collections.Counter()  # 'reads', 'bytes', per part name
+        self.on_read: ReadHook | None = None
+        self._manifest: list[dict] | None = None
+        self._by_id: dict[str, dict] | None = None
+        self._lmdb = {part.name: _LmdbReader(part / schema.LMDB_DIR) for part in parts} if format == "lmdb" else {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["on_read"] = None  # hooks are per process (and often not picklable)
+        return state
+
+    # metadata
+
+    def manifest(self) -> list[dict]:
+        """Every manifest entry of every part, failed ones included, sorted by id."""
+        if self._manifest is None:
+            entries = []
+            for part in self.parts:
+                for entry in read_manifest(part / schema.MANIFEST_FILE):
+                    entry["part"] = part.name
+                    entries.append(entry)
+            self._manifest = sorted(entries, key=lambda e: e["id"])
+        return self._manifest
+
+    def videos(self) -> list[dict]:
+        """Metas of the kept videos (status ok or partial), sorted by id."""
+        return [e for e in self.manifest() if e["status"] in schema.KEPT_STATUSES]
+
+    def class_names(self) -> list[str] | None:
+        """Class names in label_index order, as fixed at prepare time."""
+        for part in self.parts:
+            classes = part / schema.CLASSES_FILE
+            if classes.exists():
+                return json.loads(classes.read_text())["names"]
+        labels = {e["label"] for e in self.videos() if e.get("label") is not None}
+        return sorted(labels) or None
+
+    # random access (LMDB)
+
+    def record(self, video_id: str) -> VideoRecord:
+        """Random access to one video (LMDB only): reads nothing until frames are requested."""
+        if self.format != "lmdb":
+            raise NotImplementedError(
+                "a WebDataset store is read sequentially: use shard_paths() with webdataset, or iter_records(); "
+                "prepare with --format lmdb for random access"
+            )
+        if self._by_id is None:
+            self._by_id = {e["id"]: e for e in self.videos()}
+        entry = self._by_id.get(video_id)
+        if entry is not None:
+            reader, meta = self._lmdb[entry["part"]], entry
+        else:  # not in a manifest (e.g. the store was copied without it): look it up directly
+            reader, meta = self._find_in_lmdb(video_id)
+        return VideoRecord(meta, self._fetcher(reader, video_id))
+
+    def _find_in_lmdb(self, video_id: str) -> tuple[_LmdbReader, dict]:
+        for reader in self._lmdb.values():
+            (blob,) = reader.get_many([schema.lmdb_key(video_id, schema.META_PART)])
+            if blob is not None:
+                return reader, schema.decode_meta(blob)
+        raise KeyError(f"video {video_id!r} not in {self.root}")
+
+    def _fetcher(self, reader: _LmdbReader, video_id: str):
+        def fetch(parts: list[str]) -> list[bytes | None]:
+            blobs = reader.get_many([schema.lmdb_key(video_id, p) for p in parts])
+            for part, blob in zip(parts, blobs):
+                self._count(video_id, part, len(blob) if blob is not None else 0)
+            return blobs
+
+        return fetch
+
+    def _count(self, video_id: str, part: str, nbytes: int) -> None:
+        self.stats["reads"] += 1
+        self.stats["bytes"] += nbytes
+        self.stats[part] += 1
+        if self.on_read is not None:
+            self.on_read(video_id, part, nbytes)
+
+    # sequential access (both formats)
+
+    def shard_paths(self) -> list[str]:
+        """All complete WebDataset shards of all parts (never a half-written .tmp), sorted."""
+        if self.format != "webdataset":
+            raise NotImplementedError("shard_paths() is for WebDataset stores; this one is LMDB")
+        paths = [str(p) for part in self.parts for p in sorted((part / schema.SHARDS_DIR).glob("shard-*.tar"))]
+        return sorted(paths)
+
+    def iter_records(self) -> Iterator[VideoRecord]:
+        """Every stored video once, sequentially (LMDB: in id order; WebDataset: shard order)."""
+        if self.format == "lmdb":
+            for reader in self._lmdb.values():
+                for video_id in reader.ids():
+                    (blob,) = reader.get_many([schema.lmdb_key(video_id, schema.META_PART)])
+                    yield VideoRecord(schema.decode_meta(blob), self._fetcher(reader, video_id))
+        else:
+            for sample in iter_shard_samples(self.shard_paths()):
+                yield record_from_sample(sample)
+
+
+def iter_shard_samples(shard_paths: Iterable[str]) -> Iterator[dict]:
+    """Raw sample dicts of WebDataset shards, read in order in this process only."""
+    import webdataset as wds
+
+    shard_paths = list(shard_paths)
+    if not shard_paths:
+        return
+    # No node/worker splitting: this is a full scan (inspection, conversion, tests).
+    dataset = wds.WebDataset(
+        shard_paths, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+    )
+    yield from dataset
+
+
+def open_store(path: str | Path) -> VideoStore:
+    """Open a prepared dataset folder (a single part, or a folder of part-* folders)."""
+    root = Path(path)
+    parts = find_parts(root)
+    formats = {detect_format(part) for part in parts}
+    if len(formats) != 1:
+        raise ValueError(f"{root}: parts mix formats {sorted(formats)}")
+    store = VideoStore(root, parts, formats.pop())
+    return store

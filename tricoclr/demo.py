@@ -1,0 +1,228 @@
+"""The whole method on the built-in data, in minutes on a CPU (`tricoclr demo --out DIR`).
+
+synthesize -> prepare (RGB, Farneback flow, audio) -> InfoNCE pre-training of each modality ->
+cooperative stages -> evaluation of the RGB encoder, for the paper's ablation in miniature:
+
+    random init      the untrained encoder (random conv features already see colour/texture)
+    InfoNCE          RGB alone, as many RGB optimizer steps as TriCoCLR gives RGB
+    CoCLR            RGB + flow
+    TriCoCLR         RGB + flow + audio
+    TriCoCLR + mask  the same, with CoCLR's self-positive masking on (its issue #43)
+
+The InfoNCE pre-training is shared: one run pre-trains every modality, and each row continues from
+those encoders, so the rows differ only in what the ablation varies. Every step is skipped when its
+output exists, so a second run reuses what is done (and an interrupted one resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from tricoclr.config import load_config
+
+VARIANTS = [
+    # name, modalities, extra overrides
+    ("InfoNCE", ["rgb"], []),
+    ("CoCLR", ["rgb", "flow"], []),
+    ("TriCoCLR", ["rgb", "flow", "audio"], []),
+    ("TriCoCLR + self-positive mask", ["rgb", "flow", "audio"], ["method.mask_self_positive=true"]),
+]
+
+PRESETS = {
+    # classes, videos per class, seconds, size, seeds, pretrain epochs, stage epochs
+    "full": dict(classes=10, videos_per_class=14, seconds=8.0, size=64, seeds=3, pretrain_epochs=10, stage_epochs=10),
+    "quick": dict(classes=6, videos_per_class=8, seconds=6.0, size=64, seeds=1, pretrain_epochs=3, stage_epochs=3),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="everything goes here (data, runs, results.json/.md, figure, tb/)")
+    parser.add_argument("--quick", action="store_true", help="a smaller, one-seed variant in a few minutes")
+    parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default 3, quick 1)")
+    parser.add_argument("--workers", type=int, default=2, help="data workers (preparation and loading)")
+    parser.add_argument("--config", default="configs/tiny.yaml", help="the base training config")
+
+
+def _say(text: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def _data_cli(argv: list[str]) -> None:
+    from data_tools.cli import main as data_main
+
+    code = data_main(argv)
+    if code != 0:
+        raise SystemExit(f"tricoclr-data {' '.join(argv)} failed with exit code {code}")
+
+
+def prepare_data(out: Path, preset: dict, workers: int) -> tuple[Path, Path, Path]:
+    synth = out / "synth"
+    if not (synth / "splits" / "testlist01.txt").exists():
+        _say(f"synthesizing {preset['classes']} classes x {preset['videos_per_class']} videos x {preset['seconds']} s")
+        _data_cli(["synth", "--out", str(synth), "--classes", str(preset["classes"]),
+                   "--videos-per-class", str(preset["videos_per_class"]), "--seconds", str(preset["seconds"]),
+                   "--workers", str(workers)])
+    stores = {}
+    for split in ("train", "test"):
+        store = out / "prepared" / split
+        stores[split] = store
+        _say(f"preparing the {split} split -> {store} (lmdb, Farneback flow, log-mel audio)")
+        _data_cli(["prepare", str(synth / "videos"), "--out", str(store), "--format", "lmdb",
+                   "--list", str(synth / "splits" / f"{split}list01.txt"), "--flow", "farneback",
+                   "--size", str(preset["size"]), "--workers", str(workers)])
+    return synth, stores["train"], stores["test"]
+
+
+def _train(config_path: str, overrides: list[str]) -> None:
+    from tricoclr.trainer import Trainer
+
+    config = load_config(config_path, overrides)
+    Trainer(config).run()
+
+
+def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args) -> dict[str, Path]:
+    """Pre-train every modality once, then each variant's cooperative (or continued) stages."""
+    runs = out / "runs" / f"seed{seed}"
+    common = [f"seed={seed}", f"data.path={train_store}", f"data.workers={args.workers}", "resume=true"]
+    pretrain_dir = runs / "pretrain"
+    if not (pretrain_dir / "encoders" / "pretrain-audio" / "audio.safetensors").exists():
+        _say(f"seed {seed}: InfoNCE pre-training of rgb, flow and audio ({preset['pretrain_epochs']} epochs each)")
+        _train(args.config, common + [f"output_dir={pretrain_dir}", "modalities=[rgb,flow,audio]",
+                                      "schedule.cycles=0", f"schedule.pretrain_epochs={preset['pretrain_epochs']}"])
+    encoders = {}
+    for name, mods, extra in VARIANTS:
+        run_dir = runs / _slug(name)
+        final = run_dir / "encoders" / "rgb.safetensors"
+        trained_stage = "pretrain-rgb" if mods == ["rgb"] else f"cycle1-{mods[-1]}"
+        done = run_dir / "encoders" / trained_stage
+        if not done.exists():
+            (run_dir / "encoders").mkdir(parents=True, exist_ok=True)
+            if not (run_dir / "checkpoints").exists():
+                for mod in mods:  # start from the shared pre-trained encoders
+                    shutil.copy(pretrain_dir / "encoders" / f"{mod}.safetensors", run_dir / "encoders" / f"{mod}.safetensors")
+            start = "pretrain-rgb" if mods == ["rgb"] else f"cycle1-{mods[0]}"
+            # InfoNCE continues RGB alone for as many steps as the cooperative RGB stage gets.
+            _say(f"seed {seed}: {name} ({'+'.join(mods)}), from {start}")
+            _train(args.config, common + [f"output_dir={run_dir}", f"modalities=[{','.join(mods)}]",
+                                          f"schedule.start_stage={start}", "schedule.cycles=1",
+                                          f"schedule.pretrain_epochs={preset['stage_epochs']}",
+                                          f"schedule.stage_epochs={preset['stage_epochs']}", *extra])
+        encoders[name] = final
+    encoders["InfoNCE (pre-training only)"] = pretrain_dir / "encoders" / "rgb.safetensors"
+    return encoders
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def evaluate(encoder_path, train_store: Path, test_store: Path, args, seed: int) -> dict:
+    from tricoclr.eval.features import extract_features
+    from tricoclr.eval.linear_probe import evaluate_probe, per_item_correct, train_linear_probe
+    from tricoclr.eval.retrieval import retrieval_metrics
+    from tricoclr.models.encoder import encoder_fingerprint, load_encoder
+    from tricoclr.trainer import build_encoder
+
+    config = load_config(args.config)
+    if encoder_path == "random":
+        torch.manual_seed(seed)
+        encoder, key = build_encoder(config, "rgb"), f"random-demo-{seed}"
+    else:
+        encoder, _ = load_encoder(encoder_path)
+        key = encoder_fingerprint(encoder_path)
+    data_cfg = config["data"]
+    train = extract_features(encoder, "rgb", train_store, data_cfg, cache_key=key, cache_dir=Path(args.out) / "cache")
+    test = extract_features(encoder, "rgb", test_store, data_cfg, cache_key=key, cache_dir=Path(args.out) / "cache")
+    retrieval = retrieval_metrics(train["features"], train["labels"], test["features"], test["labels"], ks=(1, 5, 10))
+    num_classes = int(train["labels"].max()) + 1
+    probe = train_linear_probe(train["features"], train["labels"], num_classes, seed=seed)
+    linear = evaluate_probe(probe, test["features"], test["labels"])
+    logits = probe.logits(test["features"])
+    return {
+        "R@1": retrieval["R@1"], "R@5": retrieval["R@5"], "R@10": retrieval["R@10"],
+        "chance_R@1": retrieval["chance_R@1"], "linear_top1": linear["top1"],
+        "hits": retrieval["hits"].float().tolist(),
+        "linear_hits": per_item_correct(logits, test["labels"]).float().tolist(),
+        "neighbours": retrieval["neighbours"].tolist(),
+        "train": train, "test": test,
+    }
+
+
+def summarise(per_seed: dict[str, list[dict]]) -> list[dict]:
+    from tricoclr.eval.stats import bootstrap_ci
+
+    rows = []
+    for name, results in per_seed.items():
+        row = {"model": name, "modalities": MODALITIES_OF.get(name, "RGB"), "seeds": len(results)}
+        hits = torch.tensor([r["hits"] for r in results]) * 100  # (seeds, N, len(ks))
+        for column, metric in enumerate(("R@1", "R@5", "R@10")):
+            mean, low, high = bootstrap_ci(hits[:, :, column])
+            row[metric], row[f"{metric}_ci"] = mean, [low, high]
+        mean, low, high = bootstrap_ci(torch.tensor([r["linear_hits"] for r in results]) * 100)
+        row["linear_top1"], row["linear_top1_ci"] = mean, [low, high]
+        row["chance_R@1"] = sum(r["chance_R@1"] for r in results) / len(results)
+        row["per_seed"] = [{k: r[k] for k in ("R@1", "R@5", "R@10", "linear_top1")} for r in results]
+        rows.append(row)
+    return rows
+
+
+MODALITIES_OF = {
+    "random init": "RGB", "InfoNCE (pre-training only)": "RGB", "InfoNCE": "RGB", "CoCLR": "RGB+Flow",
+    "TriCoCLR": "RGB+Flow+Audio", "TriCoCLR + self-positive mask": "RGB+Flow+Audio",
+}
+
+
+def run(args) -> int:
+    from tricoclr.eval.cli import write_retrieval_figure
+    from tricoclr.eval.report import markdown_table
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    preset = dict(PRESETS["quick" if args.quick else "full"])
+    if args.seeds:
+        preset["seeds"] = args.seeds
+    args.out = str(out)
+    _say(f"settings: {json.dumps(preset)}; config {args.config} (small 3D CNN, 8-frame clips at 64^2, "
+         f"Farneback flow); {torch.get_num_threads()} threads")
+    started = time.time()
+    synth, train_store, test_store = prepare_data(out, preset, args.workers)
+    per_seed: dict[str, list[dict]] = {"random init": []}
+    for seed in range(preset["seeds"]):
+        encoders = train_seed(out, seed, train_store, preset, args)
+        per_seed["random init"].append(evaluate("random", train_store, test_store, args, seed))
+        for name, path in encoders.items():
+            per_seed.setdefault(name, []).append(evaluate(path, train_store, test_store, args, seed))
+    rows = summarise(per_seed)
+    tri = per_seed["TriCoCLR"][0]
+    class_names = json.loads((synth / "classes.json").read_text()) if (synth / "classes.json").exists() else None
+    names = _class_names(class_names)
+    write_retrieval_figure(out / "retrieval.png", tri["train"], tri["test"], torch.tensor(tri["neighbours"]), names)
+    results = {"rows": [{k: v for k, v in r.items()} for r in rows], "settings": preset,
+               "num_test": len(tri["test"]["ids"]), "num_train": len(tri["train"]["ids"]),
+               "minutes": (time.time() - started) / 60}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown_table(rows, ["model", "modalities", "R@1", "R@5", "R@10", "linear_top1"],
+                           modality_columns=["RGB", "Flow", "Audio"])
+    header = (f"RGB-encoder evaluation on the synthesized test split ({results['num_test']} videos; "
+              f"mean over {preset['seeds']} seed(s), 95% bootstrap CI over test videos)\n\n")
+    (out / "results.md").write_text(header + table + "\n")
+    print(header + table)
+    _say(f"done in {results['minutes']:.1f} min; results in {out / 'results.json'}, figure {out / 'retrieval.png'}, "
+         f"TensorBoard: tensorboard --logdir {out / 'runs'}")
+    return 0
+
+
+def _class_names(classes_json) -> list[str] | None:
+    if not classes_json:
+        return None
+    entries = classes_json.get("classes", classes_json) if isinstance(classes_json, dict) else classes_json
+    try:
+        return [entry["name"] if isinstance(entry, dict) else str(entry) for entry in entries]
+    except (TypeError, KeyError):
+        return None
