@@ -24,6 +24,9 @@ import numpy as np
 
 # Stop reading a file whose packets keep failing: it is garbage, not a video with a glitch.
 MAX_CONSECUTIVE_PACKET_ERRORS = 50
+# A longer jump between two frames' timestamps is a broken timeline, not a still scene:
+# filling it with repeats could mean hours of copies, so decoding stops there.
+MAX_TIMESTAMP_GAP_SECONDS = 10.0
 
 
 class MediaError(Exception):
@@ -51,7 +54,7 @@ class DecodeLog:
 
     packet_errors: int = 0
     first_packet_error: str | None = None
-    stopped_early: str | None = None  # the demuxer raised: the rest of the file is unreadable
+    stopped_early: str | None = None  # why the rest of the file could not be used
     corrupt_frames: int = 0
     non_increasing_timestamps: int = 0  # frames dropped because time went backwards
     missing_timestamps: int = 0  # frames whose time had to be inferred from the frame rate
@@ -117,7 +120,7 @@ def open_media(path: str) -> tuple[av.container.InputContainer, MediaInfo]:
             declared_fps=float(video.average_rate) if video.average_rate else None,
             declared_seconds=_declared_seconds(container, video),
             has_audio_stream=audio is not None,
-            audio_channels=audio.codec_context.channels if audio is not None else None,
+            audio_channels=len(audio.codec_context.layout.channels) if audio is not None else None,
             audio_rate=audio.codec_context.sample_rate if audio is not None else None,
         )
     except BaseException:
@@ -127,7 +130,7 @@ def open_media(path: str) -> tuple[av.container.InputContainer, MediaInfo]:
 
 
 def _sample_aspect(video) -> Fraction:
-    sar = video.sample_aspect_ratio or video.codec_context.sample_aspect_ratio
+    sar = getattr(video, "sample_aspect_ratio", None) or video.codec_context.sample_aspect_ratio
     return Fraction(sar) if sar and sar > 0 else Fraction(1)
 
 
@@ -234,6 +237,10 @@ class VideoDecoder:
             if last_time is not None and time <= last_time:
                 self.log.non_increasing_timestamps += 1
                 continue
+            if last_time is not None and time - last_time > MAX_TIMESTAMP_GAP_SECONDS:
+                self.log.stopped_early = f"timestamps jump by {float(time - last_time):.1f} s"
+                last_duration = None  # the container stretches the last frame over the hole
+                break
             if last_time is not None:
                 self.log.source_intervals.append(float(time - last_time))
             yield from self._resize_each(resampler.push(time, frame), resized)
@@ -259,7 +266,7 @@ class VideoDecoder:
 
     def _last_frame_duration(self, declared: Fraction | None) -> Fraction:
         """How long the last frame stays on screen: its own duration, else a typical interval."""
-        if declared:
+        if declared and declared <= MAX_TIMESTAMP_GAP_SECONDS:
             return declared
         if self.log.source_intervals:
             return Fraction(float(np.median(self.log.source_intervals))).limit_denominator(1_000_000)
@@ -281,12 +288,16 @@ class VideoDecoder:
                 time = Fraction(self.log.source_frames - 1) / fallback_rate
             else:
                 time = frame.pts * time_base
-            duration = frame.duration * time_base if frame.duration and time_base else None
+            # Frame.duration exists from PyAV 13 on; older versions fall back to intervals.
+            frame_duration = getattr(frame, "duration", None)
+            duration = frame_duration * time_base if frame_duration and time_base else None
             yield time, duration, frame
 
     def _decoded_video_frames(self) -> Iterator[av.VideoFrame]:
         video = self.container.streams.video[0]
-        video.thread_count = self.threads
+        video.codec_context.thread_count = self.threads
+        if self.threads > 1:
+            video.codec_context.thread_type = "AUTO"
         audio = self.container.streams.audio[0] if (self.on_audio and self.container.streams.audio) else None
         streams = [s for s in (video, audio) if s is not None]
         consecutive_errors = 0
@@ -359,6 +370,8 @@ class _FlushPacket:
 def describe_problems(log: DecodeLog, info: MediaInfo) -> list[str]:
     """Human-readable reasons a decode is ``partial``; empty when everything decoded."""
     problems = []
+    if log.non_increasing_timestamps > max(2, 0.01 * log.source_frames):
+        problems.append(f"{log.non_increasing_timestamps} frame(s) dropped: their timestamps went backwards")
     if log.stopped_early:
         problems.append(f"{log.stopped_early} after {log.decoded_seconds:.2f} s")
     if log.packet_errors:
@@ -379,7 +392,7 @@ def describe_problems(log: DecodeLog, info: MediaInfo) -> list[str]:
 def describe_notes(log: DecodeLog) -> list[str]:
     """Unusual but harmless facts worth keeping in the manifest."""
     notes = []
-    if log.non_increasing_timestamps:
+    if 0 < log.non_increasing_timestamps <= max(2, 0.01 * log.source_frames):
         notes.append(f"{log.non_increasing_timestamps} frame(s) with non-increasing timestamps skipped")
     if log.missing_timestamps:
         notes.append(f"{log.missing_timestamps} frame(s) without timestamps placed at the nominal rate")

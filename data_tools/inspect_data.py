@@ -219,9 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=6, help="frames per video on the contact sheet")
 
 
-def inspect_dataset(path: str | Path) -> dict:
+def store_statistics(store: VideoStore) -> dict:
     """Statistics of a prepared dataset (all parts), with its format, parts and class count."""
-    store = open_store(path)
     stats = statistics_from_entries(store.manifest())
     classes = store.class_names()
     stats.update(format=store.format, parts=len(store.parts), classes=len(classes) if classes else 0)
@@ -236,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"tricoclr-data inspect: error: {exc}", file=sys.stderr)
         return 2
-    stats = inspect_dataset(args.dir)
+    stats = store_statistics(store)
     print(format_statistics(stats, title=f"{args.dir} ({stats['format']}, {stats['parts']} part(s))"))
     if args.json:
         Path(args.json).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")

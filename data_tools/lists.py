@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from tricoclr.data import schema
+
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .avi .mkv .webm .mpg .mpeg .mpe .m2v .ts .mts .m2ts .flv .f4v .wmv .asf "
     ".ogv .ogg .oggtheora .3gp .3g2 .vob .divx .y4m .mxf .dv".split()
@@ -59,9 +61,7 @@ def video_id(source: str) -> str:
     return f"{stem}-{digest}"
 
 
-def part_of(video_id: str, num_parts: int) -> int:
-    """Which of ``num_parts`` parts prepares this video (a stable hash, balanced)."""
-    return int(hashlib.sha1(video_id.encode("utf-8")).hexdigest()[:12], 16) % num_parts
+part_of = schema.part_of  # which of N parts prepares a video (shared with the readers)
 
 
 def processing_order(video_id: str) -> str:

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,8 +37,10 @@ from data_tools import lists
 from data_tools.audio import AudioCollector, AudioConfig, aligned_log_mel
 from data_tools.decode import MediaError, VideoDecoder, describe_notes, describe_problems, source_fps
 from data_tools.flow import FlowSequencer, available_flow_methods, default_flow_method, encode_flow, make_flow_estimator, to_gray
+from data_tools.inspect_data import format_statistics, statistics_from_entries
 from data_tools.writers import PartWriter, failed_entry, kept_entry, write_json_atomic
 from tricoclr.data import schema
+from tricoclr.data.store import read_manifest
 
 # Arguments that do not change what is stored: a resumed run may use other values.
 FREE_ARGS = frozenset({"workers", "progress", "video_timeout", "shard_size_mb", "shard_max_videos", "decode_threads"})
@@ -296,8 +298,12 @@ def _limit_threads() -> None:
         pass
 
 
+_READY = "ready"
+
+
 def _worker_loop(conn, job: Callable, config) -> None:
     _limit_threads()
+    conn.send(_READY)  # imports done: the main process starts timing tasks from here
     while True:
         try:
             task = conn.recv()
@@ -313,17 +319,28 @@ def _worker_loop(conn, job: Callable, config) -> None:
 
 
 class _Worker:
+    """One worker process and its pipe; handles one task at a time."""
+
     def __init__(self, ctx, job: Callable, config):
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_loop, args=(child, job, config), daemon=True)
         self.process.start()
         child.close()
+        self.ready = False
         self.task = None
         self.started = 0.0
 
     def assign(self, task) -> None:
         self.task, self.started = task, time.monotonic()
         self.conn.send(task)
+
+    def check_ready(self) -> None:
+        """Notice the start-up message; a worker that dies before it cannot run anything."""
+        if self.conn.poll():
+            if self.conn.recv() == _READY:
+                self.ready = True
+        elif not self.process.is_alive():
+            raise RuntimeError(f"a worker process failed to start (exit code {self.process.exitcode})")
 
     def stop(self, kill: bool = False) -> None:
         if kill or not self.process.is_alive():
@@ -340,6 +357,16 @@ class _Worker:
         self.conn.close()
 
 
+def _worker_context():
+    """forkserver where available (fast worker starts, no inherited threads or handles), else spawn."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # The server imports the heavy modules once; each worker forks from it ready to run.
+        ctx.set_forkserver_preload(["data_tools.prepare"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
 def run_tasks(
     tasks: list, job: Callable, config, workers: int, timeout: float | None = None
 ) -> Iterator[tuple[object, object, str | None]]:
@@ -353,17 +380,19 @@ def run_tasks(
         for task in tasks:
             yield task, job(task, config), None
         return
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    ctx = _worker_context()
     queue = deque(tasks)
     pool = [_Worker(ctx, job, config) for _ in range(min(workers, len(tasks)))]
     try:
         while queue or any(w.task is not None for w in pool):
             for worker in pool:
-                if worker.task is None and queue:
+                if worker.ready and worker.task is None and queue:
                     worker.assign(queue.popleft())
-            busy = [w for w in pool if w.task is not None]
-            wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=1.0)
+            wait([w.conn for w in pool] + [w.process.sentinel for w in pool], timeout=1.0)
             for i, worker in enumerate(pool):
+                if not worker.ready:
+                    worker.check_ready()
+                    continue
                 outcome = _collect(worker, timeout)
                 if outcome is None:
                     continue
@@ -555,9 +584,6 @@ def _process_all(todo: list, config: PrepareConfig, writer: PartWriter, args, al
 
 def _finish(part_dir: Path, inputs: lists.InputList, args) -> None:
     """Print and save the part's summary (all its videos, from every run)."""
-    from data_tools.inspect_data import format_statistics, statistics_from_entries
-    from tricoclr.data.store import read_manifest
-
     stats = statistics_from_entries(read_manifest(part_dir / schema.MANIFEST_FILE))
     stats["ignored_files"] = {"count": len(inputs.ignored), "examples": inputs.ignored[:20]}
     stats["duplicate_list_entries"] = {"count": len(inputs.duplicates), "examples": inputs.duplicates[:20]}

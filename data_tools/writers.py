@@ -16,15 +16,16 @@ fsynced and renamed from ``*.tar.tmp`` to ``*.tar``. So after any kill:
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import lmdb
-import webdataset as wds
 
 from tricoclr.data import schema
-from tricoclr.data.store import iter_shard_samples, read_manifest
+from tricoclr.data.store import iter_shard_samples, read_manifest, release_environment
 
 try:
     import fcntl
@@ -126,6 +127,7 @@ class LmdbSink:
         existing = folder / "data.mdb"
         size = existing.stat().st_size if existing.exists() else 0
         self.map_size = max(LMDB_INITIAL_MAP_SIZE, 2 * size)
+        release_environment(folder)  # a reader in this process would block the writer's open
         self.env = lmdb.open(str(folder), map_size=self.map_size, subdir=True, sync=True, metasync=True)
 
     def add(self, video_id: str, parts: dict[str, bytes]) -> tuple[dict, list[str]]:
@@ -161,7 +163,12 @@ def _delete_video(txn, video_id: str) -> None:
 
 
 class ShardSink:
-    """WebDataset tar shards, each written as ``*.tar.tmp`` and renamed when complete."""
+    """WebDataset tar shards, each written as ``*.tar.tmp`` and renamed when complete.
+
+    A sample is consecutive members ``<id>.<part>.<ext>`` (webdataset's convention), written
+    with the standard tarfile module: fixed mtime and owner, so the same videos give
+    byte-identical shards.
+    """
 
     def __init__(self, folder: Path, max_bytes: int, max_videos: int = 0):
         folder.mkdir(parents=True, exist_ok=True)
@@ -199,8 +206,8 @@ class ShardSink:
         """Append a video to the open shard; returns (its location, ids now durable)."""
         if self._tar is None:
             self._open()
-        sample = {"__key__": video_id, **{schema.member_name(p): blob for p, blob in parts.items()}}
-        self._tar.write(sample)
+        for part in sorted(parts):
+            _add_member(self._tar, f"{video_id}.{schema.member_name(part)}", parts[part])
         self._ids.append(video_id)
         location = {"shard": self._final_path().name}
         full = self._file.tell() >= self.max_bytes or (self.max_videos and len(self._ids) >= self.max_videos)
@@ -217,12 +224,11 @@ class ShardSink:
 
     def _open(self) -> None:
         self._file = open(self._final_path().with_suffix(".tar.tmp"), "wb")
-        # Fixed mtime: the same videos give byte-identical shards.
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
 
     def _finish(self) -> list[str]:
         """Complete the open shard: end-of-archive, fsync, rename; returns its ids."""
-        self._tar.close()
+        self._tar.close()  # writes the end-of-archive blocks; the file stays open
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -233,6 +239,15 @@ class ShardSink:
         self._tar = self._file = None
         self.next_index += 1
         return ids
+
+
+def _add_member(tar: tarfile.TarFile, name: str, blob: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(blob)
+    info.mode = 0o444
+    info.mtime = 0
+    info.uname = info.gname = "tricoclr"
+    tar.addfile(info, io.BytesIO(blob))
 
 
 # ---- one part ---------------------------------------------------------------------------------

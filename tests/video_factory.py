@@ -64,15 +64,15 @@ def make_video(
     audio_layout: str = "mono",
     audio_codec: str = "aac",
     faststart: bool = False,
-    broken_packet: int | None = None,
+    broken_packets: range | None = None,
     seed: int = 0,
 ) -> Path:
     """Write a video (and optionally audio) file with PyAV and return its path.
 
     ``frames`` defaults to a texture moving ``dx`` px per frame. ``frame_times`` (seconds)
     gives each frame an explicit presentation time, for variable frame rate files. ``audio``
-    is a mono float32 waveform copied to every channel of ``audio_layout``. ``broken_packet``
-    replaces that video packet's payload with random bytes (same size and timestamps).
+    is a mono float32 waveform copied to every channel of ``audio_layout``. ``broken_packets``
+    (packet numbers) get their payload garbled (same size and timestamps).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def make_video(
                     frame.time_base = Fraction(1, 1000)
                 packets = vstream.encode(frame)
             for packet in packets:
-                out.mux(_garbled(packet) if written == broken_packet else packet)
+                out.mux(_garbled(packet) if broken_packets and written in broken_packets else packet)
                 written += 1
         if astream is not None:
             _write_audio(out, astream, audio, audio_rate, audio_layout)
@@ -109,16 +109,18 @@ def make_video(
 
 
 def _garbled(packet: av.Packet) -> av.Packet:
-    """A packet with the same size and timestamps as ``packet`` but random payload."""
-    noise = np.random.default_rng(7).integers(0, 256, packet.size, dtype=np.uint8).tobytes()
-    bad = av.Packet(noise)
+    """``packet`` with its payload after the first 8 bytes replaced by noise (bit rot in the
+    slice data; the NAL length prefix and header survive, so the demuxer still delivers it)."""
+    data = bytes(packet)
+    noise = np.random.default_rng(7).integers(0, 256, len(data) - 8, dtype=np.uint8).tobytes()
+    bad = av.Packet(data[:8] + noise)
     bad.pts, bad.dts, bad.time_base, bad.stream = packet.pts, packet.dts, packet.time_base, packet.stream
     return bad
 
 
 def _write_audio(out, astream, audio: np.ndarray, rate: int, layout: str) -> None:
     """Encode a mono waveform into ``astream`` in encoder-sized frames (every channel the same)."""
-    channels = av.AudioLayout(layout).nb_channels
+    channels = len(av.AudioLayout(layout).channels)
     samples = np.repeat(audio[None, :], channels, axis=0).astype(np.float32)
     frame_size = astream.codec_context.frame_size or 1024
     for start in range(0, samples.shape[1], frame_size):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
-
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (same as tricoclr/train.py)")
     add_train_arguments(train)
     train.set_defaults(run=run_train)
-    for name, module_name in (("eval", "tricoclr.eval.cli"), ("export", "tricoclr.eval.export"), ("demo", "tricoclr.demo")):
-        try:
-            module = __import__(module_name, fromlist=["add_arguments"])
-        except ImportError:
-            continue
+    import tricoclr.eval.cli as eval_cli
+    import tricoclr.eval.export as export_cli
+
+    commands = {"eval": eval_cli, "export": export_cli}
+    # The demo is optional (a trimmed install may leave it out); when present, its errors surface.
+    if importlib.util.find_spec("tricoclr.demo") is not None:
+        commands["demo"] = importlib.import_module("tricoclr.demo")
+    for name, module in commands.items():
         command = sub.add_parser(name, help=module.__doc__.splitlines()[0] if module.__doc__ else None)
         module.add_arguments(command)
         command.set_defaults(run=module.run)

@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
         "pretrain_epochs": 200,  # paper: InfoNCE per modality (an int, or a {modality: epochs} map)
         "cycles": 2,  # paper
         "stage_epochs": 200,  # paper: epochs per cooperative stage
-        "order": None,  # order of cooperative stages; default: the modalities list
+        "order": None,  # modalities trained in each cycle, in order; default: all, in list order
         "start_stage": None,  # run from this stage name (e.g. cycle1-flow); earlier ones skipped
     },
     "optim": {
@@ -156,8 +156,8 @@ def validate(config: dict) -> None:
     if len(set(mods)) != len(mods):
         raise ConfigError(f"'modalities' lists a modality twice: {mods}")
     order = config["schedule"]["order"]
-    if order is not None and sorted(order) != sorted(mods):
-        raise ConfigError(f"schedule.order {order} must be a permutation of modalities {mods}")
+    if order is not None and (not order or len(set(order)) != len(order) or not set(order) <= set(mods)):
+        raise ConfigError(f"schedule.order {order} must list distinct modalities out of {mods}")
     for key in ("batch_size", "grad_accum_steps", "checkpoint_every_steps"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ConfigError(f"'{key}' must be a positive integer, got {config[key]!r}")

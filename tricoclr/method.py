@@ -138,15 +138,43 @@ class CooperativeStage(nn.Module):
         self._pending.append((key.detach().float(), None if oracle is None else oracle.detach().float(),
                               batch["video_index"].detach(), batch["label"].detach()))
 
+    def discard_pending(self) -> None:
+        """Drop the stashed keys of an optimizer step that is skipped (every rank does it together)."""
+        self._pending.clear()
+
     @torch.no_grad()
     def enqueue_pending(self) -> None:
-        """Gather the stashed keys from every rank (rank order) and enqueue them on every rank."""
+        """Gather the stashed keys from every rank and enqueue them on every rank.
+
+        Order: micro-step by micro-step, and within a micro-step in rank order. Rank r's micro-step
+        j holds the (j * ranks + r)-th slice of the optimizer step's global batch (the LMDB
+        sampler's layout), so the queue receives the samples in the order of the global batch:
+        the same queue, in the same order, whatever the split into ranks and micro-steps.
+        """
         if not self._pending:
             return
+        micro_steps = len(self._pending)
         keys, oracles, ids, labels = zip(*self._pending)
         self._pending.clear()
-        keys = gather_from_all_ranks(torch.cat(keys))
-        oracle = gather_from_all_ranks(torch.cat(oracles)) if oracles[0] is not None else None
-        ids = gather_from_all_ranks(torch.cat(ids))
-        labels = gather_from_all_ranks(torch.cat(labels))
-        self.queue.enqueue(keys, oracle, video_ids=ids, labels=labels)
+
+        def gather(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            # One all-gather of (micro_steps, b, ...) per tensor, then rank-major -> micro-step-major.
+            stacked = gather_from_all_ranks(torch.stack(parts))
+            ranks = stacked.shape[0] // micro_steps
+            stacked = stacked.reshape(ranks, micro_steps, *stacked.shape[1:]).transpose(0, 1)
+            return stacked.reshape(-1, *stacked.shape[3:])
+
+        oracle = gather(oracles) if oracles[0] is not None else None
+        self.queue.enqueue(gather(keys), oracle, video_ids=gather(ids), labels=gather(labels))
+
+    def buffers_snapshot(self, encoder: nn.Module) -> list[torch.Tensor]:
+        """Copies of the BN statistics of the trained encoder and of the momentum copy, taken before
+        an optimizer step's forwards: a skipped step puts them back, so a batch that produced a
+        non-finite loss leaves no trace (NaN running statistics would poison every later step)."""
+        return [b.detach().clone() for m in (encoder, self.momentum_encoder) for b in m.buffers()]
+
+    @torch.no_grad()
+    def restore_buffers(self, encoder: nn.Module, snapshot: list[torch.Tensor]) -> None:
+        buffers = [b for m in (encoder, self.momentum_encoder) for b in m.buffers()]
+        for buffer, saved in zip(buffers, snapshot, strict=True):
+            buffer.copy_(saved)

@@ -56,7 +56,9 @@ class Modality:
 
 def _read_video(store_key: str):
     def read(record, clip: ClipRequest, data_cfg: dict) -> torch.Tensor:
-        indices = clip_frame_indices(clip.start_frame, clip.spec, clip.num_frames)
+        # Flow may hold fewer fields than there are frames: clamp to what the record stores.
+        stored = int(record.meta.get(f"{store_key}_frames", clip.num_frames)) if store_key != "rgb" else clip.num_frames
+        indices = clip_frame_indices(clip.start_frame, clip.spec, min(clip.num_frames, stored))
         first, last = int(indices.min()), int(indices.max())
         frames = record.frames(store_key, first, last - first + 1)  # only the chunks it needs
         return frames[indices - first]  # (T, C, H, W) uint8
@@ -112,6 +114,10 @@ def _flow_present(raw, data_cfg):
 
 
 # ---- audio ------------------------------------------------------------------------------------
+
+
+def _flow_available(meta: dict) -> bool:
+    return meta.get("flow_method", "none") != "none" and int(meta.get("flow_frames", 0)) > 0
 
 
 def _audio_available(meta: dict) -> bool:
@@ -172,6 +178,7 @@ register(
         read=_read_video("flow"),
         augment=_flow_augment,
         present=_flow_present,
+        available=_flow_available,
     )
 )
 register(

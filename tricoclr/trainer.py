@@ -132,6 +132,7 @@ class Trainer:
         self.global_step = 0
         self._preempt_signal = False
         self.history: list[dict] = []
+        self.current_stage: CooperativeStage | None = None
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -204,8 +205,10 @@ class Trainer:
     def run(self) -> dict:
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
         ckpt = newest_checkpoint(self.output_dir) if self.config["resume"] else None
         self._write_run_info(resuming=ckpt is not None)
+        self._clean_up_interrupted_writes()
         self._build_encoders()
         self._install_signal_handler()
         self.accelerator.init_trackers("tricoclr")
@@ -213,6 +216,7 @@ class Trainer:
         if ckpt is not None:
             with open(ckpt / STATE_FILE) as f:
                 resume_state = json.load(f)
+            self._check_resume_layout(ckpt, resume_state)
             self.global_step = resume_state["global_step"]
             tensors = load_file(ckpt / STAGE_TENSORS)
             for name, encoder in self.encoders.items():
@@ -235,6 +239,30 @@ class Trainer:
         finally:
             self.accelerator.end_training()
         return {"global_step": self.global_step, "history": self.history}
+
+    def _clean_up_interrupted_writes(self) -> None:
+        """Remove what a killed run left half-written, and a stale preemption marker (this run is
+        the requeued one, or a manual restart: either way not preempted yet)."""
+        if self.is_main:
+            for tmp in (self.output_dir / "checkpoints").glob(".tmp-step-*"):
+                log.warning("removing %s: a checkpoint write that did not complete", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+            (self.output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def _check_resume_layout(self, ckpt: Path, state: dict) -> None:
+        """An exact resume needs the same world size and accumulation: they decide which samples
+        each rank reads at each step, and every rank's random state is saved per rank."""
+        saved = (state.get("world_size"), state.get("grad_accum_steps"))
+        now = (self.accelerator.num_processes, self.config["grad_accum_steps"])
+        if None in saved or saved == now:
+            return
+        message = (f"{ckpt} was written by {saved[0]} ranks x grad_accum_steps {saved[1]}; this run has "
+                   f"{now[0]} x {now[1]}")
+        if not self.config["allow_config_change"]:
+            raise ConfigError(message + ". Resume with the same layout, or allow_config_change=true "
+                              "(the continuation is then not exact).")
+        log.warning("%s: resuming anyway (allow_config_change), not exactly", message)
 
     def _first_stage_index(self, resume_state: dict | None) -> int:
         if resume_state is not None:
@@ -275,35 +303,35 @@ class Trainer:
         num_epochs = math.ceil(total_steps / steps_per_epoch)
 
         encoder = self.encoders[plan.trained]
-        stage = CooperativeStage(plan, self.encoders, cfg["method"])
-        stage.queue.reset(generator=torch.Generator().manual_seed(stage_seed))
-        stage.to(acc.device)
+        # Train mode before the stage copies it: the momentum copy must run in train mode too (MoCo,
+        # CoCLR), also when this encoder was a frozen eval-mode sampler in the previous stage.
         encoder.to(acc.device).train()
         if cfg["model"]["channels_last"]:
             encoder.to(memory_format=torch.channels_last_3d)
+        stage = CooperativeStage(plan, self.encoders, cfg["method"])
+        stage.queue.reset(generator=torch.Generator().manual_seed(stage_seed))
+        stage.to(acc.device).train()
+        self.current_stage = stage
         optimizer = self._build_optimizer(encoder)
-        model, optimizer = acc.prepare(encoder, optimizer)
+        model, optimizer = self._prepare(encoder, optimizer)
+        # Not prepared on purpose: it steps once per optimizer step whatever the world size.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
             s, total_steps, cfg["optim"]["warmup_steps"], cfg["optim"]["schedule"], cfg["optim"]["min_lr_ratio"]))
 
-        stage_step, start_epoch, start_step_in_epoch = 0, 0, 0
+        stage_step = 0
         if resume_state is not None:
-            acc.load_state(str(ckpt))
-            tensors = load_file(ckpt / STAGE_TENSORS, device=str(acc.device))
-            stage.momentum_encoder.load_state_dict(_subdict(tensors, "momentum."))
-            stage.queue.load_state_dict(_subdict(tensors, "queue."))
-            stage_step = resume_state["stage_step"]
-            start_epoch, start_step_in_epoch = divmod(stage_step, steps_per_epoch)
-            for _ in range(stage_step):
-                scheduler.step()
+            stage_step = self._restore_stage(ckpt, resume_state, stage, scheduler, steps_per_epoch)
+        start_epoch, start_step_in_epoch = divmod(stage_step, steps_per_epoch)
         if self.is_main:
             log.info("stage %s: trains %s, oracle %s, %d steps (%d per epoch, %d videos)", plan.name,
                      plan.trained, list(plan.samplers) or "none (InfoNCE)", total_steps, steps_per_epoch,
                      loader.num_videos)
 
         progress = _progress_bar(self.is_main, total_steps, stage_step, plan.name)
+        input_dtype = _input_dtype(acc, model)
+        frozen_autocast = self._frozen_autocast()
         nonfinite_in_a_row = 0
-        logged_images = resume_state is not None
+        logged_images = resume_state is not None or not cfg["monitor"]["augment_images"]
         finished = stage_step >= total_steps
         for epoch in range(start_epoch, num_epochs):
             if finished:
@@ -314,6 +342,7 @@ class Trainer:
             batches_left = (steps_per_epoch - first_step) * k
             wait_start = time.perf_counter()
             window = {"wait": 0.0, "compute": 0.0, "samples": 0}
+            micro_step, step_bad, loss_sum, snapshot = 0, False, 0.0, None
             for batch_number, cpu_batch in enumerate(loader):
                 if batch_number >= batches_left:
                     break
@@ -323,71 +352,191 @@ class Trainer:
                 if not logged_images:
                     self._log_augmented_clips(plan, batch, views)
                     logged_images = True
+                if micro_step == 0:
+                    snapshot = stage.buffers_snapshot(encoder)
+                micro_step += 1
                 with acc.accumulate(model):
-                    with acc.autocast():
+                    with frozen_autocast():
                         key, oracle = stage.keys_and_oracle(batch)
-                        query = model(batch[f"{plan.trained}.view1"])
+                    with acc.autocast():
+                        query = model(batch[f"{plan.trained}.view1"].to(input_dtype))
                     generator = sample_generator(stage_seed, self.global_step, -1, 0, "mask-self")
                     loss, stats = stage.loss(query, key, oracle, batch, generator)
-                    nonfinite = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device), "max")
-                    if nonfinite.item() > 0:
-                        # Every rank skips together (an all-reduced flag), or DDP would deadlock.
+                    # One all-reduce per micro-step carries every decision that all ranks must take
+                    # together (skip, preempt), or DDP would deadlock: [non-finite, loss, signal].
+                    finite = torch.isfinite(loss.detach())
+                    flags = acc.reduce(torch.stack([
+                        (~finite).float(),
+                        torch.where(finite, loss.detach().float(), torch.zeros_like(loss, dtype=torch.float32)),
+                        torch.tensor(float(self._preempt_signal), device=loss.device),
+                    ]), "sum").tolist()
+                    step_bad = step_bad or flags[0] > 0
+                    if not step_bad:
+                        acc.backward(loss)
+                        stage.stash_for_enqueue(key, oracle, batch)
+                        loss_sum += flags[1]
+                    window["samples"] += query.shape[0] * acc.num_processes
+                    if not acc.sync_gradients:
+                        window["compute"] += time.perf_counter() - compute_start
+                        wait_start = time.perf_counter()
+                        continue
+                    # ---- an optimizer step (the last micro-step of k) ----
+                    if step_bad:
                         nonfinite_in_a_row += 1
-                        log.warning("non-finite loss at step %d: skipping the step", self.global_step)
-                        optimizer.zero_grad(set_to_none=True)
-                        stage._pending.clear()
+                        self._skip_step(model, optimizer, scheduler, stage, encoder, snapshot)
                         if nonfinite_in_a_row >= MAX_CONSECUTIVE_NONFINITE:
                             raise FloatingPointError(
-                                f"{nonfinite_in_a_row} non-finite losses in a row in stage {plan.name} at step "
-                                f"{self.global_step}; stopping. The last good checkpoint is in "
-                                f"{self.output_dir / 'checkpoints'}")
-                        continue
-                    acc.backward(loss)
-                    stage.stash_for_enqueue(key, oracle, batch)
-                    window["samples"] += query.shape[0] * acc.num_processes
-                    if acc.sync_gradients:
+                                f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (stage "
+                                f"{plan.name}, step {self.global_step + 1}); stopping. The last good checkpoint "
+                                f"is the newest one in {self.output_dir / 'checkpoints'}.")
+                    else:
                         nonfinite_in_a_row = 0
-                        if cfg["optim"]["grad_clip"]:
-                            acc.clip_grad_norm_(model.parameters(), cfg["optim"]["grad_clip"])
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        mu = momentum_at(stage_step, total_steps, cfg["method"]["momentum"], cfg["method"]["momentum_final"])
-                        momentum_update(stage.momentum_encoder, acc.unwrap_model(model), mu)
-                        stage.enqueue_pending()
-                        stage_step += 1
-                        self.global_step += 1
-                        window["compute"] += time.perf_counter() - compute_start
-                        self._log_step(plan, loss, stats, scheduler, stage, window, progress)
-                        stage_complete = stage_step >= total_steps
-                        finished = stage_complete or self._budget_left() == 0
-                        preempt = self._preemption_requested()
-                        if finished or preempt or self.global_step % cfg["checkpoint_every_steps"] == 0:
-                            self._save_checkpoint(index, plan, stage, stage_step, done=stage_complete)
-                        if finished and not stage_complete and self.is_main:
-                            self._save_latest_encoder(plan)  # the run ends inside this stage
-                        if preempt:
-                            if self.is_main:
-                                (self.output_dir / PREEMPTED_MARKER).write_text(f"{self.global_step}\n")
-                            raise PreemptionRequested(f"checkpoint written at step {self.global_step}")
-                        if finished:
-                            break
-                        continue
-                window["compute"] += time.perf_counter() - compute_start
+                        self._optimizer_step(model, optimizer, scheduler, stage, stage_step, total_steps)
+                    stage_step += 1
+                    self.global_step += 1
+                    window["compute"] += time.perf_counter() - compute_start
+                    if not step_bad:
+                        mean_loss = loss_sum / (k * acc.num_processes)
+                        self._log_step(plan, mean_loss, stats, scheduler, stage, window, progress)
+                    micro_step, step_bad, loss_sum = 0, False, 0.0
+                    stage_complete = stage_step >= total_steps
+                    finished = stage_complete or self._budget_left() == 0
+                    preempt = flags[2] > 0
+                    epoch_end = stage_step % steps_per_epoch == 0
+                    if finished or preempt or epoch_end or self.global_step % cfg["checkpoint_every_steps"] == 0:
+                        self._save_checkpoint(index, plan, stage, stage_step, steps_per_epoch, scheduler,
+                                              done=stage_complete)
+                    if finished and not stage_complete and self.is_main:
+                        self._save_latest_encoder(plan)  # the run ends inside this stage
+                    if preempt:
+                        if self.is_main:
+                            _write_atomically(self.output_dir / PREEMPTED_MARKER, f"{self.global_step}\n")
+                        acc.wait_for_everyone()
+                        raise PreemptionRequested(f"checkpoint written at step {self.global_step}")
+                    if epoch_end and not finished:
+                        self._epoch_end(plan, epoch)
+                    if finished:
+                        break
                 wait_start = time.perf_counter()
-            if not finished and (epoch + 1) * steps_per_epoch <= stage_step:
-                self._epoch_end(plan, epoch, index, stage, stage_step)
         if progress is not None:
             progress.close()
-        self._finish_stage(plan, acc.unwrap_model(model))
-        acc.free_memory()
-        encoder.to("cpu")
+        self._finish_stage(plan, model, stage)
+        self._release_stage(model, encoder)
+        self.current_stage = None
 
-    def _epoch_end(self, plan, epoch, index, stage, stage_step) -> None:
-        self._save_checkpoint(index, plan, stage, stage_step, done=False)
+    def _prepare(self, encoder: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """Only the trained encoder and its optimizer go through Accelerate (DDP or one DeepSpeed
+        engine: Accelerate's DeepSpeed integration takes one model per prepare)."""
+        self._configure_deepspeed()
+        return self.accelerator.prepare(encoder, optimizer)
+
+    def _configure_deepspeed(self) -> None:
+        """The project config is the one source of the batch size, accumulation and clipping: write
+        them into the DeepSpeed config, so DeepSpeed's loss scaling (1 / accumulation steps) and its
+        accumulation boundary agree with this loop."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            return
+        cfg, ds = self.config, plugin.deepspeed_config
+        k = cfg["grad_accum_steps"]
+        configured = ds.get("gradient_accumulation_steps", "auto")
+        if configured not in ("auto", k):
+            log.warning("DeepSpeed config has gradient_accumulation_steps=%s; using grad_accum_steps=%d",
+                        configured, k)
+        ds["gradient_accumulation_steps"] = k
+        ds["train_micro_batch_size_per_gpu"] = cfg["batch_size"]
+        ds["train_batch_size"] = cfg["batch_size"] * k * self.accelerator.num_processes
+        ds["gradient_clipping"] = float(cfg["optim"]["grad_clip"] or 0.0)
+        self.accelerator.gradient_accumulation_steps = k
+
+    def _frozen_autocast(self):
+        """The autocast for the momentum copy and the samplers. Under DeepSpeed Accelerate's own
+        autocast is off (the engine casts the trained encoder's weights instead), so the frozen
+        encoders get torch's autocast in the engine's precision."""
+        acc = self.accelerator
+        if self._deepspeed:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision))
+            if dtype is not None and acc.device.type != "cpu":
+                return lambda: torch.autocast(acc.device.type, dtype=dtype)
+            return nullcontext
+        return acc.autocast
+
+    @property
+    def _deepspeed(self) -> bool:
+        return getattr(self.accelerator.state, "deepspeed_plugin", None) is not None
+
+    def _optimizer_step(self, model, optimizer, scheduler, stage, stage_step: int, total_steps: int) -> None:
+        cfg, acc = self.config, self.accelerator
+        if cfg["optim"]["grad_clip"]:
+            acc.clip_grad_norm_(model.parameters(), cfg["optim"]["grad_clip"])  # a no-op under DeepSpeed
+        optimizer.step()  # under DeepSpeed the engine stepped inside accelerator.backward
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        mu = momentum_at(stage_step, total_steps, cfg["method"]["momentum"], cfg["method"]["momentum_final"])
+        momentum_update(stage.momentum_encoder, acc.unwrap_model(model), mu)
+        stage.enqueue_pending()
+
+    def _skip_step(self, model, optimizer, scheduler, stage, encoder, snapshot) -> None:
+        """No update, no enqueue, BN statistics put back; the step still counts (the data position and
+        the LR schedule are functions of the step), so a resume lands where a run without the skip
+        would."""
+        log.warning("non-finite loss at step %d (on some rank): skipping the optimizer step", self.global_step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        if self._deepspeed:
+            # The engine ran no backward this step (it is skipped on every micro-step from the bad one
+            # on); with accumulation, earlier micro-steps' gradients are dropped here.
+            self.accelerator.deepspeed_engine_wrapped.engine.zero_grad()
+        stage.discard_pending()
+        stage.restore_buffers(encoder, snapshot)
+        scheduler.step()
+
+    def _restore_stage(self, ckpt: Path, resume_state: dict, stage: CooperativeStage, scheduler,
+                       steps_per_epoch: int) -> int:
+        """Load a checkpoint into a freshly built stage; returns the stage step to continue from.
+
+        A checkpoint written at the end of a stage (stage_step 0 of the next one) holds no state of
+        the stage about to start (a new optimizer, a fresh queue): only the random states are restored.
+        """
+        acc = self.accelerator
+        stage_step = resume_state["stage_step"]
+        if stage_step > 0:
+            if resume_state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+                raise ConfigError(
+                    f"{ckpt} was written with {resume_state['steps_per_epoch']} steps per epoch, this run has "
+                    f"{steps_per_epoch}: the data (or batch size, ranks, accumulation) changed; cannot resume "
+                    "mid-stage at the same data position")
+            # Model, optimizer and scaler (or the DeepSpeed engine): files this run wrote.
+            acc.load_state(str(ckpt))
+            tensors = load_file(ckpt / STAGE_TENSORS, device=str(acc.device))
+            stage.momentum_encoder.load_state_dict(_subdict(tensors, "momentum."))
+            stage.queue.load_state_dict(_subdict(tensors, "queue."))
+            scheduler.load_state_dict(resume_state["scheduler"])
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        rng_file = ckpt / f"rng-rank{acc.process_index}.json"
+        if rng_file.exists():  # absent only after a world-size change (allow_config_change)
+            _set_rng_state(json.loads(rng_file.read_text()))
+        return stage_step
+
+    def _epoch_end(self, plan, epoch) -> None:
         if self.config["data"]["val_path"] and self.config["monitor"]["knn_every_epochs"]:
             if (epoch + 1) % self.config["monitor"]["knn_every_epochs"] == 0:
                 self._knn_monitor(plan)
+
+    def _release_stage(self, model, encoder) -> None:
+        """Give the stage's engine/DDP wrapper back; the encoder goes on as a plain fp32 module."""
+        if self._deepspeed and any(p.dtype != torch.float32 for p in encoder.parameters()):
+            # The engine cast the module to bf16/fp16 and holds the fp32 weights (partitioned):
+            # gather them, so the encoder goes on (and is saved) at full precision.
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            full = [safe_get_full_fp32_param(p) for p in encoder.parameters()]
+            encoder.float()
+            with torch.no_grad():
+                for param, value in zip(encoder.parameters(), full):
+                    param.copy_(value)
+        self.accelerator.free_memory()
+        encoder.to("cpu")
 
     def _build_optimizer(self, encoder: torch.nn.Module) -> torch.optim.Optimizer:
         opt = self.config["optim"]
@@ -402,15 +551,18 @@ class Trainer:
             return torch.optim.AdamW(params, lr=lr, weight_decay=opt["weight_decay"], **fused)
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=opt["weight_decay"], **fused)
 
-    def _preemption_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._preempt_signal else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, "max").item() > 0)
-
     # ---- checkpoints and encoders -----------------------------------------------------------
 
-    def _save_checkpoint(self, index: int, plan: StagePlan, stage: CooperativeStage, stage_step: int, done: bool) -> None:
+    def _save_checkpoint(self, index: int, plan: StagePlan, stage: CooperativeStage, stage_step: int,
+                         steps_per_epoch: int, scheduler, done: bool) -> None:
         """Write into a temporary folder, wait for every rank, then rename: a crash mid-write leaves
-        the previous checkpoint the newest complete one."""
+        the previous checkpoint the newest complete one (``newest_checkpoint`` ignores the rest).
+
+        Contents: Accelerate's state (the trained encoder, optimizer, scaler, or the DeepSpeed
+        engine's files), ``stage.safetensors`` (every encoder, the momentum copy, the queues),
+        ``trainer_state.json`` (stage, cycle, epoch, step, data position, LR scheduler) and one
+        ``rng-rank<r>.json`` per rank (Python, NumPy, torch CPU and CUDA generators).
+        """
         acc = self.accelerator
         root = self.output_dir / "checkpoints"
         final = root / f"step-{self.global_step:08d}"
@@ -422,22 +574,38 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        _write_atomically(tmp / f"rng-rank{acc.process_index}.json", json.dumps(_rng_state()))
         if self.is_main:
             tensors = {}
             for name, encoder in self.encoders.items():
-                module = encoder
-                tensors.update({f"encoder.{name}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
-            tensors.update({f"momentum.{k}": v.detach().cpu().contiguous() for k, v in stage.momentum_encoder.state_dict().items()})
-            tensors.update({f"queue.{k}": v.detach().cpu().contiguous() for k, v in stage.queue.state_dict().items()})
+                tensors.update({f"encoder.{name}.{k}": _cpu(v) for k, v in encoder.state_dict().items()})
+            tensors.update({f"momentum.{k}": _cpu(v) for k, v in stage.momentum_encoder.state_dict().items()})
+            tensors.update({f"queue.{k}": _cpu(v) for k, v in stage.queue.state_dict().items()})
             save_file(tensors, str(tmp / STAGE_TENSORS))
-            state = {"stage_index": index + 1 if done else index, "stage": plan.name, "stage_step": 0 if done else stage_step,
-                     "global_step": self.global_step}
-            with open(tmp / STATE_FILE, "w") as f:
-                json.dump(state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            epoch, step_in_epoch = divmod(stage_step, steps_per_epoch)
+            state = {
+                "stage_index": index + 1 if done else index,
+                "stage": plan.name,
+                "cycle": _cycle_of(plan),
+                "stage_step": 0 if done else stage_step,
+                "global_step": self.global_step,
+                # Data position: the next batch is batch (step_in_epoch * grad_accum_steps) of epoch.
+                "epoch": 0 if done else epoch,
+                "step_in_epoch": 0 if done else step_in_epoch,
+                "steps_per_epoch": steps_per_epoch,
+                "world_size": acc.num_processes,
+                "grad_accum_steps": self.config["grad_accum_steps"],
+                "scheduler": _json_state(scheduler.state_dict()),
+            }
+            _write_atomically(tmp / STATE_FILE, json.dumps(state, indent=1))
             if done:
                 self._save_stage_encoders(plan)
+        # Every rank's files are in tmp (DeepSpeed shards, RNG states) before it becomes a checkpoint.
+        acc.wait_for_everyone()
+        if self.is_main:
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    _fsync_file(path)
             os.replace(tmp, final)
             _fsync_dir(root)
             for old in sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())[: -self.config["keep_checkpoints"]]:
@@ -462,15 +630,16 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_encoder(encoder, path, modality=plan.trained, extra=extra)
 
-    def _finish_stage(self, plan: StagePlan, encoder) -> None:
+    def _finish_stage(self, plan: StagePlan, model, stage: CooperativeStage) -> None:
+        """End of a stage (also of a run that stops inside one); a subclass may look at the stage here."""
         self.history.append({"stage": plan.name, "global_step": self.global_step})
         self.accelerator.wait_for_everyone()
 
     # ---- logging ----------------------------------------------------------------------------
 
-    def _log_step(self, plan, loss, stats, scheduler, stage, window, progress) -> None:
+    def _log_step(self, plan, value: float, stats, scheduler, stage, window, progress) -> None:
+        """``value``: the step's loss averaged over ranks and micro-steps (the global batch's loss)."""
         every = self.config["log_every_steps"]
-        value = loss.detach().float().item()
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{value:.3f}", queue=f"{stage.queue.fill_fraction:.2f}")
@@ -529,6 +698,74 @@ class Trainer:
 
 def _subdict(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().cpu().contiguous()
+
+
+def _cycle_of(plan: StagePlan) -> int:
+    """0 for the InfoNCE pre-training stages, c for the stages of 'cycle<c>-...'."""
+    head = plan.name.split("-")[0]
+    return int(head[len("cycle"):]) if head.startswith("cycle") else 0
+
+
+def _input_dtype(accelerator, model) -> torch.dtype:
+    """The dtype the trained encoder's inputs must have: a DeepSpeed engine casts the module itself
+    to bf16/fp16 (Accelerate's autocast is off there); otherwise fp32 and autocast does the rest."""
+    if getattr(accelerator.state, "deepspeed_plugin", None) is None:
+        return torch.float32
+    return next(accelerator.unwrap_model(model).parameters()).dtype
+
+
+def _json_state(state: dict) -> dict:
+    """An LR scheduler's state dict without its (unserialisable, rebuilt) lambdas."""
+    return {k: v for k, v in state.items() if k != "lr_lambdas"}
+
+
+def _rng_state() -> dict:
+    """Every generator this process has, as JSON (no pickle): Python, NumPy, torch CPU and CUDA."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,33 +4,43 @@ Two stores, one sample:
 - ``LmdbPairDataset`` (map-style) with ``GlobalBatchSampler``: random access; the order of an
   epoch depends on (seed, epoch) only and rank r takes the r-th contiguous slice of every global
   batch, so a 2-rank run sees exactly the batches of a 1-rank run with the same global batch.
-- ``WebDatasetPairStream`` (iterable): shards split across ranks x workers (or, when there are
-  fewer shards than slots, samples split by index), a seeded shuffle buffer, and the same number
-  of batches on every rank (computed up front from the manifests; the remainder is dropped and
-  logged) so no rank waits forever at the end of an epoch.
+- ``WebDatasetPairStream`` (iterable): shards split across ranks x workers ("slots"; with fewer
+  shards than slots, samples split by position), a seeded shuffle buffer, and a fixed number of
+  batches per worker, computed up front from the manifests, so every rank yields the same number
+  of batches in every epoch (the remainder is dropped and logged) and no rank waits forever.
 
 Every random choice is drawn from ``sample_generator(seed, epoch, video_index, view, stream)``:
 never from the rank, the worker or the batch size. A record that fails to decode is replaced by
-the next usable video (LMDB) or skipped (WebDataset), with a warning and a counter; never a crash.
+the next usable video (LMDB) or skipped (WebDataset), with a warning; the workers report the
+count with the next sample (``BROKEN_KEY``) and ``EpochLoader`` adds it to ``DataStats``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import random
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from tricoclr import modalities as registry
-from tricoclr.data.sampling import ClipSpec, VideoTooShort, sample_clip_starts, sample_generator, video_too_short
+from tricoclr.data import schema
+from tricoclr.data.sampling import ClipSpec, sample_clip_starts, sample_generator, video_too_short
 from tricoclr.data.store import VideoStore, open_store, record_from_sample
 
 log = logging.getLogger(__name__)
 
 CLIP_STREAM = "clips"
+# Per sample: records skipped (broken) in that worker since its previous sample.
+BROKEN_KEY = "broken_records"
+# LMDB: a bad record is replaced by the next one; this many failures in a row means the store
+# (or the code) is broken, not a record.
+MAX_CONSECUTIVE_FAILURES = 16
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,10 @@ def usable_videos(metas: list[dict], views: StageViews, data_cfg: dict) -> list[
 
 
 def build_sample(record, video_index: int, epoch: int, seed: int, views: StageViews, data_cfg: dict) -> dict:
-    """One training sample: for each modality and view, the worker-side augmented clip."""
+    """One training sample: for each modality and view, the worker-side augmented clip.
+
+    Reads only the stage's modalities and views, and of those only the chunks the clips touch.
+    """
     meta = record.meta
     spec = clip_spec(data_cfg)
     num_frames = int(meta["frames"])
@@ -88,6 +101,7 @@ def build_sample(record, video_index: int, epoch: int, seed: int, views: StageVi
     label = meta.get("label_index")
     sample = {
         "video_index": torch.tensor(video_index, dtype=torch.long),
+        "video_id": meta["id"],
         "label": torch.tensor(-1 if label is None else int(label), dtype=torch.long),
     }
     for name in views.all:
@@ -95,7 +109,8 @@ def build_sample(record, video_index: int, epoch: int, seed: int, views: StageVi
         for view in views.views_of(name):
             clip = registry.ClipRequest(starts[view - 1], spec, float(meta["fps"]), num_frames)
             raw = modality.read(record, clip, data_cfg)
-            sample[f"{name}.view{view}"] = modality.augment(raw, sample_generator(seed, epoch, video_index, view, name), data_cfg)
+            generator = sample_generator(seed, epoch, video_index, view, name)
+            sample[f"{name}.view{view}"] = modality.augment(raw, generator, data_cfg)
             if modality.sample_device_params is not None:
                 device_generator = sample_generator(seed, epoch, video_index, view, f"{name}/device")
                 sample[f"{name}.view{view}.params"] = modality.sample_device_params(device_generator)
@@ -117,16 +132,25 @@ def finish_batch(batch: dict, views: StageViews, device: torch.device | str) -> 
 
 
 class DataStats:
-    """Per-process counters of records that could not be used (logged by the trainer)."""
+    """Records that could not be used, counted in the main process (logged by the trainer).
+
+    Workers cannot update this class (each has its own copy): they report with every sample
+    (``BROKEN_KEY``) and ``EpochLoader`` sums the reports here.
+    """
 
     broken_records = 0
+
+
+def _with_broken_count(sample: dict, broken: int) -> dict:
+    sample[BROKEN_KEY] = torch.tensor(broken, dtype=torch.long)
+    return sample
 
 
 # ---- LMDB: random access ------------------------------------------------------------------------
 
 
 class LmdbPairDataset(Dataset):
-    """Map-style dataset over an LMDB store; index = position in the store's sorted video list."""
+    """Map-style dataset over an LMDB store; index = (epoch, position in the usable video list)."""
 
     def __init__(self, store: VideoStore | str, views: StageViews, data_cfg: dict, seed: int):
         self.store = open_store(store) if not isinstance(store, VideoStore) else store
@@ -147,15 +171,20 @@ class LmdbPairDataset(Dataset):
         epoch, position = item
         # A broken record is replaced by the next usable one, so batch shapes stay equal on all
         # ranks (a short batch would desynchronise the queue gathers).
-        for attempt in range(len(self.indices)):
-            video_index = self.indices[(position + attempt) % len(self.indices)]
+        last_error: Exception | None = None
+        attempts = min(len(self.indices), MAX_CONSECUTIVE_FAILURES)
+        for failures in range(attempts):
+            video_index = self.indices[(position + failures) % len(self.indices)]
+            video_id = self.metas[video_index]["id"]
             try:
-                record = self.store.record(self.metas[video_index]["id"])
-                return build_sample(record, video_index, epoch, self.seed, self.views, self.data_cfg)
-            except (VideoTooShort, KeyError, ValueError, RuntimeError, OSError) as error:
-                DataStats.broken_records += 1
-                log.warning("skipping broken record %s: %s", self.metas[video_index]["id"], error)
-        raise RuntimeError("every record of the store failed to load")
+                sample = build_sample(self.store.record(video_id), video_index, epoch, self.seed, self.views,
+                                      self.data_cfg)
+            except Exception as error:  # one bad record must not end the run
+                last_error = error
+                log.warning("skipping broken record %s: %s: %s", video_id, type(error).__name__, error)
+                continue
+            return _with_broken_count(sample, failures)
+        raise RuntimeError(f"{attempts} records in a row failed to load from {self.store.root}") from last_error
 
 
 class GlobalBatchSampler(Sampler):
@@ -163,7 +192,7 @@ class GlobalBatchSampler(Sampler):
 
     The permutation is cut into global batches of ``batch_size * world_size``; the incomplete
     last one is dropped (every rank gets the same number of batches). ``start_batch`` skips batches
-    already consumed, for a resume in the middle of an epoch.
+    already consumed, for a resume in the middle of an epoch. Items are ``(epoch, position)``.
     """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
@@ -183,7 +212,7 @@ class GlobalBatchSampler(Sampler):
         return self.num_samples // (self.batch_size * self.world_size)
 
     def __len__(self) -> int:
-        return self.batches_per_epoch() - self.start_batch
+        return max(0, self.batches_per_epoch() - self.start_batch)
 
     def __iter__(self):
         generator = sample_generator(self.seed, self.epoch, -1, 0, "order")
@@ -194,19 +223,128 @@ class GlobalBatchSampler(Sampler):
             yield [(self.epoch, position) for position in order[first : first + self.batch_size]]
 
 
-# ---- WebDataset: sequential streaming ----------------------------------------------------------
+# ---- WebDataset: the split of an epoch over ranks x workers ---------------------------------------
 
 
-def _slot_assignment(num_shards: int, num_slots: int) -> str:
-    return "shards" if num_shards >= num_slots else "samples"
+@dataclass(frozen=True)
+class StreamPlan:
+    """How an epoch of a WebDataset store is split; the same in every epoch and on every rank.
+
+    by_shards: whole shards per slot (slot = rank * workers + worker); False when there are
+        fewer shards than slots: every slot reads every shard and keeps every num_slots-th sample.
+    slot_counts: usable samples each slot reads per epoch.
+    quotas: batches each slot yields per epoch (whole batches only, trimmed so that every rank
+        yields ``batches_per_rank``).
+    """
+
+    by_shards: bool
+    slot_counts: tuple[int, ...]
+    quotas: tuple[int, ...]
+    batches_per_rank: int
+
+
+def assign_shards(shard_counts: dict[str, int], num_slots: int, rng: random.Random) -> list[list[str]]:
+    """Shards per slot: largest first, each to the least-loaded slot.
+
+    Ties between equal-sized shards are broken by ``rng``'s shuffle, ties between equally loaded
+    slots by slot index. The loads therefore depend on the counts only, never on ``rng``: a
+    per-epoch ``rng`` reshuffles which shard goes where but keeps every slot's sample count,
+    hence the number of batches, fixed across epochs.
+    """
+    order = sorted(shard_counts)
+    rng.shuffle(order)
+    order.sort(key=lambda path: -shard_counts[path])  # stable: keeps the shuffle among equals
+    loads, slots = [0] * num_slots, [[] for _ in range(num_slots)]
+    for path in order:
+        slot = min(range(num_slots), key=lambda s: (loads[s], s))
+        slots[slot].append(path)
+        loads[slot] += shard_counts[path]
+    return slots
+
+
+def rank_quotas(slot_counts: list[int], world_size: int, workers: int, batch_size: int) -> tuple[list[int], int]:
+    """Batches per slot such that every rank yields the same number (the smallest rank's).
+
+    A worker yields only whole batches of its own samples (the DataLoader batches inside each
+    worker); a rank with more is trimmed from its fullest workers.
+    """
+    quotas = [count // batch_size for count in slot_counts]
+    per_rank = [sum(quotas[r * workers : (r + 1) * workers]) for r in range(world_size)]
+    target = min(per_rank)
+    for rank in range(world_size):
+        mine = range(rank * workers, (rank + 1) * workers)
+        for _ in range(per_rank[rank] - target):
+            fullest = max(mine, key=lambda s: (quotas[s], s))
+            quotas[fullest] -= 1
+    return quotas, target
+
+
+def batches_taken_per_worker(quotas: list[int], num_batches: int) -> list[int]:
+    """How many batches of each worker the first ``num_batches`` batches of a DataLoader hold.
+
+    The DataLoader takes one batch from each worker in turn, skipping exhausted workers, so
+    with per-worker quotas the order is fixed: round j holds batch j of every worker with more
+    than j batches. A mid-epoch resume uses this to skip, without decoding, what was consumed.
+    """
+    taken = [0] * len(quotas)
+    remaining = min(num_batches, sum(quotas))
+    round_number = 0
+    while remaining > 0:
+        for worker, quota in enumerate(quotas):
+            if quota > round_number and remaining > 0:
+                taken[worker] += 1
+                remaining -= 1
+        round_number += 1
+    return taken
+
+
+def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
+    """A seeded shuffle buffer: fills ``size`` items, then yields a random one per new item."""
+    if size < 1:
+        yield from items
+        return
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        pick = rng.randrange(size)
+        buffer[pick], item = item, buffer[pick]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _WorkerTally:
+    """One worker's epoch counters: usable samples read, and broken records not yet reported."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.broken = 0
+
+    def take_broken(self) -> int:
+        broken, self.broken = self.broken, 0
+        return broken
+
+    def tar_error(self, error: Exception) -> bool:
+        """webdataset's handler: count, warn, continue with the next member or shard."""
+        self.broken += 1
+        log.warning("skipping unreadable webdataset data: %s: %s", type(error).__name__, error)
+        return True
+
+
+def _member_modality(member: str) -> str:
+    """'vid.rgb_00003.tcf' -> 'rgb'; 'vid.meta.json' -> 'meta' (the writers' part naming)."""
+    after_key = member.rsplit("/", 1)[-1].split(".", 1)[-1]
+    return schema.part_from_member(after_key).split("_", 1)[0]
 
 
 class WebDatasetPairStream(IterableDataset):
-    """Streams a webdataset store, split over ranks x workers with no duplicates and no gaps.
+    """Streams a webdataset store, split over ranks x workers: each sample at most once per epoch.
 
-    Shard order is shuffled per epoch (seeded), shard i goes to slot i % slots, where slot =
-    rank * workers + worker. With fewer shards than slots every slot reads every shard and keeps
-    the samples whose position is its slot modulo slots: more reading, still each sample once.
+    The split is a ``StreamPlan``: shards are assigned to slots per epoch (``assign_shards``),
+    each worker yields exactly its quota of whole batches, and every rank the same number of
+    batches. Within a slot the samples pass a shuffle buffer seeded by (seed, epoch, slot).
     """
 
     def __init__(self, store: VideoStore | str, views: StageViews, data_cfg: dict, seed: int,
@@ -219,136 +357,176 @@ class WebDatasetPairStream(IterableDataset):
         self.num_workers = max(1, num_workers)
         metas = self.store.videos()
         self.index_of = {meta["id"]: i for i, meta in enumerate(metas)}
-        usable = set(usable_videos(metas, views, data_cfg))
-        self.usable_ids = {metas[i]["id"] for i in usable}
+        self.usable_ids = {metas[i]["id"] for i in usable_videos(metas, views, data_cfg)}
         self.shards = self.store.shard_paths()
         if not self.shards:
             raise ValueError(f"no complete shards in {self.store.root}")
-        self.shard_of = {meta["id"]: meta.get("shard") for meta in metas}
-        self.epoch, self.skip_batches = 0, 0
-        self._batches = self._batches_per_epoch()
-        if self._batches == 0:
+        self.shard_counts = self._usable_per_shard(metas)
+        self.wanted_modalities = {schema.META_PART, *views.all}
+        self.plan = self._make_plan()
+        # (epoch, start_batch), shared with the DataLoader workers: they persist across epochs
+        # and keep their own copy of this object, so a plain attribute would never reach them.
+        self._position = multiprocessing.RawArray("q", 2)
+        if self.plan.batches_per_rank == 0:
             raise ValueError(
-                f"{len(self.usable_ids)} usable videos over {len(self.shards)} shards cannot give every "
-                f"rank one batch of {batch_size}; lower batch_size or use fewer ranks/workers"
+                f"{len(self.usable_ids)} usable videos over {len(self.shards)} shards and {self.num_slots} "
+                f"slots ({world_size} ranks x {self.num_workers} workers) cannot give every rank one batch "
+                f"of {batch_size}; lower batch_size or workers, or write more, smaller shards"
             )
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.skip_batches = epoch, start_batch
 
     @property
     def num_slots(self) -> int:
         return self.world_size * self.num_workers
 
-    def _shard_order(self, epoch: int) -> list[str]:
-        order = list(self.shards)
-        random.Random(f"{self.seed}/{epoch}/shards").shuffle(order)
-        return order
+    @property
+    def epoch(self) -> int:
+        return self._position[0]
 
-    def _slot_counts(self) -> list[int]:
-        """Usable samples per slot, from the manifests (the same on every rank)."""
-        counts = [0] * self.num_slots
-        if _slot_assignment(len(self.shards), self.num_slots) == "shards":
-            per_shard: dict[str, int] = {}
-            for vid in self.usable_ids:
-                name = self.shard_of.get(vid)
-                per_shard[name] = per_shard.get(name, 0) + 1
-            # The assignment depends on the epoch's shard order; counts are computed per epoch.
-            for i, path in enumerate(self._shard_order(self.epoch)):
-                counts[i % self.num_slots] += per_shard.get(_shard_name(path), 0)
-        else:
-            total = len(self.usable_ids)
-            counts = [total // self.num_slots + (1 if s < total % self.num_slots else 0) for s in range(self.num_slots)]
-        return counts
+    @property
+    def start_batch(self) -> int:
+        return self._position[1]
 
-    def _batches_per_epoch(self) -> int:
-        counts = self._slot_counts()
-        per_rank = [
-            sum(counts[r * self.num_workers + w] // self.batch_size for w in range(self.num_workers))
-            for r in range(self.world_size)
-        ]
-        return min(per_rank)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self._position[0], self._position[1] = epoch, start_batch
 
     def batches_per_epoch(self) -> int:
-        return self._batches_per_epoch()
+        return self.plan.batches_per_rank
 
-    def __iter__(self):
-        import webdataset as wds
+    def dropped_samples(self) -> int:
+        """Usable samples this rank reads but drops each epoch to stay in step with the others."""
+        mine = slice(self.rank * self.num_workers, (self.rank + 1) * self.num_workers)
+        return sum(self.plan.slot_counts[mine]) - self.plan.batches_per_rank * self.batch_size
 
+    # -- the plan (from the manifests, identical on every rank) --
+
+    def _usable_per_shard(self, metas: list[dict]) -> dict[str, int]:
+        """Usable videos per shard path; the manifest names a shard inside its part's folder."""
+        part_dirs = {part.name: part for part in self.store.parts}
+        counts = dict.fromkeys(self.shards, 0)
+        lost = []
+        for meta in metas:
+            if meta["id"] not in self.usable_ids:
+                continue
+            path = str(part_dirs[meta["part"]] / schema.SHARDS_DIR / meta.get("shard", "?"))
+            if path in counts:
+                counts[path] += 1
+            else:
+                lost.append(meta["id"])
+        if lost:  # e.g. a shard deleted after preparation: leave its videos out, loudly
+            log.warning("%d videos are in no complete shard of %s and are left out (e.g. %s)", len(lost),
+                        self.store.root, lost[0])
+            self.usable_ids.difference_update(lost)
+        return counts
+
+    def _make_plan(self) -> StreamPlan:
+        by_shards = len(self.shards) >= self.num_slots
+        if by_shards:
+            slots = assign_shards(self.shard_counts, self.num_slots, random.Random(0))
+            slot_counts = [sum(self.shard_counts[p] for p in paths) for paths in slots]
+        else:
+            log.warning("%d shards for %d slots (%d ranks x %d workers): every worker reads every shard and "
+                        "keeps 1/%d of the samples; write more shards (prepare --shard-max-videos) to avoid "
+                        "the extra reading", len(self.shards), self.num_slots, self.world_size, self.num_workers,
+                        self.num_slots)
+            total, slots_n = len(self.usable_ids), self.num_slots
+            slot_counts = [total // slots_n + (1 if s < total % slots_n else 0) for s in range(slots_n)]
+        quotas, per_rank = rank_quotas(slot_counts, self.world_size, self.num_workers, self.batch_size)
+        return StreamPlan(by_shards, tuple(slot_counts), tuple(quotas), per_rank)
+
+    def _epoch_shards(self, slot: int, epoch: int) -> list[str]:
+        rng = random.Random(f"{self.seed}/{epoch}/shards")
+        if self.plan.by_shards:
+            return assign_shards(self.shard_counts, self.num_slots, rng)[slot]
+        order = sorted(self.shards)
+        rng.shuffle(order)  # the same order in every slot: positions then split the samples
+        return order
+
+    # -- one worker's epoch --
+
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        workers = info.num_workers if info is not None else 1
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != self.num_workers:
             raise RuntimeError(f"stream built for {self.num_workers} workers but runs in {workers}")
         slot = self.rank * self.num_workers + worker
-        order = self._shard_order(self.epoch)
-        by_shards = _slot_assignment(len(order), self.num_slots) == "shards"
-        urls = order[slot :: self.num_slots] if by_shards else order
-        if not urls:
-            return
-        stream = wds.WebDataset(
-            urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-            empty_check=False, handler=_warn_and_count,
-        )
-        stream = stream.shuffle(self.data_cfg["shuffle_buffer"], rng=random.Random(f"{self.seed}/{self.epoch}/{slot}"))
+        epoch, start_batch = self.epoch, self.start_batch
+        rank_slots = slice(self.rank * self.num_workers, (self.rank + 1) * self.num_workers)
+        skipped = batches_taken_per_worker(list(self.plan.quotas[rank_slots]), start_batch)[worker]
+        tally = _WorkerTally()
+        raws = self._slot_samples(slot, epoch, tally)
+        raws = shuffle_buffer(raws, int(self.data_cfg["shuffle_buffer"]), random.Random(f"{self.seed}/{epoch}/{slot}"))
+        quota = self.plan.quotas[slot] * self.batch_size
+        yield from self._samples(raws, quota, skipped * self.batch_size, epoch, slot, tally)
+
+    def _slot_samples(self, slot: int, epoch: int, tally: _WorkerTally) -> Iterator[dict]:
+        """This slot's usable raw samples for the epoch, in shard order; members of modalities
+        the stage does not use are never kept."""
+        import webdataset as wds
+
+        sources = ({"url": url} for url in self._epoch_shards(slot, epoch))
+        keep = lambda member: _member_modality(member) in self.wanted_modalities  # noqa: E731
         position = -1
-        for raw in stream:
-            video_id = raw.get("__key__", "").split("/")[-1]
-            if video_id not in self.usable_ids:
+        for raw in wds.tarfile_samples(sources, handler=tally.tar_error, select_files=keep):
+            if raw.get("__key__") not in self.usable_ids:
                 continue
-            position += 1
-            if not by_shards and position % self.num_slots != slot:
+            position += 1  # counted before the shuffle: the same in every slot that reads this shard
+            if not self.plan.by_shards and position % self.num_slots != slot:
                 continue
-            try:
-                record = record_from_sample(raw)
-                yield build_sample(record, self.index_of[video_id], self.epoch, self.seed, self.views, self.data_cfg)
-            except (VideoTooShort, KeyError, ValueError, RuntimeError, OSError) as error:
-                DataStats.broken_records += 1
-                log.warning("skipping broken record %s: %s", video_id, error)
+            tally.seen += 1
+            yield raw
+
+    def _samples(self, raws: Iterator[dict], quota: int, skip: int, epoch: int, slot: int,
+                 tally: _WorkerTally) -> Iterator[dict]:
+        """Exactly ``quota`` samples (the first ``skip`` consumed without decoding, on resume).
+
+        A broken record is replaced by the next sample (the slot's surplus); if the shards run
+        dry, the last good sample is repeated: a duplicate beats a rank that waits forever.
+        """
+        produced, last_good = 0, None
+        for raw in raws:
+            if produced >= quota:
+                return
+            if produced < skip:
+                produced += 1
+                continue
+            sample = self._build(raw, epoch, tally)
+            if sample is not None:
+                produced, last_good = produced + 1, raw
+                yield sample
+        if produced >= quota:
+            return
+        missing = self.plan.slot_counts[slot] - tally.seen
+        if missing > 0:
+            tally.broken += missing
+            log.warning("epoch %d slot %d: %d records missing from unreadable shards", epoch, slot, missing)
+        if last_good is None:
+            raise RuntimeError(f"epoch {epoch} slot {slot}: no readable sample to fill {quota - produced} places")
+        log.warning("epoch %d slot %d: repeating %s %d times to keep ranks in step", epoch, slot,
+                    last_good["__key__"], quota - produced)
+        for _ in range(quota - produced):
+            yield self._build(last_good, epoch, tally)
+
+    def _build(self, raw: dict, epoch: int, tally: _WorkerTally) -> dict | None:
+        video_id = raw["__key__"]
+        try:
+            sample = build_sample(record_from_sample(raw), self.index_of[video_id], epoch, self.seed, self.views,
+                                  self.data_cfg)
+        except Exception as error:  # one bad record must not end the run
+            tally.broken += 1
+            log.warning("skipping broken record %s: %s: %s", video_id, type(error).__name__, error)
+            return None
+        return _with_broken_count(sample, tally.take_broken())
 
 
-def _shard_name(path: str) -> str:
-    from pathlib import Path
-
-    return Path(path).name
-
-
-def _warn_and_count(exn: Exception) -> bool:
-    DataStats.broken_records += 1
-    log.warning("skipping unreadable webdataset member: %s", exn)
-    return True
-
-
-class _BatchLimiter:
-    """Wraps a webdataset DataLoader: stops every rank after the same number of batches."""
-
-    def __init__(self, loader: DataLoader, stream: WebDatasetPairStream):
-        self.loader, self.stream = loader, stream
-
-    def __len__(self) -> int:
-        return self.stream.batches_per_epoch() - self.stream.skip_batches
-
-    def __iter__(self):
-        total = self.stream.batches_per_epoch()
-        skip = self.stream.skip_batches
-        produced = 0
-        for batch in self.loader:
-            if produced >= total:
-                break
-            produced += 1
-            if produced <= skip:
-                continue  # a resume replays the epoch's stream and skips what was consumed
-            yield batch
-        if produced < total:
-            raise RuntimeError(f"webdataset stream ended after {produced} of {total} batches")
-        dropped = sum(self.stream._slot_counts()[self.stream.rank * self.stream.num_workers + w]
-                      for w in range(self.stream.num_workers)) - total * self.stream.batch_size
-        if dropped:
-            log.info("epoch %d: %d samples on rank %d dropped to keep ranks in step", self.stream.epoch, dropped, self.stream.rank)
+# ---- both stores ----------------------------------------------------------------------------------
 
 
 class EpochLoader:
-    """One object per stage: ``set_epoch(e, start_batch)``, ``len()``, iteration of collated batches."""
+    """One object per stage: ``set_epoch(e, start_batch)``, ``len()``, iteration of collated batches.
+
+    Persistent workers, pinned memory (with CUDA) and prefetch for both stores; every rank
+    yields ``batches_per_epoch()`` batches in every epoch (fewer after a mid-epoch resume).
+    """
 
     def __init__(self, store_path: str, views: StageViews, data_cfg: dict, seed: int, batch_size: int,
                  rank: int = 0, world_size: int = 1):
@@ -358,36 +536,45 @@ class EpochLoader:
             num_workers=workers,
             pin_memory=bool(data_cfg["pin_memory"]) and torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            prefetch_factor=data_cfg["prefetch_factor"] if workers > 0 else None,
+            prefetch_factor=int(data_cfg["prefetch_factor"]) if workers > 0 else None,
         )
         self.format = store.format
+        self.rank = rank
         if store.format == "lmdb":
             self.dataset = LmdbPairDataset(store, views, data_cfg, seed)
             self.sampler = GlobalBatchSampler(len(self.dataset), batch_size, rank, world_size, seed)
             self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, **common)
-            self._iterable = self.loader
+            self.num_videos = len(self.dataset)
         else:
             self.dataset = WebDatasetPairStream(store, views, data_cfg, seed, batch_size, rank, world_size, workers)
-            # Persistent workers would keep the previous epoch's stream; rebuild each epoch instead.
-            common["persistent_workers"] = False
-            self.loader = DataLoader(self.dataset, batch_size=batch_size, **common)
-            self._iterable = _BatchLimiter(self.loader, self.dataset)
-        self.num_videos = len(self.dataset) if store.format == "lmdb" else len(self.dataset.usable_ids)
+            # drop_last applies per worker; quotas are whole batches, so it only guards the shapes.
+            self.loader = DataLoader(self.dataset, batch_size=batch_size, drop_last=True, **common)
+            self.num_videos = len(self.dataset.usable_ids)
+        self._epoch, self._start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if self.format == "lmdb":
-            self.sampler.set_epoch(epoch, start_batch)
-        else:
-            self.dataset.set_epoch(epoch, start_batch)
+        self._epoch, self._start_batch = epoch, start_batch
+        (self.sampler if self.format == "lmdb" else self.dataset).set_epoch(epoch, start_batch)
 
     def batches_per_epoch(self) -> int:
         return self.sampler.batches_per_epoch() if self.format == "lmdb" else self.dataset.batches_per_epoch()
 
     def __len__(self) -> int:
-        return len(self._iterable)
+        return max(0, self.batches_per_epoch() - self._start_batch)
 
-    def __iter__(self):
-        return iter(self._iterable)
+    def __iter__(self) -> Iterator[dict]:
+        if self.format == "webdataset" and self._start_batch == 0:
+            dropped = self.dataset.dropped_samples()
+            if dropped:
+                log.info("epoch %d: rank %d drops %d samples to yield %d batches like every rank", self._epoch,
+                         self.rank, dropped, self.batches_per_epoch())
+        expected, produced = len(self), 0
+        for batch in self.loader:
+            DataStats.broken_records += int(batch[BROKEN_KEY].sum())
+            produced += 1
+            yield batch
+        if produced != expected:  # a guard: quotas make this impossible short of a bug
+            raise RuntimeError(f"epoch {self._epoch}: {produced} batches instead of {expected}")
 
 
 def steps_per_epoch(batches_per_epoch: int, grad_accum_steps: int) -> int:

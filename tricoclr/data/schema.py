@@ -6,7 +6,8 @@ One sample per video, the same in both stores (see docs/schema.md):
   width, chunk_frames, flow encoding, audio parameters, has_audio...
 - ``rgb/<chunk>``: ``chunk_frames`` consecutive RGB frames, each a JPEG, packed into one blob.
 - ``flow/<chunk>``: the flow fields of the same frames, each a greyscale JPEG holding the x field
-  on top of the y field (2H x W), quantised with ``quantise_flow``.
+  on top of the y field (rows [0, H) and [flow_y_offset(H), +H)), quantised with
+  ``quantise_flow``.
 - ``audio``: the log-mel spectrogram of the whole video, float16 ``.npy`` (n_mels x steps).
 
 A clip touches only the chunks that overlap it, so a reader never decodes a whole video.
@@ -16,8 +17,10 @@ object arrays.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 import struct
 
 import numpy as np
@@ -89,10 +92,22 @@ def part_dir_name(shard_index: int, num_shards: int) -> str:
     return f"part-{shard_index:05d}-of-{num_shards:05d}"
 
 
+def parse_part_dir_name(name: str) -> tuple[int, int] | None:
+    """(shard index, number of shards) of a part folder name, None for any other name."""
+    match = re.fullmatch(r"part-(\d+)-of-(\d+)", name)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def part_of(video_id: str, num_parts: int) -> int:
+    """Which of ``num_parts`` parts holds a video: a stable, balanced hash of its id."""
+    return int(hashlib.sha1(video_id.encode("utf-8")).hexdigest()[:12], 16) % num_parts
+
+
 # ---- keys ---------------------------------------------------------------------------------
 
 
 def chunk_index(frame: int, chunk_frames: int) -> int:
+    """Index of the chunk holding frame ``frame``."""
     return frame // chunk_frames
 
 

@@ -62,7 +62,8 @@ def find_parts(root: str | Path) -> list[Path]:
     """The part folders of a prepared dataset: ``root`` itself if it holds a manifest, else its
     ``part-*-of-*`` subfolders (sorted)."""
     root = Path(root)
-    if (root / schema.MANIFEST_FILE).exists() or (root / schema.ARGS_FILE).exists():
+    markers = (schema.MANIFEST_FILE, schema.ARGS_FILE, schema.LMDB_DIR, schema.SHARDS_DIR)
+    if any((root / marker).exists() for marker in markers):
         return [root]
     parts = sorted(p for p in root.glob(schema.PART_GLOB) if p.is_dir())
     if not parts:
@@ -159,7 +160,8 @@ class VideoRecord:
             raise IndexError(f"{self.id}: spectrogram steps [{start_step}, {start_step + num_steps}) outside [0, {steps})")
         out = torch.from_numpy(spec[:, start_step : start_step + num_steps].astype(np.float32))
         if out.shape[1] < num_steps:  # rounding at the very end of the video
-            silence = float(np.log(self.meta["audio"]["log_offset"]))
+            # the stored (float16) value of silence, so padding equals recorded silence
+            silence = float(np.float16(np.log(self.meta["audio"]["log_offset"])))
             out = torch.cat([out, torch.full((out.shape[0], num_steps - out.shape[1]), silence)], dim=1)
         return out
 
@@ -178,24 +180,45 @@ def record_from_sample(sample: dict[str, bytes]) -> VideoRecord:
 # ---- LMDB access ----------------------------------------------------------------------------
 
 
+# One read-only environment per LMDB and process, shared by every reader in it: LMDB forbids
+# opening the same environment twice in one process (py-lmdb refuses), and one inherited
+# across fork must not be used in the child.
+_ENVIRONMENTS: dict[str, tuple[int, object]] = {}  # real path -> (pid that opened it, env)
+
+
+def _readonly_environment(path: Path):
+    import lmdb
+
+    key = os.path.realpath(path)
+    entry = _ENVIRONMENTS.get(key)
+    if entry is not None and entry[0] == os.getpid():
+        return entry[1]
+    if entry is not None:  # inherited from the parent: release this process's copy first
+        release_environment(path)
+    # lock=False: readers never write, and a lock file on a shared FS is a liability.
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048, subdir=True)
+    _ENVIRONMENTS[key] = (os.getpid(), env)
+    return env
+
+
+def release_environment(path: str | Path) -> None:
+    """Close this process's read-only handle on an LMDB (before writing to it in-process)."""
+    entry = _ENVIRONMENTS.pop(os.path.realpath(path), None)
+    if entry is not None:
+        try:
+            entry[1].close()
+        except Exception:  # an inherited handle may refuse; it is dropped either way
+            pass
+
+
 class _LmdbReader:
-    """A read-only LMDB environment opened lazily in the process that uses it."""
+    """Read access to one part's LMDB, opened on first use in each process."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._env = None
-        self._pid = None
 
     def env(self):
-        if self._env is None or self._pid != os.getpid():
-            import lmdb
-
-            # lock=False: readers never write, and a lock file on a shared FS is a liability.
-            self._env = lmdb.open(
-                str(self.path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048, subdir=True
-            )
-            self._pid = os.getpid()
-        return self._env
+        return _readonly_environment(self.path)
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         with self.env().begin(buffers=False) as txn:
@@ -215,9 +238,6 @@ class _LmdbReader:
                 yield video_id.decode()
                 found = cursor.set_range(video_id + b"0")
 
-    def __getstate__(self):
-        return {"path": self.path, "_env": None, "_pid": None}
-
 
 # ---- the dataset ----------------------------------------------------------------------------
 
@@ -232,26 +252,40 @@ class VideoStore:
         self.stats: collections.Counter = collections.Counter()  # 'reads', 'bytes', per part name
         self.on_read: ReadHook | None = None
         self._manifest: list[dict] | None = None
-        self._by_id: dict[str, dict] | None = None
         self._lmdb = {part.name: _LmdbReader(part / schema.LMDB_DIR) for part in parts} if format == "lmdb" else {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["on_read"] = None  # hooks are per process (and often not picklable)
+        state["_manifest"] = None  # large; workers use record(), which does not need it
         return state
 
     # metadata
 
     def manifest(self) -> list[dict]:
-        """Every manifest entry of every part, failed ones included, sorted by id."""
+        """Every manifest entry of every part, failed ones included, sorted by id.
+
+        A part without a manifest (a store copied on its own) is described from the metas
+        stored in it, which costs a scan of the store.
+        """
         if self._manifest is None:
             entries = []
             for part in self.parts:
-                for entry in read_manifest(part / schema.MANIFEST_FILE):
+                manifest = part / schema.MANIFEST_FILE
+                found = read_manifest(manifest) if manifest.exists() else self._metas_in_store(part)
+                for entry in found:
                     entry["part"] = part.name
                     entries.append(entry)
             self._manifest = sorted(entries, key=lambda e: e["id"])
         return self._manifest
+
+    def _metas_in_store(self, part: Path) -> list[dict]:
+        if self.format == "lmdb":
+            reader = self._lmdb[part.name]
+            keys = [schema.lmdb_key(video_id, schema.META_PART) for video_id in reader.ids()]
+            return [schema.decode_meta(blob) for blob in reader.get_many(keys)]
+        shards = sorted(str(p) for p in (part / schema.SHARDS_DIR).glob("shard-*.tar"))
+        return [record_from_sample(sample).meta for sample in iter_shard_samples(shards)]
 
     def videos(self) -> list[dict]:
         """Metas of the kept videos (status ok or partial), sorted by id."""
@@ -269,27 +303,31 @@ class VideoStore:
     # random access (LMDB)
 
     def record(self, video_id: str) -> VideoRecord:
-        """Random access to one video (LMDB only): reads nothing until frames are requested."""
+        """Random access to one video (LMDB only). Reads its meta from the store (one small
+        read, no manifest needed, so DataLoader workers never parse manifests); frames and
+        spectrograms are read on request."""
         if self.format != "lmdb":
             raise NotImplementedError(
                 "a WebDataset store is read sequentially: use shard_paths() with webdataset, or iter_records(); "
                 "prepare with --format lmdb for random access"
             )
-        if self._by_id is None:
-            self._by_id = {e["id"]: e for e in self.videos()}
-        entry = self._by_id.get(video_id)
-        if entry is not None:
-            reader, meta = self._lmdb[entry["part"]], entry
-        else:  # not in a manifest (e.g. the store was copied without it): look it up directly
-            reader, meta = self._find_in_lmdb(video_id)
-        return VideoRecord(meta, self._fetcher(reader, video_id))
-
-    def _find_in_lmdb(self, video_id: str) -> tuple[_LmdbReader, dict]:
-        for reader in self._lmdb.values():
-            (blob,) = reader.get_many([schema.lmdb_key(video_id, schema.META_PART)])
+        key = schema.lmdb_key(video_id, schema.META_PART)
+        for part in self._parts_to_search(video_id):
+            reader = self._lmdb[part]
+            (blob,) = reader.get_many([key])
             if blob is not None:
-                return reader, schema.decode_meta(blob)
+                self._count(video_id, schema.META_PART, len(blob))
+                return VideoRecord(schema.decode_meta(blob), self._fetcher(reader, video_id))
         raise KeyError(f"video {video_id!r} not in {self.root}")
+
+    def _parts_to_search(self, video_id: str) -> list[str]:
+        """The part that holds ``video_id`` first (parts are chosen by a hash of the id)."""
+        names = [part.name for part in self.parts]
+        numbered = [schema.parse_part_dir_name(name) for name in names]
+        if len(names) > 1 and all(numbered) and len({n for _, n in numbered}) == 1:
+            wanted = schema.part_of(video_id, numbered[0][1])
+            names.sort(key=lambda name: schema.parse_part_dir_name(name)[0] != wanted)
+        return names
 
     def _fetcher(self, reader: _LmdbReader, video_id: str):
         def fetch(parts: list[str]) -> list[bytes | None]:
@@ -329,17 +367,16 @@ class VideoStore:
 
 
 def iter_shard_samples(shard_paths: Iterable[str]) -> Iterator[dict]:
-    """Raw sample dicts of WebDataset shards, read in order in this process only."""
+    """Raw sample dicts of WebDataset shards, read in order in this process only.
+
+    A plain pipeline (shard list -> samples) with no node or worker splitting: this is a full
+    scan (inspection, conversion, tests), not a training loader.
+    """
     import webdataset as wds
 
     shard_paths = list(shard_paths)
-    if not shard_paths:
-        return
-    # No node/worker splitting: this is a full scan (inspection, conversion, tests).
-    dataset = wds.WebDataset(
-        shard_paths, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-    )
-    yield from dataset
+    if shard_paths:
+        yield from wds.DataPipeline(wds.SimpleShardList(shard_paths), wds.tarfile_to_samples())
 
 
 def open_store(path: str | Path) -> VideoStore:

@@ -2,10 +2,21 @@
 
 Training: one clip per video per epoch (random position), the modality's training augmentation
 (random resized crop, flip, and for RGB the photometric part on the device), cross-entropy on a
-linear classifier over the backbone's pooled feature (dropout 0.5 before it, as CoCLR). Runs under
-Accelerate (mixed precision, many ranks) and resumes from its newest epoch checkpoint.
-Testing: multi-clip x multi-crop (non-overlapping windows across the whole video x three square
-crops along the longer side, no flip or colour change); softmax averaged per video; top-1.
+linear classifier over the backbone's pooled feature (dropout 0.5 before it, as CoCLR); Adam at
+the config's learning rate, weight decay 1e-3 (CoCLR's fine-tuning value), constant schedule.
+Only the backbone is trained: the projection head plays no part (DDP would also reject
+parameters that never receive a gradient).
+
+Scale: runs under Accelerate (``accelerate launch -m tricoclr.cli eval finetune ...``): mixed
+precision and the number of ranks come from the launcher; batch statistics are global across
+ranks when the config says ``method.batchnorm: global``, as in training. After every epoch an
+atomic checkpoint (``<output_dir>/checkpoint``: weights, optimizer, RNG states, next epoch) is
+written; a rerun with the same output dir continues from it, e.g. with more epochs. A checkpoint
+of another encoder, store or setting is refused rather than silently continued.
+
+Testing (main process): multi-clip x multi-crop (non-overlapping windows across the whole video x
+three squares along the longer side of video frames, no flip or colour change); softmax averaged
+per video; top-1.
 """
 
 from __future__ import annotations
@@ -23,121 +34,191 @@ from tricoclr import modalities as registry
 from tricoclr.data.dataset import EpochLoader, StageViews, finish_batch
 from tricoclr.data.sampling import ClipSpec
 from tricoclr.data.store import open_store
-from tricoclr.eval.features import window_starts
+from tricoclr.eval.features import (EVAL_DATA_KEYS, EvalError, check_labelled, store_fingerprint, usable_videos,
+                                    weights_fingerprint, window_starts)
+
+FINETUNE_WEIGHT_DECAY = 1e-3  # CoCLR's fine-tuning value
+DEFAULT_TEST_CLIPS = 10
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "epoch.json"
+LOG_FILE = "log.jsonl"
 
 
 class Classifier(nn.Module):
-    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.5):
+    """The encoder's backbone, dropout, and a linear layer over the pooled feature."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
-        self.encoder = encoder
+        self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.architecture["feature_dim"], num_classes)
+        self.head = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.encoder.features(x)))
+        return self.head(self.dropout(self.backbone(x)))
 
 
-def three_crops(frames: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """(T,C,H,W) -> three (T,C,size,size) squares: start, centre and end of the longer side."""
+# ---- testing ----------------------------------------------------------------------------------
+
+
+def square_crops(frames: torch.Tensor) -> list[torch.Tensor]:
+    """(T,C,H,W) -> three (T,C,S,S) squares, S the shorter side: start, centre and end of the longer."""
     _, _, h, w = frames.shape
     side = min(h, w)
     crops = []
     for fraction in (0.0, 0.5, 1.0):
-        top = int(round((h - side) * fraction))
-        left = int(round((w - side) * fraction))
-        square = frames[:, :, top : top + side, left : left + side].float()
-        crops.append(F.interpolate(square, size=(size, size), mode="bilinear", align_corners=False, antialias=True))
+        top, left = int(round((h - side) * fraction)), int(round((w - side) * fraction))
+        crops.append(frames[:, :, top : top + side, left : left + side])
     return crops
 
 
-@torch.no_grad()
-def multi_view_top1(model: Classifier, modality: str, store_path, data_cfg: dict, device, max_clips: int = 10) -> dict:
-    """Top-1 (%) with softmax averaged over clips x crops of each test video."""
+def test_views(record, modality: str, data_cfg: dict, max_clips: int) -> torch.Tensor:
+    """Every clip x crop of one video, presented for the network (video: 3 crops; audio: 1 view)."""
     entry = registry.get(modality)
     spec = ClipSpec(frames=data_cfg["clip_frames"], stride=data_cfg["clip_stride"])
+    num_frames, fps = int(record.meta["frames"]), float(record.meta["fps"])
+    views = []
+    for start in window_starts(num_frames, spec, max_clips):
+        raw = entry.read(record, registry.ClipRequest(start, spec, fps, num_frames), data_cfg)
+        # present() resizes each square and, for flow, scales the vectors with it.
+        crops = square_crops(raw) if raw.dim() == 4 else [raw]
+        views.extend(entry.present(crop, data_cfg) for crop in crops)
+    return torch.stack(views)
+
+
+@torch.no_grad()
+def multi_view_top1(model: nn.Module, modality: str, store_path, data_cfg: dict, device,
+                    max_clips: int = DEFAULT_TEST_CLIPS, batch_size: int = 16) -> dict:
+    """Top-1 (%) with softmax averaged over clips x crops of each usable test video.
+
+    Returns {"top1", "num_test", "excluded", "hits": (N,) bool per video in store order}.
+    """
+    store = open_store(store_path)
+    metas = usable_videos(store, modality)
+    check_labelled(metas, store.root)
+    usable = {meta["id"] for meta in metas}
     model.eval()
-    correct = total = 0
-    per_video = []
-    for record in open_store(store_path).iter_records():
-        meta = record.meta
-        if not entry.available(meta) or meta.get("label_index") is None:
+    hits = []
+    for record in store.iter_records():
+        if record.id not in usable:
             continue
-        probs = []
-        for start in window_starts(int(meta["frames"]), spec, max_clips):
-            clip = registry.ClipRequest(start, spec, float(meta["fps"]), int(meta["frames"]))
-            raw = entry.read(record, clip, data_cfg)
-            if raw.dim() == 4 and raw.dtype == torch.uint8 and raw.shape[1] == 3:
-                views = [c.round().clamp(0, 255).to(torch.uint8).permute(1, 0, 2, 3) for c in three_crops(raw, data_cfg["size"])]
-            else:
-                views = [entry.present(raw, data_cfg)]
-            batch = registry.finish_for_eval(modality, torch.stack(views).to(device))
-            probs.append(model(batch).float().softmax(dim=1).mean(dim=0))
-        prediction = int(torch.stack(probs).mean(dim=0).argmax())
-        hit = prediction == int(meta["label_index"])
-        per_video.append(hit)
-        correct += hit
-        total += 1
-    return {"top1": 100.0 * correct / max(1, total), "num_test": total, "hits": per_video}
+        views = test_views(record, modality, data_cfg, max_clips)
+        probabilities = torch.cat([
+            model(registry.finish_for_eval(modality, chunk.to(device))).float().softmax(dim=1).cpu()
+            for chunk in views.split(batch_size)
+        ])
+        hits.append(int(probabilities.mean(dim=0).argmax()) == int(record.meta["label_index"]))
+    hits = torch.tensor(hits, dtype=torch.bool)
+    if hits.numel() == 0:
+        raise EvalError(f"{store_path}: no test video usable by a {modality} encoder")
+    return {"top1": float(hits.float().mean() * 100), "num_test": int(hits.numel()),
+            "excluded": len(store.videos()) - int(hits.numel()), "hits": hits}
 
 
-def run_finetune(args, encoder, modality: str, data_cfg: dict) -> dict:
+# ---- training ---------------------------------------------------------------------------------
+
+
+def run_finetune(args, loaded, num_classes: int) -> dict | None:
+    """Fine-tune ``loaded.encoder`` on ``args.train``, test on ``args.test``; None on ranks other than 0."""
     from accelerate import Accelerator
 
-    from tricoclr.config import load_config
+    from tricoclr.distributed import convert_to_global_batchnorm
 
-    config = load_config(args.config) if args.config and Path(args.config).exists() else load_config()
-    epochs = args.finetune_epochs or 10
+    config, modality = loaded.config, loaded.modality
+    data_cfg = dict(config["data"])
+    if args.workers is not None:
+        data_cfg["workers"] = args.workers
+    batch_size = args.finetune_batch_size or config["batch_size"]
     output_dir = Path(args.output_dir or Path(args.json).with_suffix("").as_posix() + "_finetune")
     accelerator = Accelerator()
-    classes = open_store(args.train).class_names()
-    train_labels = [m.get("label_index") for m in open_store(args.train).videos()]
-    num_classes = len(classes) if classes else int(max(l for l in train_labels if l is not None)) + 1
+
+    train_store = open_store(args.train)
+    check_labelled(usable_videos(train_store, modality), train_store.root)
+    identity = {"encoder": weights_fingerprint(loaded.encoder), "train": store_fingerprint(train_store),
+                "modality": modality, "num_classes": num_classes, "seed": args.seed, "batch_size": batch_size,
+                "world_size": accelerator.num_processes, "lr": config["optim"]["lr"],
+                "data": {k: data_cfg[k] for k in EVAL_DATA_KEYS}}
+
+    backbone = loaded.encoder.backbone
+    if config["method"]["batchnorm"] == "global":
+        backbone = convert_to_global_batchnorm(backbone)
     torch.manual_seed(args.seed)
-    model = Classifier(encoder, num_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["optim"]["lr"], weight_decay=1e-3)
+    model = Classifier(backbone, loaded.encoder.feature_dim, num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["optim"]["lr"], weight_decay=FINETUNE_WEIGHT_DECAY)
     views = StageViews(both_views=(), view2_only=(modality,))
-    loader = EpochLoader(args.train, views, data_cfg, args.seed, config["batch_size"],
-                         rank=accelerator.process_index, world_size=accelerator.num_processes)
+    try:
+        loader = EpochLoader(args.train, views, data_cfg, args.seed, batch_size,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+    except ValueError as error:
+        raise EvalError(f"fine-tuning data: {error} (see --finetune-batch-size)") from None
     model, optimizer = accelerator.prepare(model, optimizer)
-    start_epoch = 0
-    ckpt = output_dir / "checkpoint"
-    if (ckpt / "epoch.json").exists():
-        accelerator.load_state(str(ckpt))
-        start_epoch = json.loads((ckpt / "epoch.json").read_text())["next_epoch"]
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        loader.set_epoch(epoch)
-        for cpu_batch in loader:
-            batch = finish_batch(cpu_batch, views, accelerator.device)
-            with accelerator.autocast():
-                logits = model(batch[f"{modality}.view2"])
-            loss = F.cross_entropy(logits.float(), batch["label"])
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        _save_epoch(accelerator, ckpt, epoch + 1)
-    result = {}
+
+    checkpoint = output_dir / CHECKPOINT_DIR
+    start_epoch = resume(accelerator, checkpoint, identity)
+    for epoch in range(start_epoch, args.finetune_epochs):
+        loss = train_epoch(accelerator, model, optimizer, loader, views, modality, epoch)
+        save_checkpoint(accelerator, checkpoint, identity, epoch + 1)
+        if accelerator.is_main_process:
+            with open(output_dir / LOG_FILE, "a") as log:
+                log.write(json.dumps({"epoch": epoch + 1, "loss": loss, "steps": len(loader)}) + "\n")
+
+    result = None
     if accelerator.is_main_process:
-        result = multi_view_top1(accelerator.unwrap_model(model), modality, args.test, data_cfg, accelerator.device)
-        result.pop("hits")
-        result["epochs"] = epochs
+        result = multi_view_top1(accelerator.unwrap_model(model), modality, args.test, data_cfg, accelerator.device,
+                                 max_clips=args.max_clips or DEFAULT_TEST_CLIPS, batch_size=args.batch_size)
+        from tricoclr.eval.cli import confidence_interval
+
+        result["top1_ci"] = confidence_interval(result.pop("hits"))
+        result.update(epochs=max(args.finetune_epochs, start_epoch), resumed_from_epoch=start_epoch,
+                      num_train=loader.num_videos, checkpoint=str(checkpoint),
+                      excluded={"train": len(train_store.videos()) - loader.num_videos, "test": result.pop("excluded")})
     accelerator.wait_for_everyone()
     return result
 
 
-def _save_epoch(accelerator, ckpt: Path, next_epoch: int) -> None:
-    """Atomic: write into a temporary folder, then swap it in."""
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
+def train_epoch(accelerator, model, optimizer, loader, views: StageViews, modality: str, epoch: int) -> float:
+    """One pass over the training split; returns the mean loss of this rank."""
+    model.train()
+    loader.set_epoch(epoch)
+    total, steps = 0.0, 0
+    for cpu_batch in loader:
+        batch = finish_batch(cpu_batch, views, accelerator.device)
+        with accelerator.autocast():
+            logits = model(batch[f"{modality}.view2"])
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total, steps = total + float(loss.detach()), steps + 1
+    return total / max(1, steps)
+
+
+def resume(accelerator, checkpoint: Path, identity: dict) -> int:
+    """The epoch to start from: 0, or the next epoch of a matching checkpoint (whose state is loaded)."""
+    state_file = checkpoint / STATE_FILE
+    if not state_file.exists():
+        return 0
+    state = json.loads(state_file.read_text())
+    if state.get("identity") != identity:
+        differing = sorted(k for k in identity if state.get("identity", {}).get(k) != identity[k])
+        raise EvalError(f"{checkpoint} belongs to another fine-tuning run (differs in {differing}); "
+                        "pass another --output-dir or delete it")
+    accelerator.load_state(str(checkpoint))
+    return int(state["next_epoch"])
+
+
+def save_checkpoint(accelerator, checkpoint: Path, identity: dict, next_epoch: int) -> None:
+    """Atomic: write into a temporary folder, then swap it in (a crash keeps the previous one)."""
+    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / "epoch.json").write_text(json.dumps({"next_epoch": next_epoch}))
-        old = ckpt.with_name(ckpt.name + ".old")
+        (tmp / STATE_FILE).write_text(json.dumps({"next_epoch": next_epoch, "identity": identity}, indent=2))
+        old = checkpoint.with_name(checkpoint.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
-        if ckpt.exists():
-            os.replace(ckpt, old)
-        os.replace(tmp, ckpt)
+        if checkpoint.exists():
+            os.replace(checkpoint, old)
+        os.replace(tmp, checkpoint)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -446,9 +446,9 @@ def _kernels(compiled: bool, median_method: str) -> _Kernels:
             median=functools.partial(median_blur, method=median_method),
             data_term=_warped_data_term,
         )
-    # dynamic=None: static shapes first, dynamic ones after the first change of shape (pyramid
-    # levels, shrinking working sets), so a run compiles each function only a few times.
-    compile_fn = functools.partial(torch.compile, dynamic=None, fullgraph=True)
+    # Shapes change with the pyramid level and the working set: compile for symbolic shapes at
+    # once rather than specialise first and recompile (each compilation costs seconds).
+    compile_fn = functools.partial(torch.compile, dynamic=True, fullgraph=True)
     network = compile_fn(_median_blur_network)
 
     def median(images: torch.Tensor, ksize: int) -> torch.Tensor:
@@ -498,9 +498,12 @@ class _WorkingSet:
             self.full_p = self.full_p.index_copy(0, self.index, self.p)
 
     def shrink(self) -> None:
-        """Keep only the active samples."""
+        """Keep only the active samples (and a frozen one rather than a set of one: compiled
+        code specialises on size-1 dimensions, which would cost a recompilation)."""
         self._write_back()
         keep = self.active.nonzero().squeeze(1)
+        if keep.numel() == 1 and self.active.numel() > 1:
+            keep = torch.cat((keep, (keep + 1) % self.active.numel()))
         self.index = keep if self.index is None else self.index[keep]
         self.u, self.p = self.u[keep], self.p[keep]
         self.data_term = tuple(t[keep] for t in self.data_term)
@@ -509,6 +512,44 @@ class _WorkingSet:
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._write_back()
         return self.full_u, self.full_p
+
+
+class _ActiveCount:
+    """How many samples are still iterating, read by the host without stalling the device.
+
+    Lagged (the default on CUDA): the count taken at a check is copied to pinned memory behind
+    an event and read at the next check, by which time the device is already running the
+    iterations queued since. Otherwise it is read at once. A count one check old is an upper
+    bound of the current one, and acting on it late is still exact: converged samples are
+    frozen by their own flags.
+    """
+
+    def __init__(self, device: torch.device, lagged: bool | None = None):
+        self.cuda = device.type == "cuda"
+        self.lagged = self.cuda if lagged is None else lagged
+        self.pending: tuple[torch.Tensor, object] | None = None
+
+    def _read_pending(self) -> int | None:
+        if self.pending is None:
+            return None
+        value, event = self.pending
+        if event is not None:
+            event.synchronize()
+        return int(value)
+
+    def update(self, active: torch.Tensor) -> int | None:
+        """Record the count of ``active``; return the count to act on (None: none yet)."""
+        previous = self._read_pending() if self.lagged else None
+        count = active.sum()
+        if self.cuda:
+            host = torch.empty((), dtype=count.dtype, pin_memory=True)
+            host.copy_(count, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (host, event)
+        else:
+            self.pending = (count, None)
+        return previous if self.lagged else self._read_pending()
 
 
 def _median_filter_active(u: torch.Tensor, active: torch.Tensor, ksize: int, kernels: _Kernels) -> torch.Tensor:
@@ -538,6 +579,7 @@ def _solve_level(I0: torch.Tensor, I1: torch.Tensor, u: torch.Tensor, params: TV
     for _ in range(params.warps):
         data_term = kernels.data_term(I0, I1_and_grad, u, params.gamma, params.remap_subpixel_steps)
         work = _WorkingSet(u, p, data_term)
+        counter = _ActiveCount(u.device)
         iterations = 0
         for _ in range(params.outer_iterations):
             if work.u.shape[0] == 0:
@@ -553,12 +595,12 @@ def _solve_level(I0: torch.Tensor, I1: torch.Tensor, u: torch.Tensor, params: TV
                 iterations += count
                 if params.fixed_iterations or iterations % check_every:
                     continue
-                # One host sync per check: drop converged samples once a quarter of them are.
-                remaining = int(work.active.sum())
-                if remaining <= 0.75 * work.u.shape[0]:
+                # Drop converged samples once a quarter of them are; stop when none is left.
+                remaining = counter.update(work.active)
+                if remaining is not None and remaining <= 0.75 * work.u.shape[0]:
                     work.shrink()
-                if remaining == 0:
-                    break
+                    if work.u.shape[0] == 0:
+                        break
         u, p = work.result()
     return u
 

@@ -1,0 +1,293 @@
+"""The training loaders on real LMDB and WebDataset stores: batch layout, modality selection,
+determinism, the split over ranks x workers, broken records and mid-epoch resume."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import lmdb
+import pytest
+import torch
+
+from data_tools.writers import PartWriter
+from tricoclr.config import DEFAULTS
+from tricoclr.data import schema
+from tricoclr.data.dataset import (
+    BROKEN_KEY,
+    DataStats,
+    EpochLoader,
+    StageViews,
+    assign_shards,
+    batches_taken_per_worker,
+    clip_spec,
+    finish_batch,
+    rank_quotas,
+    usable_videos,
+)
+from tricoclr.data.sampling import clip_frame_indices, sample_clip_starts, sample_generator
+from tricoclr.data.schema import chunks_for_span
+from tricoclr.data.store import iter_shard_samples, open_store
+
+COOPERATIVE = StageViews(both_views=("rgb",), view2_only=("flow", "audio"))
+RGB_ONLY = StageViews(both_views=("rgb",))
+FRAMES, STRIDE, SIZE, STEPS = 4, 2, 32, 32
+
+
+def data_cfg(workers: int = 0, **extra) -> dict:
+    cfg = copy.deepcopy(DEFAULTS["data"])
+    cfg.update(workers=workers, clip_frames=FRAMES, clip_stride=STRIDE, size=SIZE, spectrogram_steps=STEPS,
+               shuffle_buffer=4, prefetch_factor=2, **extra)
+    return cfg
+
+
+def epoch_batches(path, views=COOPERATIVE, workers=0, batch_size=2, epoch=0, start_batch=0, seed=0,
+                  rank=0, world_size=1) -> list[dict]:
+    """One epoch of one rank; the loader (and its LMDB environment) is closed before returning."""
+    loader = EpochLoader(str(path), views, data_cfg(workers), seed, batch_size, rank=rank, world_size=world_size)
+    loader.set_epoch(epoch, start_batch)
+    batches = list(loader)
+    assert len(batches) == len(loader) == loader.batches_per_epoch() - start_batch
+    del loader
+    gc.collect()
+    return batches
+
+
+def indices_of(batches: list[dict]) -> list[int]:
+    return [i for batch in batches for i in batch["video_index"].tolist()]
+
+
+def assert_batches_equal(first: list[dict], second: list[dict]) -> None:
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key == BROKEN_KEY:
+                continue
+            if isinstance(a[key], dict):
+                assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+            elif torch.is_tensor(a[key]):
+                assert torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key
+
+
+def concat(batches: list[dict], key: str) -> torch.Tensor:
+    return torch.cat([batch[key] for batch in batches])
+
+
+@pytest.fixture(scope="module")
+def wds_small_shards(train_wds, tmp_path_factory) -> Path:
+    """The train WebDataset store rewritten by the real writer with 2 videos per shard."""
+    out = tmp_path_factory.mktemp("wds_small") / "store"
+    entries = {e["id"]: e for e in open_store(train_wds).manifest()}
+    writer = PartWriter(out, "webdataset", shard_max_videos=2)
+    for sample in iter_shard_samples(open_store(train_wds).shard_paths()):
+        entry = {k: v for k, v in entries[sample["__key__"]].items() if k not in ("shard", "part")}
+        writer.add(entry, {schema.part_from_member(k): v for k, v in sample.items() if not k.startswith("__")})
+    writer.close()
+    return out
+
+
+def usable_count(path, views=COOPERATIVE) -> int:
+    return len(usable_videos(open_store(path).videos(), views, data_cfg()))
+
+
+# ---- the batch --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["train_lmdb", "train_wds"])
+def test_cooperative_batch_layout(store, request):
+    path = request.getfixturevalue(store)
+    metas = open_store(path).videos()
+    batch = epoch_batches(path)[0]
+    assert set(batch) == {"video_index", "video_id", "label", BROKEN_KEY, "rgb.view1", "rgb.view2",
+                          "rgb.view1.params", "rgb.view2.params", "flow.view2", "audio.view2"}
+    assert batch["rgb.view1"].shape == batch["rgb.view2"].shape == (2, 3, FRAMES, SIZE, SIZE)
+    assert batch["rgb.view1"].dtype == torch.uint8  # photometric part on the device
+    assert batch["flow.view2"].shape == (2, 2, FRAMES, SIZE, SIZE) and batch["flow.view2"].dtype == torch.float32
+    assert batch["audio.view2"].shape == (2, 1, schema.AUDIO_N_MELS, STEPS)
+    assert batch["audio.view2"].dtype == torch.float32
+    for i, video_id, label in zip(batch["video_index"].tolist(), batch["video_id"], batch["label"].tolist()):
+        assert metas[i]["id"] == video_id and metas[i]["label_index"] == label
+    assert batch[BROKEN_KEY].tolist() == [0, 0]
+
+    finished = finish_batch(batch, COOPERATIVE, "cpu")
+    assert set(finished) == {"video_index", "label", "rgb.view1", "rgb.view2", "flow.view2", "audio.view2"}
+    assert finished["rgb.view1"].shape == (2, 3, FRAMES, SIZE, SIZE) and finished["rgb.view1"].dtype == torch.float32
+    assert -2.2 < float(finished["rgb.view1"].min()) and float(finished["rgb.view1"].max()) < 2.7  # ImageNet-normalised
+
+
+def test_rgb_only_stage_reads_only_the_sampled_rgb_chunks(train_lmdb):
+    loader = EpochLoader(str(train_lmdb), RGB_ONLY, data_cfg(), seed=3, batch_size=2)
+    store = loader.dataset.store
+    reads: dict[str, set[str]] = {}
+    store.on_read = lambda video_id, part, nbytes: reads.setdefault(video_id, set()).add(part)
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert all(not any(k.startswith(("flow", "audio")) for k in batch) for batch in batches)
+    assert not [k for k in store.stats if k.startswith(("flow", "audio"))]
+
+    # Exactly the chunks that hold the two sampled clips, and nothing of any other video.
+    spec, metas, expected = clip_spec(data_cfg()), store.videos(), {}
+    for i in indices_of(batches):
+        meta = metas[i]
+        starts = sample_clip_starts(meta["frames"], spec, sample_generator(3, 1, i, 0, "clips"))
+        chunks = {schema.META_PART}  # record() reads the meta from the store
+        for start in starts:
+            frames = clip_frame_indices(start, spec, meta["frames"])
+            span = chunks_for_span(int(frames[0]), int(frames[-1] - frames[0]) + 1, meta["chunk_frames"])
+            chunks |= {schema.chunk_key("rgb", c) for c in span}
+        expected[meta["id"]] = chunks
+    assert reads == expected
+    del loader
+    gc.collect()
+
+
+@pytest.mark.parametrize("store", ["train_lmdb", "train_wds"])
+def test_rgb_only_stage_has_no_flow_or_audio(store, request):
+    batch = epoch_batches(request.getfixturevalue(store), views=RGB_ONLY)[0]
+    assert {k for k in batch if k.startswith(("rgb", "flow", "audio"))} == {
+        "rgb.view1", "rgb.view2", "rgb.view1.params", "rgb.view2.params"}
+
+
+# ---- determinism ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["train_lmdb", "train_wds"])
+def test_same_seed_and_epoch_give_identical_batches(store, request):
+    path = request.getfixturevalue(store)
+    first, again = epoch_batches(path, epoch=2), epoch_batches(path, epoch=2)
+    assert_batches_equal(first, again)
+    other = epoch_batches(path, epoch=3)
+    assert not torch.equal(concat(first, "rgb.view1"), concat(other, "rgb.view1"))
+
+
+def test_lmdb_batches_do_not_depend_on_worker_count(train_lmdb):
+    in_process = epoch_batches(train_lmdb, epoch=1)
+    with_workers = epoch_batches(train_lmdb, workers=2, epoch=1)
+    assert_batches_equal(in_process, with_workers)
+
+
+# ---- the split over ranks x workers -------------------------------------------------------------
+
+
+def test_lmdb_two_ranks_take_contiguous_slices_of_the_global_batch(train_lmdb):
+    b = 2
+    ranks = [epoch_batches(train_lmdb, workers=2, batch_size=b, epoch=1, rank=r, world_size=2) for r in range(2)]
+    single = epoch_batches(train_lmdb, batch_size=2 * b, epoch=1)
+    assert len(ranks[0]) == len(ranks[1]) == len(single) == usable_count(train_lmdb) // (2 * b)
+    for step, global_batch in enumerate(single):
+        for key in ("video_index", "rgb.view1", "rgb.view2", "flow.view2", "audio.view2"):
+            assert torch.equal(torch.cat([ranks[0][step][key], ranks[1][step][key]]), global_batch[key])
+    seen = indices_of(ranks[0]) + indices_of(ranks[1])
+    assert len(seen) == len(set(seen)) == len(single) * 2 * b
+
+
+@pytest.mark.parametrize("shards", ["small", "one"])
+def test_wds_two_ranks_two_workers_no_duplicates_equal_batches(shards, train_wds, wds_small_shards, caplog):
+    path = wds_small_shards if shards == "small" else train_wds
+    num_shards = len(open_store(path).shard_paths())
+    assert (num_shards >= 4) == (shards == "small")  # 'one': fewer shards than the 4 slots
+    with caplog.at_level(logging.INFO, logger="tricoclr.data.dataset"):
+        ranks = [epoch_batches(path, workers=2, batch_size=2, epoch=1, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    seen = indices_of(ranks[0]) + indices_of(ranks[1])
+    assert len(seen) == len(set(seen))
+    usable = usable_count(path)
+    assert set(seen) <= set(usable_videos(open_store(path).videos(), COOPERATIVE, data_cfg()))
+    dropped = usable - len(seen)
+    assert (dropped > 0) == any("drops" in r.message for r in caplog.records)
+    if shards == "one":  # samples split by position: at most one batch of slack per worker
+        assert dropped < 4 * 2
+
+
+def test_wds_plan_is_the_same_every_epoch():
+    counts = {f"s{i}": c for i, c in enumerate([5, 5, 5, 3, 2, 2, 1])}
+    loads = {tuple(sum(counts[p] for p in slot) for slot in assign_shards(counts, 3, random.Random(e)))
+             for e in range(20)}
+    assert len(loads) == 1
+    assignments = {tuple(map(tuple, assign_shards(counts, 3, random.Random(e)))) for e in range(20)}
+    assert len(assignments) > 1  # equal-sized shards move between slots from epoch to epoch
+
+
+def test_rank_quotas_equalise_ranks():
+    quotas, per_rank = rank_quotas([9, 4, 2, 2], world_size=2, workers=2, batch_size=2)
+    assert per_rank == 2 and quotas == [1, 1, 1, 1]
+    assert batches_taken_per_worker([3, 1, 2], 4) == [2, 1, 1]  # rounds: w0 w1 w2 | w0 ...
+    assert batches_taken_per_worker([3, 1, 2], 6) == [3, 1, 2]
+
+
+# ---- broken records ---------------------------------------------------------------------------
+
+
+def test_lmdb_broken_chunk_is_replaced_and_counted(train_lmdb, tmp_path):
+    path = Path(shutil.copytree(train_lmdb, tmp_path / "lmdb"))
+    metas = open_store(path).videos()
+    broken = metas[usable_videos(metas, RGB_ONLY, data_cfg())[0]]
+    env = lmdb.open(str(path / schema.LMDB_DIR), subdir=True)
+    with env.begin(write=True) as txn:
+        for chunk in range(-(-broken["frames"] // broken["chunk_frames"])):
+            key = schema.lmdb_key(broken["id"], schema.chunk_key("rgb", chunk))
+            txn.put(key, b"garbage" + txn.get(key)[7:])
+    env.close()
+
+    before = DataStats.broken_records
+    # Every usable video in one batch: the broken one is met exactly once.
+    n = usable_count(path, RGB_ONLY)
+    (batch,) = epoch_batches(path, views=RGB_ONLY, workers=2, batch_size=n)
+    assert DataStats.broken_records - before == int(batch[BROKEN_KEY].sum()) == 1
+    assert metas.index(broken) not in batch["video_index"].tolist()
+    assert batch["rgb.view1"].shape[0] == n
+
+
+def _garble_member(shard: Path, suffix: str) -> str:
+    """Overwrite one member's bytes in place (the tar stays well-formed); returns its key."""
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(suffix))
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\xff" * member.size)
+    return member.name.split(".", 1)[0]
+
+
+def test_wds_garbled_member_is_skipped_and_counted(wds_small_shards, tmp_path):
+    path = Path(shutil.copytree(wds_small_shards, tmp_path / "wds"))
+    key = _garble_member(Path(open_store(path).shard_paths()[0]), ".rgb_00000.tcf")
+    expected = len(epoch_batches(wds_small_shards, views=RGB_ONLY, batch_size=1))
+    before = DataStats.broken_records
+    batches = epoch_batches(path, views=RGB_ONLY, batch_size=1)  # one slot, no spare: padded
+    assert len(batches) == expected
+    assert DataStats.broken_records - before == 1
+    assert key not in [video_id for batch in batches for video_id in batch["video_id"]]
+
+
+def test_wds_truncated_shard_keeps_ranks_in_step(wds_small_shards, tmp_path):
+    path = Path(shutil.copytree(wds_small_shards, tmp_path / "wds"))
+    shard = Path(open_store(path).shard_paths()[1])
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    before = DataStats.broken_records
+    ranks = [epoch_batches(path, views=RGB_ONLY, workers=2, batch_size=1, rank=r, world_size=2) for r in range(2)]
+    clean = [epoch_batches(wds_small_shards, views=RGB_ONLY, batch_size=1, rank=r, world_size=2) for r in range(2)]
+    assert [len(r) for r in ranks] == [len(r) for r in clean]
+    assert DataStats.broken_records - before >= 1
+
+
+# ---- mid-epoch resume ---------------------------------------------------------------------------
+
+
+def test_lmdb_resume_yields_exactly_the_remaining_batches(train_lmdb):
+    full = epoch_batches(train_lmdb, epoch=4)
+    assert_batches_equal(epoch_batches(train_lmdb, epoch=4, start_batch=2), full[2:])
+
+
+def test_wds_resume_with_workers_yields_exactly_the_remaining_batches(wds_small_shards):
+    full = epoch_batches(wds_small_shards, workers=2, batch_size=1, epoch=4)
+    for start in (1, 3):
+        assert_batches_equal(epoch_batches(wds_small_shards, workers=2, batch_size=1, epoch=4, start_batch=start),
+                             full[start:])
