@@ -24,10 +24,10 @@ from tricoclr.data.dataset import (
     EpochLoader,
     StageViews,
     assign_shards,
-    batches_taken_per_worker,
     clip_spec,
     finish_batch,
     rank_quotas,
+    resume_point,
     usable_videos,
 )
 from tricoclr.data.sampling import clip_frame_indices, sample_clip_starts, sample_generator
@@ -168,6 +168,15 @@ def test_same_seed_and_epoch_give_identical_batches(store, request):
     assert not torch.equal(concat(first, "rgb.view1"), concat(other, "rgb.view1"))
 
 
+def test_persistent_wds_workers_follow_set_epoch(wds_small_shards):
+    loader = EpochLoader(str(wds_small_shards), RGB_ONLY, data_cfg(workers=2), seed=0, batch_size=2)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+    del loader
+    assert_batches_equal(batches, epoch_batches(wds_small_shards, views=RGB_ONLY, workers=2, epoch=1))
+
+
 def test_lmdb_batches_do_not_depend_on_worker_count(train_lmdb):
     in_process = epoch_batches(train_lmdb, epoch=1)
     with_workers = epoch_batches(train_lmdb, workers=2, epoch=1)
@@ -219,8 +228,10 @@ def test_wds_plan_is_the_same_every_epoch():
 def test_rank_quotas_equalise_ranks():
     quotas, per_rank = rank_quotas([9, 4, 2, 2], world_size=2, workers=2, batch_size=2)
     assert per_rank == 2 and quotas == [1, 1, 1, 1]
-    assert batches_taken_per_worker([3, 1, 2], 4) == [2, 1, 1]  # rounds: w0 w1 w2 | w0 ...
-    assert batches_taken_per_worker([3, 1, 2], 6) == [3, 1, 2]
+    # The DataLoader cycles w0 w1 w2 | w0 (w1 exhausted) w2 | w0.
+    assert resume_point([3, 1, 2], 4) == ([2, 1, 1], 2)
+    assert resume_point([3, 1, 2], 5) == ([2, 1, 2], 0)
+    assert resume_point([3, 1, 2], 6) == ([3, 1, 2], 1)
 
 
 # ---- broken records ---------------------------------------------------------------------------
@@ -256,15 +267,22 @@ def _garble_member(shard: Path, suffix: str) -> str:
     return member.name.split(".", 1)[0]
 
 
-def test_wds_garbled_member_is_skipped_and_counted(wds_small_shards, tmp_path):
+@pytest.mark.parametrize("spare", [True, False])
+def test_wds_garbled_member_is_skipped_and_counted(spare, wds_small_shards, tmp_path):
     path = Path(shutil.copytree(wds_small_shards, tmp_path / "wds"))
     key = _garble_member(Path(open_store(path).shard_paths()[0]), ".rgb_00000.tcf")
-    expected = len(epoch_batches(wds_small_shards, views=RGB_ONLY, batch_size=1))
+    usable = usable_count(path, RGB_ONLY)
+    # One slot. With a spare sample (a batch size that leaves a remainder) the broken record
+    # is replaced by it; without one the last good sample is repeated to fill the epoch.
+    batch_size = next(b for b in range(2, usable) if usable % b) if spare else 1
+    expected = len(epoch_batches(wds_small_shards, views=RGB_ONLY, batch_size=batch_size))
     before = DataStats.broken_records
-    batches = epoch_batches(path, views=RGB_ONLY, batch_size=1)  # one slot, no spare: padded
+    batches = epoch_batches(path, views=RGB_ONLY, batch_size=batch_size)
     assert len(batches) == expected
     assert DataStats.broken_records - before == 1
-    assert key not in [video_id for batch in batches for video_id in batch["video_id"]]
+    ids = [video_id for batch in batches for video_id in batch["video_id"]]
+    assert key not in ids
+    assert (len(set(ids)) == len(ids)) == spare
 
 
 def test_wds_truncated_shard_keeps_ranks_in_step(wds_small_shards, tmp_path):
@@ -273,7 +291,8 @@ def test_wds_truncated_shard_keeps_ranks_in_step(wds_small_shards, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     before = DataStats.broken_records
     ranks = [epoch_batches(path, views=RGB_ONLY, workers=2, batch_size=1, rank=r, world_size=2) for r in range(2)]
-    clean = [epoch_batches(wds_small_shards, views=RGB_ONLY, batch_size=1, rank=r, world_size=2) for r in range(2)]
+    clean = [epoch_batches(wds_small_shards, views=RGB_ONLY, workers=2, batch_size=1, rank=r, world_size=2)
+             for r in range(2)]
     assert [len(r) for r in ranks] == [len(r) for r in clean]
     assert DataStats.broken_records - before >= 1
 

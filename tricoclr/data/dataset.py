@@ -279,23 +279,26 @@ def rank_quotas(slot_counts: list[int], world_size: int, workers: int, batch_siz
     return quotas, target
 
 
-def batches_taken_per_worker(quotas: list[int], num_batches: int) -> list[int]:
-    """How many batches of each worker the first ``num_batches`` batches of a DataLoader hold.
+def resume_point(quotas: list[int], num_batches: int) -> tuple[list[int], int]:
+    """Where a DataLoader over workers with these batch quotas stands after ``num_batches``:
+    the batches taken from each worker, and the worker that yields the next one.
 
-    The DataLoader takes one batch from each worker in turn, skipping exhausted workers, so
-    with per-worker quotas the order is fixed: round j holds batch j of every worker with more
-    than j batches. A mid-epoch resume uses this to skip, without decoding, what was consumed.
+    The DataLoader takes one batch from each worker in turn, cyclically, skipping exhausted
+    workers, so the order is fixed by the quotas. A resumed loader restarts its cycle at its
+    worker 0, so that worker must play the next one's part (see ``WebDatasetPairStream``).
     """
     taken = [0] * len(quotas)
     remaining = min(num_batches, sum(quotas))
-    round_number = 0
+    worker = 0
     while remaining > 0:
-        for worker, quota in enumerate(quotas):
-            if quota > round_number and remaining > 0:
-                taken[worker] += 1
-                remaining -= 1
-        round_number += 1
-    return taken
+        if taken[worker] < quotas[worker]:
+            taken[worker] += 1
+            remaining -= 1
+        worker = (worker + 1) % len(quotas)
+    if sum(taken) < sum(quotas):
+        while taken[worker] >= quotas[worker]:  # exhausted workers are skipped
+            worker = (worker + 1) % len(quotas)
+    return taken, worker
 
 
 def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -448,10 +451,14 @@ class WebDatasetPairStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != self.num_workers:
             raise RuntimeError(f"stream built for {self.num_workers} workers but runs in {workers}")
-        slot = self.rank * self.num_workers + worker
         epoch, start_batch = self.epoch, self.start_batch
         rank_slots = slice(self.rank * self.num_workers, (self.rank + 1) * self.num_workers)
-        skipped = batches_taken_per_worker(list(self.plan.quotas[rank_slots]), start_batch)[worker]
+        taken, next_worker = resume_point(list(self.plan.quotas[rank_slots]), start_batch)
+        # After a resume this process's worker 0 yields first: it takes the part of the worker
+        # whose batch is next, so the remaining batches come in the uninterrupted order.
+        part = (worker + next_worker) % self.num_workers
+        slot = self.rank * self.num_workers + part
+        skipped = taken[part]
         tally = _WorkerTally()
         raws = self._slot_samples(slot, epoch, tally)
         raws = shuffle_buffer(raws, int(self.data_cfg["shuffle_buffer"]), random.Random(f"{self.seed}/{epoch}/{slot}"))
