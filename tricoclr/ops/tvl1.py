@@ -11,7 +11,8 @@ by step, so that flow prepared here is interchangeable with flow prepared by Ope
   side drops under 16 px;
 * per level: centred-difference gradients of the second image; ``warps`` times: the second image
   and its gradients warped by the current flow with bicubic interpolation (``cv::remap``,
-  ``INTER_CUBIC``, map coordinates rounded to 1/32 px, zero outside the image); then up to
+  ``INTER_CUBIC``, zero outside the image; at the exact coordinate as OpenCV 5, or rounded to
+  1/32 px as OpenCV 4.x with ``remap_subpixel_steps=32``); then up to
   ``outer_iterations`` rounds of [``median_filtering``×``median_filtering`` median filter of the
   flow, up to ``inner_iterations`` primal-dual iterations], stopped once the squared change of the
   flow summed over the image falls to ``epsilon² · area`` or below;
@@ -56,11 +57,12 @@ _MIN_PYRAMID_SIDE = 16
 class TVL1Params:
     """Parameters of TV-L1 flow; names and defaults mirror OpenCV's ``DualTVL1OpticalFlow``.
 
-    OpenCV name in brackets where it differs. The last three fields are extensions and do not
-    change results: ``fixed_iterations`` disables the epsilon stopping rule, ``check_every`` is
-    how many primal-dual iterations run between checks (one host synchronisation each) of whether
-    every sample of the batch has converged, ``median_chunk_pixels`` bounds the temporary memory
-    of the unfold-based median filter.
+    OpenCV name in brackets where it differs. The last four fields are extensions:
+    ``fixed_iterations`` disables the epsilon stopping rule (every iteration runs);
+    ``remap_subpixel_steps`` selects how the warp samples the image: 0 at the exact coordinate
+    as OpenCV 5 does, 32 at coordinates rounded to 1/32 px as OpenCV 4.x does. ``check_every``
+    (iterations between the host's checks of which samples converged; 0: 1 on CPU, 5 elsewhere)
+    and ``median_chunk_pixels`` (temporary memory of the unfold median) change speed only.
     """
 
     tau: float = 0.25  # time step of the dual update
