@@ -4,15 +4,16 @@ One sample = 2 clips x (RGB + flow + audio) of a video, 30 frames x 128^2 by def
 the sampled frames only and the geometric augmentation (crop, flip, time slice, warp), through
 ``EpochLoader`` with N workers. The naive loader, like CoCLR's, reads and decodes every RGB and
 flow frame of the whole video for each sample (from the same store), then cuts the same two
-clips and applies the same augmentation, in one process. ``device_aug_samples_per_s`` times
-the batched photometric part (``transforms.apply_photometric`` on both RGB views) on the device
-this runs on.
+clips and applies the same augmentation, through a DataLoader with the same workers. Both are
+also timed in one process in CPU time (steadier on a shared machine).
+``device_aug_samples_per_s`` times the batched photometric part (``transforms.apply_photometric``
+on both RGB views) on the device this runs on.
 
     python benchmarks/loader.py --make-data /tmp/loader_data            # synth + prepare, 10 s videos
     python benchmarks/loader.py --data /tmp/loader_data --store lmdb --workers 2 --seconds 20 --json out.json
 
-``--data DIR`` is a prepared store, or a folder holding ``lmdb/`` and ``webdataset/`` stores (what
-``--make-data`` writes).
+``--data DIR`` is a prepared store, or a folder holding ``prepared-lmdb/`` and
+``prepared-webdataset/`` (what ``--make-data`` writes).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tricoclr import modalities as registry  # noqa: E402
 from tricoclr.config import DEFAULTS  # noqa: E402
 from tricoclr.data import transforms  # noqa: E402
-from tricoclr.data.dataset import EpochLoader, StageViews, clip_spec  # noqa: E402
+from tricoclr.data.dataset import EpochLoader, StageViews, build_sample, clip_spec  # noqa: E402
 from tricoclr.data.sampling import sample_clip_starts, sample_generator, spectrogram_span  # noqa: E402
 from tricoclr.data.store import VideoStore, iter_shard_samples, open_store, record_from_sample  # noqa: E402
 
@@ -55,15 +57,15 @@ def make_data(out: Path, videos_per_class: int, seconds: float, size: int) -> No
     steps = [["synth", "--out", synth, "--classes", 4, "--videos-per-class", videos_per_class,
               "--seconds", seconds, "--size", size]]
     for store in STORES:
-        steps.append(["prepare", synth / "videos", "--out", out / store, "--format", store, "--flow", "farneback",
-                      "--size", size, "--shard-max-videos", max(1, videos_per_class), "--no-progress"])
+        steps.append(["prepare", synth / "videos", "--out", out / f"prepared-{store}", "--format", store,
+                      "--flow", "farneback", "--size", size, "--shard-max-videos", max(1, videos_per_class), "--no-progress"])
     for argv in steps:
         if data_cli([str(a) for a in argv]) != 0:
             raise SystemExit(f"failed: tricoclr-data {' '.join(map(str, argv))}")
 
 
 def find_store(data: Path, store: str) -> Path:
-    return data / store if (data / store).is_dir() else data
+    return data / f"prepared-{store}" if (data / f"prepared-{store}").is_dir() else data
 
 
 def data_config(workers: int, frames: int, size: int) -> dict:
@@ -73,39 +75,60 @@ def data_config(workers: int, frames: int, size: int) -> dict:
     return cfg
 
 
-# ---- the pipeline ---------------------------------------------------------------------------------
+# ---- timing ---------------------------------------------------------------------------------------
 
 
-def measure_loader(path: Path, cfg: dict, batch_size: int, seconds: float) -> dict:
-    """Samples per second through EpochLoader, after the first batch (worker start-up) is out."""
+def time_batches(batches, seconds: float) -> float:
+    """Samples per second of an endless batch iterator, after the first batch (worker start-up)."""
+    next(batches)
+    samples, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        samples += len(next(batches)["video_index"])
+    return samples / (time.perf_counter() - started)
+
+
+def pipeline_batches(path: Path, cfg: dict, batch_size: int):
+    """Endless batches of the real pipeline: EpochLoader, epoch after epoch."""
     loader = EpochLoader(str(path), ALL_VIEWS, cfg, seed=0, batch_size=batch_size)
-    samples, started = 0, None
     for epoch in itertools.count():
         loader.set_epoch(epoch)
-        for batch in loader:
-            if started is None:
-                started = time.perf_counter()
-                continue
-            samples += len(batch["video_index"])
-            if time.perf_counter() - started >= seconds:
-                return {"samples": samples, "elapsed_s": time.perf_counter() - started}
-    raise AssertionError("unreachable")
+        yield from loader
+
+
+def naive_batches(path: Path, cfg: dict, batch_size: int):
+    """Endless batches of the naive loader, with the same DataLoader settings and workers."""
+    workers = cfg["workers"]
+    yield from DataLoader(NaiveSamples(path, cfg), batch_size=batch_size, num_workers=workers,
+                          prefetch_factor=cfg["prefetch_factor"] if workers else None)
+
+
+def measure_in_process(path: Path, make_sample, seconds: float) -> float:
+    """CPU milliseconds per sample of ``make_sample(record, video_index)`` in this process:
+    on a shared machine the steadier number (what one dedicated core would do)."""
+    records = whole_video_records(open_store(path))
+    make_sample(*next(records))  # warm-up: first open, allocator
+    samples, started, cpu_started = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - started < seconds:
+        make_sample(*next(records))
+        samples += 1
+    return 1000.0 * (time.process_time() - cpu_started) / samples
 
 
 # ---- the naive loader -----------------------------------------------------------------------------
 
 
-def whole_video_records(store: VideoStore):
-    """Records in an endless loop: random access for LMDB, the shards over and over for WebDataset."""
+def whole_video_records(store: VideoStore, worker: int = 0, workers: int = 1):
+    """(record, video index) in an endless loop, this worker's share: every workers-th video
+    (LMDB, random access) or every workers-th shard (WebDataset), over and over."""
     if store.format == "lmdb":
         metas = store.videos()
-        for index in itertools.count():
-            yield index % len(metas), store.record(metas[index % len(metas)]["id"])
+        for index in itertools.count(worker, workers):
+            yield store.record(metas[index % len(metas)]["id"]), index % len(metas)
     else:
         index_of = {meta["id"]: i for i, meta in enumerate(store.videos())}
         while True:
-            for raw in iter_shard_samples(store.shard_paths()):
-                yield index_of[raw["__key__"]], record_from_sample(raw)
+            for raw in iter_shard_samples(store.shard_paths()[worker::workers]):
+                yield record_from_sample(raw), index_of[raw["__key__"]]
 
 
 def naive_sample(record, video_index: int, cfg: dict) -> dict:
@@ -116,7 +139,7 @@ def naive_sample(record, video_index: int, cfg: dict) -> dict:
              for name in ("rgb", "flow")}
     spectrogram = record.spectrogram()
     starts = sample_clip_starts(int(meta["frames"]), spec, sample_generator(0, 0, video_index, 0, "clips"))
-    sample = {}
+    sample = {"video_index": torch.tensor(video_index)}
     for view, start in zip((1, 2), starts):
         for name in ("rgb", "flow"):
             raw = video[name][start : start + spec.span : spec.stride]
@@ -128,16 +151,17 @@ def naive_sample(record, video_index: int, cfg: dict) -> dict:
     return sample
 
 
-def measure_naive(path: Path, cfg: dict, seconds: float) -> dict:
-    records = whole_video_records(open_store(path))
-    video_index, record = next(records)
-    naive_sample(record, video_index, cfg)  # warm-up: first open, allocator
-    samples, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        video_index, record = next(records)
-        naive_sample(record, video_index, cfg)
-        samples += 1
-    return {"samples": samples, "elapsed_s": time.perf_counter() - started}
+class NaiveSamples(IterableDataset):
+    """The naive loader as an endless dataset, the store split over the DataLoader's workers."""
+
+    def __init__(self, path: Path, cfg: dict):
+        self.path, self.cfg = path, cfg
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for record, video_index in whole_video_records(open_store(self.path), worker, workers):
+            yield naive_sample(record, video_index, self.cfg)
 
 
 # ---- the device side ------------------------------------------------------------------------------
@@ -146,7 +170,8 @@ def measure_naive(path: Path, cfg: dict, seconds: float) -> dict:
 def measure_device_aug(device: torch.device, batch_size: int, frames: int, size: int, seconds: float) -> float:
     """Samples per second of the batched photometric part: both RGB views of each sample."""
     clips = torch.randint(0, 256, (batch_size, 3, frames, size, size), dtype=torch.uint8, device=device)
-    params = [transforms.sample_photometric_params(sample_generator(0, 0, i, 1, "rgb/device")) for i in range(batch_size)]
+    params = [transforms.sample_photometric_params(sample_generator(0, 0, i, 1, "rgb/device"))
+              for i in range(batch_size)]
     batched = {key: torch.stack([p[key] for p in params]) for key in params[0]}
 
     def step():
@@ -185,23 +210,29 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     torch.set_num_threads(1)  # one core per worker, like the DataLoader's workers
-    loader = measure_loader(path, cfg, args.batch_size, args.seconds)
-    gc.collect()  # close the loader's LMDB environment: py-lmdb refuses a second one in a process
-    naive = measure_naive(path, cfg, args.baseline_seconds or args.seconds)
+    baseline_seconds = args.baseline_seconds or args.seconds
+    per_s = time_batches(pipeline_batches(path, cfg, args.batch_size), args.seconds)
+    gc.collect()  # stop each loader's workers before the next measurement
+    baseline = time_batches(naive_batches(path, cfg, args.batch_size), baseline_seconds)
+    gc.collect()
+    naive_cpu_ms = measure_in_process(path, lambda record, i: naive_sample(record, i, cfg), baseline_seconds)
+    cpu_ms = measure_in_process(path, lambda record, i: build_sample(record, i, 0, 0, ALL_VIEWS, cfg), args.seconds)
     torch.set_num_threads(os.cpu_count() or 1)  # the device side gets the whole machine
     device_aug = measure_device_aug(device, args.batch_size, args.clip_frames, args.size, args.device_seconds)
 
     workers = max(1, args.workers)  # 0 workers: the main process is the one worker
-    per_s = loader["samples"] / loader["elapsed_s"]
-    baseline = naive["samples"] / naive["elapsed_s"]
     return {
         "store": args.store,
         "workers": args.workers,
         "samples_per_s": per_s,
         "samples_per_s_per_worker": per_s / workers,
         "mean_ms_per_sample": 1000.0 * workers / per_s,  # worker time per sample
-        "baseline_samples_per_s_per_worker": baseline,
-        "speedup_per_worker": per_s / workers / baseline,
+        "baseline_samples_per_s_per_worker": baseline / workers,
+        "speedup_per_worker": per_s / baseline,
+        # In one process, CPU time: what one dedicated core does, whatever else the machine runs.
+        "cpu_ms_per_sample": cpu_ms,
+        "baseline_cpu_ms_per_sample": naive_cpu_ms,
+        "cpu_speedup": naive_cpu_ms / cpu_ms,
         "device_aug_samples_per_s": device_aug,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "clip_frames": args.clip_frames,
@@ -209,7 +240,7 @@ def run(args) -> dict:
         "batch_size": args.batch_size,
         "videos": len(metas),
         "video_seconds": sum(m["seconds"] for m in metas) / len(metas),
-        "measured_s": {"loader": loader["elapsed_s"], "baseline": naive["elapsed_s"]},
+        "measured_s": {"loader": args.seconds, "baseline": baseline_seconds},
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
                     "torch": torch.__version__},
     }
@@ -217,7 +248,7 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", help="a prepared store, or a folder with lmdb/ and webdataset/ stores")
+    parser.add_argument("--data", help="a prepared store, or a folder with prepared-lmdb/ and prepared-webdataset/")
     parser.add_argument("--make-data", metavar="DIR", help="synthesize and prepare the benchmark data into DIR")
     parser.add_argument("--videos-per-class", type=int, default=5, help="--make-data: 4 classes of these")
     parser.add_argument("--video-seconds", type=float, default=10.0, help="--make-data: length of each video")

@@ -123,30 +123,54 @@ def test_cooperative_batch_layout(store, request):
     assert -2.2 < float(finished["rgb.view1"].min()) and float(finished["rgb.view1"].max()) < 2.7  # ImageNet-normalised
 
 
-def test_rgb_only_stage_reads_only_the_sampled_rgb_chunks(train_lmdb):
-    loader = EpochLoader(str(train_lmdb), RGB_ONLY, data_cfg(), seed=3, batch_size=2)
-    store = loader.dataset.store
+def epoch_reads(path, views: StageViews, seed: int, epoch: int) -> tuple[list[dict], dict[str, set[str]]]:
+    """One epoch in this process, and the parts of each video it read from the LMDB store."""
+    loader = EpochLoader(str(path), views, data_cfg(), seed, batch_size=2)
     reads: dict[str, set[str]] = {}
-    store.on_read = lambda video_id, part, nbytes: reads.setdefault(video_id, set()).add(part)
-    loader.set_epoch(1)
+    loader.dataset.store.on_read = lambda video_id, part, nbytes: reads.setdefault(video_id, set()).add(part)
+    loader.set_epoch(epoch)
     batches = list(loader)
-    assert all(not any(k.startswith(("flow", "audio")) for k in batch) for batch in batches)
-    assert not [k for k in store.stats if k.startswith(("flow", "audio"))]
-
-    # Exactly the chunks that hold the two sampled clips, and nothing of any other video.
-    spec, metas, expected = clip_spec(data_cfg()), store.videos(), {}
-    for i in indices_of(batches):
-        meta = metas[i]
-        starts = sample_clip_starts(meta["frames"], spec, sample_generator(3, 1, i, 0, "clips"))
-        chunks = {schema.META_PART}  # record() reads the meta from the store
-        for start in starts:
-            frames = clip_frame_indices(start, spec, meta["frames"])
-            span = chunks_for_span(int(frames[0]), int(frames[-1] - frames[0]) + 1, meta["chunk_frames"])
-            chunks |= {schema.chunk_key("rgb", c) for c in span}
-        expected[meta["id"]] = chunks
-    assert reads == expected
     del loader
     gc.collect()
+    return batches, reads
+
+
+def clip_chunks(meta: dict, modality: str, start: int) -> set[str]:
+    """The chunks of ``modality`` that hold the frames of the clip starting at ``start``."""
+    frames = clip_frame_indices(start, clip_spec(data_cfg()), meta["frames"])
+    span = chunks_for_span(int(frames[0]), int(frames[-1] - frames[0]) + 1, meta["chunk_frames"])
+    return {schema.chunk_key(modality, c) for c in span}
+
+
+def sampled_starts(meta: dict, seed: int, epoch: int, video_index: int) -> tuple[int, int]:
+    generator = sample_generator(seed, epoch, video_index, 0, "clips")
+    return sample_clip_starts(meta["frames"], clip_spec(data_cfg()), generator)
+
+
+def test_rgb_only_stage_reads_only_the_sampled_rgb_chunks(train_lmdb):
+    batches, reads = epoch_reads(train_lmdb, RGB_ONLY, seed=3, epoch=1)
+    assert all(not any(k.startswith(("flow", "audio")) for k in batch) for batch in batches)
+    metas = open_store(train_lmdb).videos()
+    expected = {}
+    for i in indices_of(batches):
+        starts = sampled_starts(metas[i], 3, 1, i)
+        # record() reads the meta from the store; then the chunks of the two clips, nothing else.
+        expected[metas[i]["id"]] = {schema.META_PART} | clip_chunks(metas[i], "rgb", starts[0]) | clip_chunks(
+            metas[i], "rgb", starts[1])
+    assert reads == expected
+
+
+def test_samplers_read_the_frames_of_the_key_clip(train_lmdb):
+    """Flow, a frozen sampler in this stage, is read for view 2 only, at view 2's frames of RGB."""
+    batches, reads = epoch_reads(train_lmdb, COOPERATIVE, seed=5, epoch=0)
+    metas = open_store(train_lmdb).videos()
+    for i in indices_of(batches):
+        starts = sampled_starts(metas[i], 5, 0, i)
+        parts = reads[metas[i]["id"]]
+        assert {p for p in parts if p.startswith("flow")} == clip_chunks(metas[i], "flow", starts[1])
+        assert {p for p in parts if p.startswith("rgb")} == clip_chunks(metas[i], "rgb", starts[0]) | clip_chunks(
+            metas[i], "rgb", starts[1])
+        assert schema.AUDIO_PART in parts
 
 
 @pytest.mark.parametrize("store", ["train_lmdb", "train_wds"])

@@ -17,12 +17,12 @@ count with the next sample (``BROKEN_KEY``) and ``EpochLoader`` adds it to ``Dat
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import multiprocessing
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -254,11 +254,12 @@ def assign_shards(shard_counts: dict[str, int], num_slots: int, rng: random.Rand
     order = sorted(shard_counts)
     rng.shuffle(order)
     order.sort(key=lambda path: -shard_counts[path])  # stable: keeps the shuffle among equals
-    loads, slots = [0] * num_slots, [[] for _ in range(num_slots)]
+    slots: list[list[str]] = [[] for _ in range(num_slots)]
+    least_loaded = [(0, slot) for slot in range(num_slots)]  # (load, slot): a valid heap
     for path in order:
-        slot = min(range(num_slots), key=lambda s: (loads[s], s))
+        load, slot = heapq.heappop(least_loaded)
         slots[slot].append(path)
-        loads[slot] += shard_counts[path]
+        heapq.heappush(least_loaded, (load + shard_counts[path], slot))
     return slots
 
 
@@ -416,8 +417,8 @@ class WebDatasetPairStream(IterableDataset):
             else:
                 lost.append(meta["id"])
         if lost:  # e.g. a shard deleted after preparation: leave its videos out, loudly
-            log.warning("%d videos are in no complete shard of %s and are left out (e.g. %s)", len(lost),
-                        self.store.root, lost[0])
+            log.warning("%d videos of %s are left out: their manifest entry names no complete shard (e.g. %s)",
+                        len(lost), self.store.root, lost[0])
             self.usable_ids.difference_update(lost)
         return counts
 
@@ -471,9 +472,8 @@ class WebDatasetPairStream(IterableDataset):
         import webdataset as wds
 
         sources = ({"url": url} for url in self._epoch_shards(slot, epoch))
-        keep = lambda member: _member_modality(member) in self.wanted_modalities  # noqa: E731
         position = -1
-        for raw in wds.tarfile_samples(sources, handler=tally.tar_error, select_files=keep):
+        for raw in wds.tarfile_samples(sources, handler=tally.tar_error, select_files=self._wanted_member):
             if raw.get("__key__") not in self.usable_ids:
                 continue
             position += 1  # counted before the shuffle: the same in every slot that reads this shard
@@ -482,12 +482,17 @@ class WebDatasetPairStream(IterableDataset):
             tally.seen += 1
             yield raw
 
+    def _wanted_member(self, member: str) -> bool:
+        return _member_modality(member) in self.wanted_modalities
+
     def _samples(self, raws: Iterator[dict], quota: int, skip: int, epoch: int, slot: int,
                  tally: _WorkerTally) -> Iterator[dict]:
         """Exactly ``quota`` samples (the first ``skip`` consumed without decoding, on resume).
 
         A broken record is replaced by the next sample (the slot's surplus); if the shards run
         dry, the last good sample is repeated: a duplicate beats a rank that waits forever.
+        Skipped samples are not decoded, so a broken record among them shifts a resumed epoch
+        by one sample against the interrupted one.
         """
         produced, last_good = 0, None
         for raw in raws:
