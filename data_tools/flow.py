@@ -10,12 +10,17 @@ stored frame size. Two policies make it usable for training (docs/schema.md):
 - T frames give T - 1 fields; the last frame (and any repeats of it) gets a copy of the
   previous field, so a video has as many flow frames as RGB frames.
 
-Estimators take a whole window of frames at once so that a batched GPU implementation fits the
-same slot as the pairwise OpenCV ones (see ``register_flow_method``).
+Estimators come in two kinds (see ``register_flow_method``): per-video ones run in each worker on
+a window of one video's frames (OpenCV's TV-L1 and Farneback); batched ones (``tvl1-torch``) run
+in the main process on pairs gathered from many videos at once, because a GPU needs thousands of
+pairs per call to be fast. Both share the sequencing policy (``FlowSequencer``, ``FlowSpreader``)
+and the encoding (``encode_flow``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -23,26 +28,53 @@ import torch
 from torchvision.io import encode_jpeg
 
 from tricoclr.data import schema
+from tricoclr.ops.tvl1 import TVL1Params, create_opencv_tvl1, tvl1_flow
 
 try:
     import cv2
 except ImportError:  # flow "none" still works without OpenCV
     cv2 = None
 
-# (N, H, W) uint8 greyscale frames -> (N - 1, H, W, 2) float32 flow (x, y) in pixels.
+# (N, H, W) uint8 greyscale frames of one video -> (N - 1, H, W, 2) float32 flow (x, y) in pixels.
 FlowEstimator = Callable[[np.ndarray], np.ndarray]
+# (B, H, W) uint8 first frames, (B, H, W) uint8 second frames (pairs from any videos) ->
+# (B, H, W, 2) float32 flow from each first frame to its second frame.
+PairFlowEstimator = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
-_FLOW_METHODS: dict[str, Callable[[], FlowEstimator]] = {}
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """Settings a flow method's factory receives; each method uses those that apply to it."""
+
+    tvl1: TVL1Params | None = None  # TV-L1 methods; None: OpenCV's defaults
+    device: str = "cpu"  # batched methods: where the pairs are computed
+    compile: bool | None = None  # batched methods: torch.compile (None: on CUDA only)
 
 
-def register_flow_method(name: str, factory: Callable[[], FlowEstimator]) -> None:
+@dataclass(frozen=True)
+class _Method:
+    factory: Callable[[FlowOptions], Callable]
+    batched: bool
+
+
+_FLOW_METHODS: dict[str, _Method] = {}
+
+# Methods that are TV-L1 and take --tvl1-* parameters.
+TVL1_METHODS = frozenset({"tvl1", "tvl1-torch"})
+# TVL1Params fields that change speed only: not recorded in metas.
+_SPEED_ONLY_TVL1_FIELDS = frozenset({"check_every", "median_chunk_pixels"})
+
+
+def register_flow_method(name: str, factory: Callable[[FlowOptions], Callable], *, batched: bool = False) -> None:
     """Add a flow method selectable with ``--flow NAME``.
 
-    ``factory()`` runs once per worker process and returns the estimator; it should import
-    heavy dependencies itself. A GPU TV-L1 (tricoclr.ops.tvl1) plugs in here as
-    ``register_flow_method("tvl1-torch", lambda: <wrap flow_for_frame_sequence>)``.
+    ``factory(options)`` runs once per process that uses the method and should import heavy
+    dependencies itself. Per-video methods (``batched=False``) return a ``FlowEstimator`` that
+    each worker process runs on windows of one video's distinct frames. Batched methods return a
+    ``PairFlowEstimator`` that the main process of ``prepare`` runs on pairs gathered from many
+    videos (the workers then only decode and send the greyscale frames).
     """
-    _FLOW_METHODS[name] = factory
+    _FLOW_METHODS[name] = _Method(factory, batched)
 
 
 def available_flow_methods() -> list[str]:
@@ -51,17 +83,47 @@ def available_flow_methods() -> list[str]:
 
 
 def default_flow_method() -> str:
-    """TV-L1 (as the paper) when OpenCV contrib is installed, else Farneback."""
-    return "tvl1" if "tvl1" in _FLOW_METHODS else "farneback"
+    """TV-L1 as the paper: OpenCV contrib's when installed, else the PyTorch one (which needs no
+    OpenCV at all, e.g. on a GPU machine with the plain install)."""
+    return "tvl1" if "tvl1" in _FLOW_METHODS else "tvl1-torch"
 
 
-def make_flow_estimator(name: str) -> FlowEstimator | None:
-    """The estimator for ``--flow NAME``; None for "none"."""
-    if name == "none":
-        return None
+def is_batched_flow_method(name: str) -> bool:
+    """True when ``--flow NAME`` is computed by the main process across videos."""
+    return name in _FLOW_METHODS and _FLOW_METHODS[name].batched
+
+
+def _method(name: str, batched: bool) -> _Method:
     if name not in _FLOW_METHODS:
         raise ValueError(f"unknown or unavailable flow method {name!r}; available: {', '.join(available_flow_methods())}")
-    return _FLOW_METHODS[name]()
+    method = _FLOW_METHODS[name]
+    if method.batched != batched:
+        raise ValueError(f"flow method {name!r} is {'' if method.batched else 'not '}a batched method")
+    return method
+
+
+def make_flow_estimator(name: str, options: FlowOptions = FlowOptions()) -> FlowEstimator | None:
+    """The per-video estimator for ``--flow NAME``; None for "none"."""
+    if name == "none":
+        return None
+    return _method(name, batched=False).factory(options)
+
+
+def make_pair_flow_estimator(name: str, options: FlowOptions = FlowOptions()) -> PairFlowEstimator:
+    """The estimator of a batched method, for pairs from many videos."""
+    return _method(name, batched=True).factory(options)
+
+
+def flow_params_meta(name: str, tvl1: TVL1Params | None) -> dict | None:
+    """The TV-L1 parameters to record in a video's meta (``flow_params``), or None.
+
+    ``tvl1-torch`` always records them; OpenCV's ``tvl1`` only when ``--tvl1-*`` options set
+    them (``tvl1`` not None), so that its metas stay as they were before these options existed.
+    """
+    if name not in TVL1_METHODS or (name == "tvl1" and tvl1 is None):
+        return None
+    params = dataclasses.asdict(tvl1 or TVL1Params())
+    return {k: v for k, v in params.items() if k not in _SPEED_ONLY_TVL1_FIELDS}
 
 
 def _pairwise(estimate_pair: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> FlowEstimator:
@@ -73,13 +135,16 @@ def _pairwise(estimate_pair: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> 
     return estimate
 
 
-def _opencv_tvl1() -> FlowEstimator:
+def _opencv_tvl1(options: FlowOptions) -> FlowEstimator:
     # OpenCV's defaults (5 scales, 5 warps, lambda 0.15) are what CoCLR's dense_flow used.
-    tvl1 = cv2.optflow.DualTVL1OpticalFlow_create()
+    if options.tvl1 is None:
+        tvl1 = cv2.optflow.DualTVL1OpticalFlow_create()
+    else:
+        tvl1 = create_opencv_tvl1(options.tvl1)
     return _pairwise(lambda a, b: tvl1.calc(a, b, None))
 
 
-def _opencv_farneback() -> FlowEstimator:
+def _opencv_farneback(options: FlowOptions) -> FlowEstimator:
     return _pairwise(
         lambda a, b: cv2.calcOpticalFlowFarneback(
             a, b, None, pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0
@@ -87,10 +152,24 @@ def _opencv_farneback() -> FlowEstimator:
     )
 
 
+def _torch_tvl1(options: FlowOptions) -> PairFlowEstimator:
+    """tricoclr.ops.tvl1 (OpenCV's TV-L1 replicated in PyTorch) on ``options.device``."""
+    device = torch.device(options.device)
+    params = options.tvl1 or TVL1Params()
+
+    def estimate(frames0: np.ndarray, frames1: np.ndarray) -> np.ndarray:
+        frame0, frame1 = (torch.from_numpy(np.ascontiguousarray(f)).to(device) for f in (frames0, frames1))
+        flow = tvl1_flow(frame0, frame1, params, compile=options.compile)
+        return flow.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+    return estimate
+
+
 if cv2 is not None:
     register_flow_method("farneback", _opencv_farneback)
     if hasattr(cv2, "optflow"):
         register_flow_method("tvl1", _opencv_tvl1)
+register_flow_method("tvl1-torch", _torch_tvl1, batched=True)  # needs torch only
 
 
 def to_gray(rgb: np.ndarray) -> np.ndarray:
@@ -99,21 +178,46 @@ def to_gray(rgb: np.ndarray) -> np.ndarray:
     return np.clip(gray + 0.5, 0, 255).astype(np.uint8)
 
 
+class FlowSpreader:
+    """The repeated-frame policy for one video, fed in frame order.
+
+    ``spread(field, run)``: the field from a distinct frame to the next one, spread over the
+    ``run`` output frames that show the first: each gets field / run. ``last(run, shape)``: the
+    last distinct frame (and its repeats) copies the previous output field; zero flow when the
+    video has a single distinct frame.
+    """
+
+    def __init__(self):
+        self.last_field: np.ndarray | None = None
+
+    def spread(self, field: np.ndarray, run: int) -> tuple[np.ndarray, int]:
+        self.last_field = (field / run).astype(np.float32)
+        return self.last_field, run
+
+    def last(self, run: int, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+        if self.last_field is None:  # a single distinct frame: no motion was ever observed
+            self.last_field = np.zeros((*shape, 2), np.float32)
+        return self.last_field, run
+
+
 class FlowSequencer:
     """Turns the output frames (source index, grey image) into one flow field per frame.
 
     ``push`` and ``finish`` return ``(field, repeat)`` pairs in frame order: ``field`` (H, W, 2)
     float32 applies to the next ``repeat`` output frames. Frames are estimated in windows of
     ``window`` distinct frames (overlapping by one), so memory does not grow with the video.
+
+    Without an estimator the sequencer only collects: ``collected()`` gives every distinct frame
+    and its run, for a batched method to compute elsewhere (then spread with a ``FlowSpreader``).
     """
 
-    def __init__(self, estimator: FlowEstimator, window: int = 32):
+    def __init__(self, estimator: FlowEstimator | None, window: int = 32):
         self.estimator = estimator
         self.window = window
         self.distinct: list[np.ndarray] = []  # distinct frames waiting for their flow
         self.runs: list[int] = []  # how many output frames each distinct frame covers
         self.last_source: int | None = None
-        self.last_field: np.ndarray | None = None
+        self.spreader = FlowSpreader()
 
     def push(self, source_index: int, gray: np.ndarray) -> list[tuple[np.ndarray, int]]:
         if source_index == self.last_source:
@@ -122,7 +226,7 @@ class FlowSequencer:
         self.last_source = source_index
         self.distinct.append(gray)
         self.runs.append(1)
-        if len(self.distinct) <= self.window:
+        if self.estimator is None or len(self.distinct) <= self.window:
             return []
         return self._flush_window()
 
@@ -131,20 +235,21 @@ class FlowSequencer:
         if not self.distinct:
             return []
         out = self._flush_window() if len(self.distinct) > 1 else []
-        if self.last_field is None:  # a single distinct frame: no motion was ever observed
-            self.last_field = np.zeros((*self.distinct[0].shape, 2), np.float32)
-        out.append((self.last_field, self.runs[-1]))
+        out.append(self.spreader.last(self.runs[-1], self.distinct[0].shape))
         self.distinct, self.runs = [], []
         return out
+
+    def collected(self) -> tuple[np.ndarray, list[int]] | None:
+        """(distinct frames (D, H, W) uint8, their runs), or None when no frame was pushed."""
+        if not self.distinct:
+            return None
+        return np.stack(self.distinct), list(self.runs)
 
     def _flush_window(self) -> list[tuple[np.ndarray, int]]:
         """Estimate every pair of the buffered distinct frames; keep the last frame buffered
         (its run may still grow and its flow needs the next frame)."""
         fields = self.estimator(np.stack(self.distinct))
-        out = []
-        for field, run in zip(fields, self.runs[:-1]):
-            self.last_field = (field / run).astype(np.float32)
-            out.append((self.last_field, run))
+        out = [self.spreader.spread(field, run) for field, run in zip(fields, self.runs[:-1])]
         self.distinct, self.runs = self.distinct[-1:], self.runs[-1:]
         return out
 

@@ -59,9 +59,7 @@ def _read_video(store_key: str):
         # Flow may hold fewer fields than there are frames: clamp to what the record stores.
         stored = int(record.meta.get(f"{store_key}_frames", clip.num_frames)) if store_key != "rgb" else clip.num_frames
         indices = clip_frame_indices(clip.start_frame, clip.spec, min(clip.num_frames, stored))
-        first, last = int(indices.min()), int(indices.max())
-        frames = record.frames(store_key, first, last - first + 1)  # only the chunks it needs
-        return frames[indices - first]  # (T, C, H, W) uint8
+        return record.frames_at(store_key, indices.tolist())  # (T, C, H, W) uint8, only its chunks
 
     return read
 
@@ -99,8 +97,9 @@ def _rgb_finish_eval(batch, params):
 
 
 def _flow_augment(raw, generator, data_cfg):
-    flow = transforms.flow_geometric(raw, generator, size=data_cfg["size"], scale=tuple(data_cfg["crop_scale"]))
-    return transforms.normalise_flow(flow).permute(1, 0, 2, 3).contiguous()  # (2, T, H, W) float
+    # (2, T, H, W) float, normalised, written in one pass (the flow float math dominates otherwise)
+    return transforms.flow_geometric(raw, generator, size=data_cfg["size"], scale=tuple(data_cfg["crop_scale"]),
+                                     normalise=True, channels_first=True)
 
 
 def _flow_present(raw, data_cfg):

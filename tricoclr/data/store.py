@@ -127,6 +127,35 @@ class VideoRecord:
             return torch.empty((0, channels, self.meta["height"], self.meta["width"]), dtype=torch.uint8)
         return torch.stack(images)
 
+    def frames_at(self, modality: str, indices: list[int]) -> torch.Tensor:
+        """uint8 (len(indices), C, H, W): the given frames (any order, repeats allowed).
+
+        Decodes each distinct frame once and only those (a strided clip skips the frames in
+        between), into one preallocated tensor.
+        """
+        total = self._frame_count(modality)
+        if any(i < 0 or i >= total for i in indices):
+            raise IndexError(f"{self.id}: {modality} frame indices outside [0, {total})")
+        distinct = sorted(set(indices))
+        chunk_frames = self.meta["chunk_frames"]
+        chunks = sorted({i // chunk_frames for i in distinct})
+        blobs = dict(zip(chunks, self._fetch([schema.chunk_key(modality, c) for c in chunks])))
+        channels = 2 if modality == "flow" else 3
+        out = torch.empty((len(distinct), channels, self.meta["height"], self.meta["width"]), dtype=torch.uint8)
+        unpacked: dict[int, list] = {}
+        for slot, index in enumerate(distinct):
+            chunk = index // chunk_frames
+            if blobs[chunk] is None:
+                raise KeyError(f"{self.id}: chunk {schema.chunk_key(modality, chunk)} missing from the store")
+            if chunk not in unpacked:
+                unpacked[chunk] = schema.unpack_frames(blobs[chunk])
+            image = _decode_jpeg(unpacked[chunk][index - chunk * chunk_frames])
+            out[slot] = self._split_flow(image) if modality == "flow" else image
+        if distinct == list(indices):
+            return out
+        position = {index: slot for slot, index in enumerate(distinct)}
+        return out[[position[i] for i in indices]]
+
     def _frame_count(self, modality: str) -> int:
         if modality == "rgb":
             return self.meta["frames"]
