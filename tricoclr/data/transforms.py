@@ -162,8 +162,11 @@ def flow_resized_crop_flip(
         source, view = resized.permute(1, 0, 2, 3), (2, 1, 1, 1)
     else:
         source, view = resized, (1, 2, 1, 1)
+    # Converting the (permuted) uint8 field with copy_ and scaling in place is ~6x faster on a CPU
+    # than one mixed-dtype addcmul over the permuted view.
     out = torch.empty(source.shape, dtype=torch.float32)
-    return torch.addcmul(shift.view(view), source, scale.view(view), out=out)
+    out.copy_(source)
+    return out.mul_(scale.view(view)).add_(shift.view(view))
 
 
 def flow_geometric(
