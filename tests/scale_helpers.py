@@ -125,7 +125,8 @@ class ProbedTrainer(Trainer):
 
     def write_summary(self) -> None:
         summary = {"losses": self.losses, "global_step": self.global_step, "comm_calls": self.comm_calls,
-                   "world_size": self.accelerator.num_processes}
+                   "world_size": self.accelerator.num_processes,
+                   "distributed_type": str(self.accelerator.distributed_type.value)}
         (self.out / "summary.json").write_text(json.dumps(summary))
         if self.grads:
             save_file(self.grads, str(self.out / "grads.safetensors"))

@@ -31,6 +31,10 @@ def run_train(args) -> int:
         # Exit cleanly (a non-zero rank exit would make the launcher report a failure); the
         # PREEMPTED marker the trainer wrote tells the SLURM script to requeue.
         print(f"preempted: {stop}; rerun the same command to resume", file=sys.stderr)
+    except FloatingPointError as stop:
+        # Repeated non-finite losses: the message says where the last good checkpoint is.
+        print(f"training stopped: {stop}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -132,7 +132,6 @@ class Trainer:
         self.global_step = 0
         self._preempt_signal = False
         self.history: list[dict] = []
-        self.current_stage: CooperativeStage | None = None
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -152,9 +151,13 @@ class Trainer:
                     f"{self.output_dir} holds a run with a different config ({config_path}); refusing to "
                     "resume. Use another output_dir, or allow_config_change=true to resume anyway."
                 )
+        # Every rank has read the previous config before the main process replaces it.
+        self.accelerator.wait_for_everyone()
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(self.config, config_path)
+            tmp_config = config_path.with_name(".config.yaml.tmp")
+            dump_config(self.config, tmp_config)
+            os.replace(tmp_config, config_path)
             info = {
                 "git_commit": _git_commit(),
                 "packages": _package_versions(),
@@ -311,7 +314,6 @@ class Trainer:
         stage = CooperativeStage(plan, self.encoders, cfg["method"])
         stage.queue.reset(generator=torch.Generator().manual_seed(stage_seed))
         stage.to(acc.device).train()
-        self.current_stage = stage
         optimizer = self._build_optimizer(encoder)
         model, optimizer = self._prepare(encoder, optimizer)
         # Not prepared on purpose: it steps once per optimizer step whatever the world size.
@@ -375,6 +377,8 @@ class Trainer:
                         acc.backward(loss)
                         stage.stash_for_enqueue(key, oracle, batch)
                         loss_sum += flags[1]
+                    else:
+                        self._backward_nothing(model)
                     window["samples"] += query.shape[0] * acc.num_processes
                     if not acc.sync_gradients:
                         window["compute"] += time.perf_counter() - compute_start
@@ -422,7 +426,6 @@ class Trainer:
             progress.close()
         self._finish_stage(plan, model, stage)
         self._release_stage(model, encoder)
-        self.current_stage = None
 
     def _prepare(self, encoder: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """Only the trained encoder and its optimizer go through Accelerate (DDP or one DeepSpeed
@@ -476,16 +479,31 @@ class Trainer:
         momentum_update(stage.momentum_encoder, acc.unwrap_model(model), mu)
         stage.enqueue_pending()
 
+    def _backward_nothing(self, model) -> None:
+        """Stand-in for the backward of a micro-step whose optimizer step will be skipped.
+
+        DDP: a forward with gradient sync on arms the reducer, and an armed reducer all-reduces at
+        the next backward even under ``no_sync``; a zero loss over every parameter completes the
+        cycle (all ranks do it: the decision is all-reduced). DeepSpeed with accumulation: the engine
+        counts micro-steps and reduces gradients in its own buffers, so it gets the zero loss too and
+        steps on the earlier micro-steps' gradients (a partial step, warned about); without
+        accumulation it gets nothing, and the step is skipped exactly.
+        """
+        acc = self.accelerator
+        if self._deepspeed and self.config["grad_accum_steps"] == 1:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        acc.backward(torch.stack([p.sum() for p in params]).sum() * 0.0)
+
     def _skip_step(self, model, optimizer, scheduler, stage, encoder, snapshot) -> None:
         """No update, no enqueue, BN statistics put back; the step still counts (the data position and
         the LR schedule are functions of the step), so a resume lands where a run without the skip
         would."""
         log.warning("non-finite loss at step %d (on some rank): skipping the optimizer step", self.global_step + 1)
+        if self._deepspeed and self.config["grad_accum_steps"] > 1:
+            log.warning("under DeepSpeed with gradient accumulation the engine has stepped on the gradients "
+                        "of the micro-steps before the non-finite one")
         optimizer.zero_grad(set_to_none=True)
-        if self._deepspeed:
-            # The engine ran no backward this step (it is skipped on every micro-step from the bad one
-            # on); with accumulation, earlier micro-steps' gradients are dropped here.
-            self.accelerator.deepspeed_engine_wrapped.engine.zero_grad()
         stage.discard_pending()
         stage.restore_buffers(encoder, snapshot)
         scheduler.step()
@@ -507,7 +525,7 @@ class Trainer:
                     "mid-stage at the same data position")
             # Model, optimizer and scaler (or the DeepSpeed engine): files this run wrote.
             acc.load_state(str(ckpt))
-            tensors = load_file(ckpt / STAGE_TENSORS, device=str(acc.device))
+            tensors = load_file(ckpt / STAGE_TENSORS)  # load_state_dict copies to the modules' device
             stage.momentum_encoder.load_state_dict(_subdict(tensors, "momentum."))
             stage.queue.load_state_dict(_subdict(tensors, "queue."))
             scheduler.load_state_dict(resume_state["scheduler"])
@@ -595,7 +613,7 @@ class Trainer:
                 "steps_per_epoch": steps_per_epoch,
                 "world_size": acc.num_processes,
                 "grad_accum_steps": self.config["grad_accum_steps"],
-                "scheduler": _json_state(scheduler.state_dict()),
+                "scheduler": scheduler.state_dict(),  # plain numbers (its lambda is stored as None)
             }
             _write_atomically(tmp / STATE_FILE, json.dumps(state, indent=1))
             if done:
@@ -716,11 +734,6 @@ def _input_dtype(accelerator, model) -> torch.dtype:
     if getattr(accelerator.state, "deepspeed_plugin", None) is None:
         return torch.float32
     return next(accelerator.unwrap_model(model).parameters()).dtype
-
-
-def _json_state(state: dict) -> dict:
-    """An LR scheduler's state dict without its (unserialisable, rebuilt) lambdas."""
-    return {k: v for k, v in state.items() if k != "lr_lambdas"}
 
 
 def _rng_state() -> dict:
