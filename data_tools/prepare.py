@@ -56,7 +56,8 @@ from data_tools.flow import (
     to_gray,
 )
 from data_tools.inspect_data import format_statistics, statistics_from_entries
-from data_tools.writers import PartWriter, failed_entry, kept_entry, write_json_atomic
+from data_tools.writers import PartWriter, failed_entry, kept_entry
+from tricoclr.durable import write_json_atomic
 from tricoclr.data import schema
 from tricoclr.data.store import read_manifest
 from tricoclr.ops.tvl1 import TVL1Params

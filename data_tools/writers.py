@@ -25,6 +25,7 @@ from pathlib import Path
 import lmdb
 
 from tricoclr.data import schema
+from tricoclr.durable import fsync_dir
 from tricoclr.data.store import iter_shard_samples, read_manifest, release_environment
 
 try:
@@ -36,27 +37,6 @@ LMDB_INITIAL_MAP_SIZE = 1 << 30  # grown by doubling when full
 
 
 # ---- small durable-file helpers ---------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or file creation in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to ``path`` so that readers see the old or the new file, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def append_jsonl(path: Path, entries: list[dict]) -> None:

@@ -34,6 +34,7 @@ from tricoclr import modalities as registry
 from tricoclr.config import ConfigError, dump_config
 from tricoclr.data.dataset import DataStats, EpochLoader, StageViews, finish_batch
 from tricoclr.data.sampling import sample_generator
+from tricoclr.durable import fsync_dir, fsync_file, write_text_atomic
 from tricoclr.distributed import convert_to_global_batchnorm
 from tricoclr.method import CooperativeStage, StagePlan, build_schedule, momentum_at, momentum_update
 from tricoclr.models.encoder import Encoder, load_encoder, save_encoder
@@ -414,7 +415,7 @@ class Trainer:
                         self._save_latest_encoder(plan)  # the run ends inside this stage
                     if preempt:
                         if self.is_main:
-                            _write_atomically(self.output_dir / PREEMPTED_MARKER, f"{self.global_step}\n")
+                            write_text_atomic(self.output_dir / PREEMPTED_MARKER, f"{self.global_step}\n")
                         acc.wait_for_everyone()
                         raise PreemptionRequested(f"checkpoint written at step {self.global_step}")
                     if epoch_end and not finished:
@@ -592,7 +593,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        _write_atomically(tmp / f"rng-rank{acc.process_index}.json", json.dumps(_rng_state()))
+        write_text_atomic(tmp / f"rng-rank{acc.process_index}.json", json.dumps(_rng_state()))
         if self.is_main:
             tensors = {}
             for name, encoder in self.encoders.items():
@@ -615,7 +616,7 @@ class Trainer:
                 "grad_accum_steps": self.config["grad_accum_steps"],
                 "scheduler": scheduler.state_dict(),  # plain numbers (its lambda is stored as None)
             }
-            _write_atomically(tmp / STATE_FILE, json.dumps(state, indent=1))
+            write_text_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
             if done:
                 self._save_stage_encoders(plan)
         # Every rank's files are in tmp (DeepSpeed shards, RNG states) before it becomes a checkpoint.
@@ -623,9 +624,9 @@ class Trainer:
         if self.is_main:
             for path in tmp.rglob("*"):
                 if path.is_file():
-                    _fsync_file(path)
+                    fsync_file(path)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             for old in sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())[: -self.config["keep_checkpoints"]]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -765,28 +766,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
