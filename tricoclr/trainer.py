@@ -773,4 +773,5 @@ def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs, batch jobs)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False, disable=None)
