@@ -181,7 +181,6 @@ MODALITIES_OF = {
 
 
 def run(args) -> int:
-    from tricoclr.eval.cli import write_retrieval_figure
     from tricoclr.eval.report import markdown_table
 
     out = Path(args.out)

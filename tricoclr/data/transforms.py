@@ -39,7 +39,7 @@ import torchaudio.functional as audio_f
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as tvf
 
-from tricoclr.data.schema import FLOW_BOUND, dequantise_flow
+from tricoclr.data.schema import FLOW_BOUND
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

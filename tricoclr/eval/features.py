@@ -107,16 +107,19 @@ def middle_thumbnail(record: VideoRecord) -> torch.Tensor:
     return small[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def present_clips(record: VideoRecord, modality: str, data_cfg: dict, max_clips: int | None) -> torch.Tensor:
-    """(clips, ...) every evaluation window of one video, presented without randomness."""
+def window_clips(record: VideoRecord, modality: str, data_cfg: dict, max_clips: int | None):
+    """Yield the raw clip (as the modality reads it) of every evaluation window of one video."""
     entry = registry.get(modality)
     spec = ClipSpec(frames=data_cfg["clip_frames"], stride=data_cfg["clip_stride"])
     num_frames, fps = int(record.meta["frames"]), float(record.meta["fps"])
-    clips = []
     for start in window_starts(num_frames, spec, max_clips):
-        raw = entry.read(record, registry.ClipRequest(start, spec, fps, num_frames), data_cfg)
-        clips.append(entry.present(raw, data_cfg))
-    return torch.stack(clips)
+        yield entry.read(record, registry.ClipRequest(start, spec, fps, num_frames), data_cfg)
+
+
+def present_clips(record: VideoRecord, modality: str, data_cfg: dict, max_clips: int | None) -> torch.Tensor:
+    """(clips, ...) every evaluation window of one video, presented without randomness."""
+    entry = registry.get(modality)
+    return torch.stack([entry.present(raw, data_cfg) for raw in window_clips(record, modality, data_cfg, max_clips)])
 
 
 class VideoClips(IterableDataset):

@@ -32,10 +32,9 @@ import torch.nn.functional as F
 
 from tricoclr import modalities as registry
 from tricoclr.data.dataset import EpochLoader, StageViews, finish_batch
-from tricoclr.data.sampling import ClipSpec
 from tricoclr.data.store import open_store
 from tricoclr.eval.features import (EVAL_DATA_KEYS, EvalError, check_labelled, store_fingerprint, usable_videos,
-                                    weights_fingerprint, window_starts)
+                                    weights_fingerprint, window_clips)
 
 FINETUNE_WEIGHT_DECAY = 1e-3  # CoCLR's fine-tuning value
 DEFAULT_TEST_CLIPS = 10
@@ -74,11 +73,8 @@ def square_crops(frames: torch.Tensor) -> list[torch.Tensor]:
 def test_views(record, modality: str, data_cfg: dict, max_clips: int) -> torch.Tensor:
     """Every clip x crop of one video, presented for the network (video: 3 crops; audio: 1 view)."""
     entry = registry.get(modality)
-    spec = ClipSpec(frames=data_cfg["clip_frames"], stride=data_cfg["clip_stride"])
-    num_frames, fps = int(record.meta["frames"]), float(record.meta["fps"])
     views = []
-    for start in window_starts(num_frames, spec, max_clips):
-        raw = entry.read(record, registry.ClipRequest(start, spec, fps, num_frames), data_cfg)
+    for raw in window_clips(record, modality, data_cfg, max_clips):
         # present() resizes each square and, for flow, scales the vectors with it.
         crops = square_crops(raw) if raw.dim() == 4 else [raw]
         views.extend(entry.present(crop, data_cfg) for crop in crops)
