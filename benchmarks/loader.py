@@ -143,8 +143,11 @@ def naive_sample(record, video_index: int, cfg: dict) -> dict:
     for view, start in zip((1, 2), starts):
         for name in ("rgb", "flow"):
             raw = video[name][start : start + spec.span : spec.stride]
-            sample[f"{name}.view{view}"] = registry.get(name).augment(
-                raw, sample_generator(0, 0, video_index, view, name), cfg)
+            augmented = registry.get(name).augment(raw, sample_generator(0, 0, video_index, view, name), cfg)
+            if isinstance(augmented, tuple):  # clip + its device-side parameters (flow)
+                sample[f"{name}.view{view}"], sample[f"{name}.view{view}.params"] = augmented
+            else:
+                sample[f"{name}.view{view}"] = augmented
         first, steps = spectrogram_span(start, spec, float(meta["fps"]))
         sample[f"audio.view{view}"] = registry.get("audio").augment(
             spectrogram[:, first : first + steps], sample_generator(0, 0, video_index, view, "audio"), cfg)

@@ -107,10 +107,12 @@ def test_cooperative_batch_layout(store, request):
     metas = open_store(path).videos()
     batch = epoch_batches(path)[0]
     assert set(batch) == {"video_index", "video_id", "label", BROKEN_KEY, "rgb.view1", "rgb.view2",
-                          "rgb.view1.params", "rgb.view2.params", "flow.view2", "audio.view2"}
+                          "rgb.view1.params", "rgb.view2.params", "flow.view2", "flow.view2.params", "audio.view2"}
     assert batch["rgb.view1"].shape == batch["rgb.view2"].shape == (2, 3, FRAMES, SIZE, SIZE)
     assert batch["rgb.view1"].dtype == torch.uint8  # photometric part on the device
-    assert batch["flow.view2"].shape == (2, 2, FRAMES, SIZE, SIZE) and batch["flow.view2"].dtype == torch.float32
+    # flow travels quantised; the device applies its per-clip affine (dequantise, gain, flip, normalise)
+    assert batch["flow.view2"].shape == (2, 2, FRAMES, SIZE, SIZE) and batch["flow.view2"].dtype == torch.uint8
+    assert batch["flow.view2.params"]["scale"].shape == batch["flow.view2.params"]["shift"].shape == (2, 2)
     assert batch["audio.view2"].shape == (2, 1, schema.AUDIO_N_MELS, STEPS)
     assert batch["audio.view2"].dtype == torch.float32
     for i, video_id, label in zip(batch["video_index"].tolist(), batch["video_id"], batch["label"].tolist()):
@@ -121,6 +123,7 @@ def test_cooperative_batch_layout(store, request):
     assert set(finished) == {"video_index", "label", "rgb.view1", "rgb.view2", "flow.view2", "audio.view2"}
     assert finished["rgb.view1"].shape == (2, 3, FRAMES, SIZE, SIZE) and finished["rgb.view1"].dtype == torch.float32
     assert -2.2 < float(finished["rgb.view1"].min()) and float(finished["rgb.view1"].max()) < 2.7  # ImageNet-normalised
+    assert finished["flow.view2"].dtype == torch.float32 and finished["flow.view2"].shape == (2, 2, FRAMES, SIZE, SIZE)
 
 
 def epoch_reads(path, views: StageViews, seed: int, epoch: int) -> tuple[list[dict], dict[str, set[str]]]:

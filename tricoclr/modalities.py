@@ -38,7 +38,8 @@ class Modality:
     default_backbone: str
     # record, clip request, data config -> raw clip (uint8 frames or a float spectrogram slice)
     read: Callable
-    # raw clip, generator, data config -> network-layout tensor ((C,T,H,W) video, (1,F,T) audio)
+    # raw clip, generator, data config -> network-layout tensor ((C,T,H,W) video, (1,F,T) audio),
+    # or (tensor, per-clip parameters for finish_on_device) when the geometry decides them
     augment: Callable
     # raw clip, data config -> network-layout tensor with no randomness (evaluation)
     present: Callable
@@ -97,9 +98,15 @@ def _rgb_finish_eval(batch, params):
 
 
 def _flow_augment(raw, generator, data_cfg):
-    # (2, T, H, W) float, normalised, written in one pass (the flow float math dominates otherwise)
-    return transforms.flow_geometric(raw, generator, size=data_cfg["size"], scale=tuple(data_cfg["crop_scale"]),
-                                     normalise=True, channels_first=True)
+    """(2, T, H, W) uint8 plus the per-clip affine that the device applies (dequantise, scale
+    with the crop, negate x on a flip, normalise): a quarter of the bytes of float32 flow."""
+    box = transforms.sample_crop_flip(generator, raw.shape[-2], raw.shape[-1], tuple(data_cfg["crop_scale"]))
+    quantised, scale, shift = transforms.flow_crop_quantised(raw, box, data_cfg["size"], normalise=True)
+    return quantised, {"scale": scale, "shift": shift}
+
+
+def _flow_finish(batch, params):
+    return transforms.apply_flow_affine(batch, params["scale"], params["shift"])
 
 
 def _flow_present(raw, data_cfg):
@@ -178,6 +185,7 @@ register(
         augment=_flow_augment,
         present=_flow_present,
         available=_flow_available,
+        finish_on_device=_flow_finish,
     )
 )
 register(

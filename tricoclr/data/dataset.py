@@ -110,7 +110,11 @@ def build_sample(record, video_index: int, epoch: int, seed: int, views: StageVi
             clip = registry.ClipRequest(starts[view - 1], spec, float(meta["fps"]), num_frames)
             raw = modality.read(record, clip, data_cfg)
             generator = sample_generator(seed, epoch, video_index, view, name)
-            sample[f"{name}.view{view}"] = modality.augment(raw, generator, data_cfg)
+            augmented = modality.augment(raw, generator, data_cfg)
+            if isinstance(augmented, tuple):  # the worker's geometry decided the device-side parameters
+                sample[f"{name}.view{view}"], sample[f"{name}.view{view}.params"] = augmented
+            else:
+                sample[f"{name}.view{view}"] = augmented
             if modality.sample_device_params is not None:
                 device_generator = sample_generator(seed, epoch, video_index, view, f"{name}/device")
                 sample[f"{name}.view{view}.params"] = modality.sample_device_params(device_generator)
