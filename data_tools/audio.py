@@ -153,7 +153,7 @@ def _mel_transform(config: AudioConfig) -> torchaudio.transforms.MelSpectrogram:
 
 def spectrogram_steps(frames: int, fps: float, config: AudioConfig) -> int:
     """Steps that cover ``frames`` video frames exactly (128 per second by default)."""
-    return int(round(frames / fps * config.steps_per_second))
+    return schema.audio_step_for_frame(frames, fps, config.steps_per_second)
 
 
 def aligned_log_mel(collector: AudioCollector, t0: float, frames: int, fps: float, config: AudioConfig) -> AudioResult:

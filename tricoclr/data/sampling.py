@@ -23,12 +23,11 @@ positions, views 1 and 2 draw the augmentations of clip 1 and clip 2.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import torch
 
-from tricoclr.data.schema import AUDIO_STEPS_PER_SECOND
+from tricoclr.data.schema import AUDIO_STEPS_PER_SECOND, audio_step_for_frame
 
 VIEW_CLIP_POSITIONS = 0
 VIEW_CLIP_1 = 1
@@ -148,11 +147,6 @@ def clip_frame_indices(start: int, spec: ClipSpec, num_frames: int) -> torch.Ten
     return indices.clamp_(0, num_frames - 1)
 
 
-def _round_half_up(value: float) -> int:
-    """Round to the nearest integer, halves upwards (Python's round() goes to even)."""
-    return math.floor(value + 0.5)
-
-
 def spectrogram_span(
     start_frame: int, spec: ClipSpec, fps: float, steps_per_second: int = AUDIO_STEPS_PER_SECOND
 ) -> tuple[int, int]:
@@ -164,6 +158,6 @@ def spectrogram_span(
     maps to step 64. The slice may run past the end of the spectrogram for the last clip of a
     video; the augmentation pads it.
     """
-    start_step = _round_half_up(start_frame / fps * steps_per_second)
-    num_steps = _round_half_up(spec.span / fps * steps_per_second)
+    start_step = audio_step_for_frame(start_frame, fps, steps_per_second)
+    num_steps = audio_step_for_frame(spec.span, fps, steps_per_second)
     return start_step, num_steps

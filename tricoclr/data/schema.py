@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import struct
 
@@ -82,9 +83,11 @@ def flow_y_offset(height: int) -> int:
     return -(-height // 8) * 8
 
 
-def audio_step_for_frame(frame: int, fps: float, steps_per_second: int = AUDIO_STEPS_PER_SECOND) -> int:
-    """Index of the spectrogram step aligned with the start of video frame ``frame``."""
-    return int(round(frame * steps_per_second / fps))
+def audio_step_for_frame(frame: float, fps: float, steps_per_second: int = AUDIO_STEPS_PER_SECOND) -> int:
+    """Index of the spectrogram step aligned with the start of video frame ``frame`` (also a frame
+    count -> step count). The one definition the writer and the readers share; halves round up
+    (Python's round() would go to even, and the two sides must never disagree)."""
+    return math.floor(frame * steps_per_second / fps + 0.5)
 
 
 def part_dir_name(shard_index: int, num_shards: int) -> str:
@@ -104,11 +107,6 @@ def part_of(video_id: str, num_parts: int) -> int:
 
 
 # ---- keys ---------------------------------------------------------------------------------
-
-
-def chunk_index(frame: int, chunk_frames: int) -> int:
-    """Index of the chunk holding frame ``frame``."""
-    return frame // chunk_frames
 
 
 def chunk_key(modality: str, index: int) -> str:
