@@ -151,8 +151,9 @@ def validate(config: dict) -> None:
     for name in mods:
         if name not in MODALITIES:
             raise ConfigError(f"unknown modality '{name}'; registered: {sorted(MODALITIES)}")
-        if name not in config["model"]["backbones"]:
-            raise ConfigError(f"no backbone configured for modality '{name}' (model.backbones.{name})")
+        # A modality the config does not mention gets its registry entry's default backbone, so a
+        # new modality needs no config change; the resolved config records the choice.
+        config["model"]["backbones"].setdefault(name, MODALITIES[name].default_backbone)
     if len(set(mods)) != len(mods):
         raise ConfigError(f"'modalities' lists a modality twice: {mods}")
     order = config["schedule"]["order"]

@@ -57,8 +57,9 @@ class PreemptionRequested(Exception):
 
 def build_encoder(config: dict, modality: str) -> Encoder:
     spec = registry.get(modality)
-    options = {"stem": config["model"]["flow_stem"]} if spec.in_channels == 2 and config["model"]["backbones"][modality] == "s3d" else None
-    encoder = Encoder(config["model"]["backbones"][modality], spec.in_channels,
+    backbone = config["model"]["backbones"][modality]
+    options = {"stem": config["model"]["flow_stem"]} if spec.in_channels == 2 and backbone == "s3d" else None
+    encoder = Encoder(backbone, spec.in_channels,
                       embed_dim=config["model"]["embed_dim"], backbone_options=options)
     if config["method"]["batchnorm"] == "global":
         convert_to_global_batchnorm(encoder)
