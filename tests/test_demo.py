@@ -1,0 +1,71 @@
+"""`tricoclr demo --quick`, end to end through the real CLI: synthesize, prepare, train, evaluate.
+
+One run (~1.5 min on 2 CPU cores) checks the JSON contract the issue names, the table, the figure
+and the TensorBoard logs; a second run into the same folder must reuse every finished step and
+reproduce the same table.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tricoclr.demo import VARIANTS
+
+pytestmark = pytest.mark.slow
+
+REQUIRED_KEYS = {"model", "modalities", "R@1", "R@5", "R@10", "linear_top1"}
+
+
+def _demo(out: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "tricoclr.cli", "demo", "--quick", "--out", str(out), "--workers", "1"],
+        capture_output=True, text=True, timeout=900, cwd=out.parent,  # not the repository: paths must resolve anyway
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _encoder_files(out: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted((out / "runs").rglob("*.safetensors"))}
+
+
+def test_quick_demo_writes_the_ablation_and_reuses_finished_work(tmp_path):
+    out = tmp_path / "demo"
+    printed = _demo(out)
+    assert "settings:" in printed and "Farneback" in printed  # it says what it uses
+
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["model"]: row for row in results["rows"]}
+    expected = {"random init", "InfoNCE (pre-training only)"} | {name for name, _, _ in VARIANTS}
+    assert set(rows) == expected
+    for row in rows.values():
+        assert REQUIRED_KEYS <= set(row)
+        assert 0.0 <= row["R@1"] <= row["R@5"] <= row["R@10"] <= 100.0
+        assert 0.0 <= row["linear_top1"] <= 100.0
+        low, high = row["R@1_ci"]
+        assert low <= row["R@1"] <= high
+    assert rows["TriCoCLR"]["modalities"] == "RGB+Flow+Audio"
+    assert rows["CoCLR"]["modalities"] == "RGB+Flow"
+    assert rows["InfoNCE"]["modalities"] == "RGB"
+    assert results["num_test"] > 0 and results["num_train"] > 0
+
+    table = (out / "results.md").read_text()
+    assert all(name in table for name in expected)
+    assert (out / "retrieval.png").stat().st_size > 1000
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "no TensorBoard logs"
+
+    # Re-running reuses the data, every trained encoder and the feature cache.
+    before = _encoder_files(out)
+    assert before
+    printed_again = _demo(out)
+    assert "InfoNCE pre-training of" not in printed_again and "synthesizing" not in printed_again
+    assert "cycle1-rgb for" not in printed_again
+    assert _encoder_files(out) == before
+    again = json.loads((out / "results.json").read_text())
+    assert [row["R@1"] for row in again["rows"]] == [row["R@1"] for row in results["rows"]]
+    assert [row["linear_top1"] for row in again["rows"]] == [row["linear_top1"] for row in results["rows"]]
