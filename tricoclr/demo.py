@@ -13,8 +13,8 @@ cooperative stages -> evaluation of the RGB encoder, for the paper's ablation in
 
 The InfoNCE pre-training is shared within a seed (RGB in one run, the flow and audio oracles in
 another), and each row continues from those encoders, so the rows differ only in what the
-ablation varies. Every step is skipped when its
-output exists, so a second run reuses what is done (and an interrupted one resumes).
+ablation varies. Every step is skipped when its output exists, so a second run reuses what is
+done (and an interrupted one resumes).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from tricoclr import modalities as registry
 from tricoclr.config import load_config
+from tricoclr.eval.cli import display_name
 
 VARIANTS = [
     # name, modalities, extra overrides
@@ -195,10 +197,8 @@ def summarise(per_seed: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-MODALITIES_OF = {
-    "random init": "RGB", "InfoNCE (pre-training only)": "RGB", "InfoNCE": "RGB", "CoCLR": "RGB+Flow",
-    "TriCoCLR": "RGB+Flow+Audio", "TriCoCLR, no self-positive mask": "RGB+Flow+Audio",
-}
+# The table's "modalities" of each row, from the variant list itself (rows not listed are RGB only).
+MODALITIES_OF = {name: "+".join(display_name(mod) for mod in mods) for name, mods, _ in VARIANTS}
 
 
 def run(args) -> int:
@@ -229,7 +229,7 @@ def run(args) -> int:
                "minutes": (time.time() - started) / 60}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(rows, ["model", "modalities", "R@1", "R@5", "R@10", "linear_top1"],
-                           modality_columns=["RGB", "Flow", "Audio"])
+                           modality_columns=[display_name(mod) for mod in registry.MODALITIES])
     header = (f"RGB-encoder evaluation on the synthesized test split ({results['num_test']} videos; "
               f"mean over {preset['seeds']} seed(s), 95% bootstrap CI over test videos)\n\n")
     (out / "results.md").write_text(header + table + "\n")
