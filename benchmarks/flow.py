@@ -164,13 +164,14 @@ def opencv_farneback(frame0: np.ndarray, frame1: np.ndarray) -> np.ndarray:
     return cv2.calcOpticalFlowFarneback(frame0, frame1, None, 0.5, 3, 15, 3, 5, 1.2, 0)
 
 
-def torch_tvl1(frames0: np.ndarray, frames1: np.ndarray, device: str, params: TVL1Params, batch: int, compile: bool | None) -> np.ndarray:
+def torch_tvl1(frames0: np.ndarray, frames1: np.ndarray, device: str, params: TVL1Params, batch: int, compile: bool | None,
+               iteration: str | None = None) -> np.ndarray:
     """tricoclr's TV-L1 flows (N,2,H,W) computed on ``device`` in batches."""
     out = []
     for start in range(0, len(frames0), batch):
         f0 = torch.from_numpy(frames0[start:start + batch]).to(device)
         f1 = torch.from_numpy(frames1[start:start + batch]).to(device)
-        out.append(tvl1_flow(f0, f1, params, compile=compile).cpu().numpy())
+        out.append(tvl1_flow(f0, f1, params, compile=compile, iteration=iteration).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -190,14 +191,15 @@ def pairs_per_second(run_one, seconds: float, min_runs: int = 2) -> float:
     return pairs / (time.perf_counter() - start)
 
 
-def time_torch_cuda(frames0: np.ndarray, frames1: np.ndarray, params: TVL1Params, batch: int, seconds: float, compile: bool) -> dict:
+def time_torch_cuda(frames0: np.ndarray, frames1: np.ndarray, params: TVL1Params, batch: int, seconds: float, compile: bool,
+                    iteration: str | None = None) -> dict:
     """pairs/s of batched TV-L1 on CUDA: frames resident on the device, one warm-up batch (and
     compilation) excluded, the clock read after synchronising."""
     f0 = torch.from_numpy(frames0).cuda()
     f1 = torch.from_numpy(frames1).cuda()
     n = len(f0)
     warm = time.perf_counter()
-    tvl1_flow(f0[:batch], f1[:batch], params, compile=compile)
+    tvl1_flow(f0[:batch], f1[:batch], params, compile=compile, iteration=iteration)
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - warm
     offset = [0]
@@ -205,14 +207,14 @@ def time_torch_cuda(frames0: np.ndarray, frames1: np.ndarray, params: TVL1Params
     def one_batch() -> int:
         start = offset[0] % n
         index = torch.arange(start, start + batch, device="cuda") % n
-        tvl1_flow(f0[index], f1[index], params, compile=compile)
+        tvl1_flow(f0[index], f1[index], params, compile=compile, iteration=iteration)
         offset[0] += batch
         torch.cuda.synchronize()
         return batch
 
     torch.cuda.synchronize()
     rate = pairs_per_second(one_batch, seconds, min_runs=2)
-    return {"pairs_per_s": rate, "batch": batch, "warmup_s": warm_s, "compile": compile,
+    return {"pairs_per_s": rate, "batch": batch, "warmup_s": warm_s, "compile": compile, "iteration": iteration or "default",
             "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -283,6 +285,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-out", help="save frames, OpenCV flows and timings for a machine without OpenCV")
     parser.add_argument("--no-compile", action="store_true", help="CUDA: eager only (no torch.compile)")
     parser.add_argument("--eager-too", action="store_true", help="CUDA: also time the eager path")
+    parser.add_argument("--iteration", choices=["torch", "triton"], help="CUDA: how the primal-dual iteration runs "
+                        "(default: Triton where installed)")
+    parser.add_argument("--torch-iteration-too", action="store_true",
+                        help="CUDA: also time the compiled torch iteration, as torch_tvl1_cuda_torch_iteration_SIZE")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -304,7 +310,7 @@ def main(argv=None) -> int:
     if have_cv:
         cv2.setNumThreads(1)
         data["epe_opencv"] = opencv_tvl1(f0, f1, params)
-    mine = torch_tvl1(f0, f1, torch_device, params, batch=len(f0), compile=None)
+    mine = torch_tvl1(f0, f1, torch_device, params, batch=len(f0), compile=None, iteration=args.iteration)
     if "epe_opencv" in data:
         epe = end_point_error(mine, data["epe_opencv"])
         results["epe_vs_opencv"] = float(epe.mean())
@@ -320,7 +326,7 @@ def main(argv=None) -> int:
     s0, s1, gt = data["synth_frames0"], data["synth_frames1"], data["synth_flow"]
     if have_cv:
         data["synth_opencv"] = opencv_tvl1(s0, s1, params)
-    synth_mine = torch_tvl1(s0, s1, torch_device, params, batch=len(s0), compile=None)
+    synth_mine = torch_tvl1(s0, s1, torch_device, params, batch=len(s0), compile=None, iteration=args.iteration)
     gt_results = {"border_excluded_px": GT_BORDER, "torch_tvl1": float(end_point_error(synth_mine, gt, GT_BORDER).mean()),
                   "per_motion": {}}
     for i, name in enumerate(data["synth_names"]):
@@ -372,17 +378,19 @@ def main(argv=None) -> int:
             # Large batches amortise the per-iteration launch latency (see the README section).
             batch = args.pairs or max(64, int(2048 * (128 / size) ** 2))
             c0, c1 = timing_pairs(clip_frames, max(batch * 2, 1024))
-            variants = [("torch_tvl1_cuda", not args.no_compile)]
+            variants = [("torch_tvl1_cuda", not args.no_compile, args.iteration)]
             if args.eager_too and not args.no_compile:
-                variants.append(("torch_tvl1_cuda_eager", False))
-            for key, compiled in variants:
+                variants.append(("torch_tvl1_cuda_eager", False, args.iteration))
+            if args.torch_iteration_too and args.iteration != "torch":
+                variants.append(("torch_tvl1_cuda_torch_iteration", not args.no_compile, "torch"))
+            for key, compiled, iteration in variants:
                 try:
-                    timing = time_torch_cuda(c0, c1, params, batch, args.seconds, compiled)
+                    timing = time_torch_cuda(c0, c1, params, batch, args.seconds, compiled, iteration)
                 except Exception as error:  # e.g. torch.compile unavailable: fall back to eager
                     if not compiled:
                         raise
                     notes.append(f"{key}_{size}: torch.compile failed ({type(error).__name__}: {error}); timed eager")
-                    timing = time_torch_cuda(c0, c1, params, batch, args.seconds, False)
+                    timing = time_torch_cuda(c0, c1, params, batch, args.seconds, False, iteration)
                 rates[f"{key}_{size}"] = timing.pop("pairs_per_s")
                 results.setdefault("cuda_timing", {})[f"{key}_{size}"] = timing
 
