@@ -34,6 +34,29 @@ def test_unknown_config_keys_fail_at_start():
     assert config["model"]["backbones"] == {"rgb": "s3d", "flow": "tiny3d", "audio": "tiny2d"}
 
 
+def test_oracle_similarity_defaults_to_the_sum_of_cosines_and_is_validated():
+    assert load_config("configs/tiny.yaml")["method"]["oracle_similarity"] == "cosine_sum"
+    config = load_config("configs/tiny.yaml", ["method.oracle_similarity=standardized"])
+    assert config["method"]["oracle_similarity"] == "standardized"
+    with pytest.raises(ConfigError, match="method.oracle_similarity must be cosine_sum or standardized, got 'zscore'"):
+        load_config("configs/tiny.yaml", ["method.oracle_similarity=zscore"])
+
+
+def test_standardized_stage_mines_per_sampler_blocks():
+    config, encoders = _tiny_encoders()
+    config["method"].update(queue_size=8, oracle_similarity="standardized")
+    stage = CooperativeStage(StagePlan("cycle1-rgb", "rgb", ("flow", "audio"), 1), encoders, config["method"])
+    dims = (encoders["flow"].architecture["embed_dim"], encoders["audio"].architecture["embed_dim"])
+    assert stage.oracle_dims == dims and stage.queue.oracle_dim == sum(dims)
+    for _ in range(3):  # the last step mines from a full queue
+        batch = _random_batch()
+        key, oracle = stage.keys_and_oracle(batch)
+        loss, stats = stage.loss(encoders["rgb"](batch["rgb.view1"]), key, oracle, batch)
+        stage.stash_for_enqueue(key, oracle, batch)
+        stage.enqueue_pending()
+    assert torch.isfinite(loss) and stats["positives_per_sample"] > 1
+
+
 def _tiny_encoders():
     config = load_config("configs/tiny.yaml", ["method.batchnorm=local"])
     torch.manual_seed(0)
