@@ -13,7 +13,8 @@ table). Also printed: the spread of each oracle's cosines (mean +- standard devi
     python benchmarks/oracle_agreement.py --demo-out demo_out
 
 Video level, not the training queue's augmented clips: it measures the oracles, not a training run
-(``train/mined_precision`` in TensorBoard is the in-training class precision).
+(``train/mined_precision`` in TensorBoard is the in-training class precision: printed last, as its
+mean over each cooperative row's logged steps, per seed).
 """
 
 from __future__ import annotations
@@ -63,6 +64,28 @@ def agreement(mask: torch.Tensor, keys: dict[str, torch.Tensor]) -> dict[str, fl
     return {name: 100 * float((key[:, None] == key[None, :])[mined].float().mean()) for name, key in keys.items()}
 
 
+def training_precision(out: Path, seeds: int) -> None:
+    """Mean ``train/mined_precision`` of each demo row's cooperative RGB stage, per seed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tricoclr.demo import VARIANTS, _slug
+
+    print("train/mined_precision, mean over the stage's logged steps, per seed:")
+    for name, mods, _ in VARIANTS:
+        if len(mods) == 1:
+            continue
+        means = []
+        for seed in range(seeds):
+            values = []
+            for events in sorted((out / "runs" / f"seed{seed}" / _slug(name) / "tb").rglob("events.out.tfevents.*")):
+                accumulator = EventAccumulator(str(events))
+                accumulator.Reload()
+                if "train/mined_precision" in accumulator.Tags()["scalars"]:
+                    values += [event.value for event in accumulator.Scalars("train/mined_precision")]
+            means.append(f"{sum(values) / len(values):.3f}" if values else "-")
+        print(f"  {name:34s} {' / '.join(means)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-out", required=True, help="a finished `tricoclr demo --out` folder")
@@ -98,6 +121,7 @@ def main() -> None:
                                   same_video_positives=True, similarity=similarity, oracle_dims=oracle_dims)
             scores = agreement(mask, keys)
             print(f"  {name:26s} " + " / ".join(f"{scores[k]:5.1f}" for k in ("motion", "sound", "class")), flush=True)
+    training_precision(out, args.seeds)
     print(f"done in {time.time() - started:.0f} s")
 
 
