@@ -139,6 +139,23 @@ def test_a_different_config_refuses_to_resume(train_lmdb, tmp_path):
         Trainer(load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", seed=5))).run()
 
 
+def test_a_run_saved_before_a_config_key_existed_resumes(train_lmdb, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    Trainer(load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=1))).run()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["method"]["oracle_similarity"]  # as written before the key was added
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    summary = Trainer(load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=2))).run()
+    assert summary["global_step"] == 2
+    # A key the old run did have still counts: a non-default value is still a different config.
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(ConfigError, match="different config"):
+        Trainer(load_config("configs/tiny.yaml", tiny_overrides(
+            train_lmdb, out, modalities="[rgb]", max_steps=3, **{"method.oracle_similarity": "standardized"}))).run()
+
+
 def test_train_py_runs_as_a_plain_script(train_lmdb, tmp_path):
     out = tmp_path / "script_run"
     command = [sys.executable, "tricoclr/train.py", "--config", "configs/tiny.yaml",
