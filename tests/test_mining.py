@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from tricoclr.losses import contrastive_logits, infonce_loss, multi_positive_loss
-from tricoclr.mining import mask_self_positive, mine_positives, mined_precision
+from tricoclr.mining import mask_self_positive, mine_positives, mined_precision, oracle_similarity
 
 
 def mask_of(rows, width):
@@ -125,6 +125,107 @@ def test_mining_returns_a_mask_on_the_oracle_device_without_grad():
     mask = mine_positives(oracle, torch.randn(4, 3), k=2)
     assert mask.dtype == torch.bool and not mask.requires_grad
     assert mask.sum(dim=1).tolist() == [3, 3]
+
+
+# ---- oracle similarity: cosine_sum (default) vs standardized --------------------------------------
+
+
+def random_oracles(batch, queue, dims, seed=0, spreads=None):
+    """Concatenated per-sampler unit vectors (batch and queue); ``spreads`` scales how much each
+    sampler's queue vectors vary around a shared direction, i.e. the spread of its cosines."""
+    generator = torch.Generator().manual_seed(seed)
+    parts, queue_parts = [], []
+    for index, dim in enumerate(dims):
+        centre = torch.randn(dim, generator=generator)
+        spread = 1.0 if spreads is None else spreads[index]
+        parts.append(F.normalize(centre + spread * torch.randn(batch, dim, generator=generator), dim=1))
+        queue_parts.append(F.normalize(centre + spread * torch.randn(queue, dim, generator=generator), dim=1))
+    return torch.cat(parts, 1), torch.cat(queue_parts, 1)
+
+
+def old_mine_positives(oracle, queue_oracle, k, video_ids, queue_video_ids):
+    """The mining before ``similarity`` existed: top-k of the plain dot product, same-video excluded."""
+    similarity = oracle.float() @ queue_oracle.float().t()
+    same = (video_ids[:, None] == queue_video_ids[None, :]) & (queue_video_ids[None, :] >= 0)
+    similarity = similarity.masked_fill(same, float("-inf"))
+    mask = same.clone()
+    mask.scatter_(1, similarity.topk(k, dim=1).indices, True)
+    return torch.cat([torch.ones(len(oracle), 1, dtype=torch.bool), mask], 1)
+
+
+def test_cosine_sum_is_the_default_and_bit_identical_to_the_plain_dot_product():
+    oracle, queue_oracle = random_oracles(8, 40, (16, 16), seed=1)
+    plain = oracle.float() @ queue_oracle.float().t()
+    assert torch.equal(oracle_similarity(oracle, queue_oracle), plain)
+    assert torch.equal(oracle_similarity(oracle, queue_oracle, "cosine_sum", (16, 16)), plain)
+    video_ids, queue_video_ids = torch.arange(8), torch.arange(40) % 10
+    expected = old_mine_positives(oracle, queue_oracle, 5, video_ids, queue_video_ids)
+    for extra in ({}, {"similarity": "cosine_sum"}, {"similarity": "cosine_sum", "oracle_dims": (16, 16)}):
+        mask = mine_positives(oracle, queue_oracle, 5, video_ids=video_ids, queue_video_ids=queue_video_ids,
+                              same_video_positives=True, **extra)
+        assert torch.equal(mask, expected)
+
+
+def test_standardized_z_scores_each_sampler_over_the_queue_then_sums():
+    oracle, queue_oracle = random_oracles(3, 12, (4, 2), seed=2)
+    scores = oracle_similarity(oracle, queue_oracle, "standardized", (4, 2))
+    expected = 0
+    for part, queue_part in ((slice(0, 4), slice(0, 4)), (slice(4, 6), slice(4, 6))):
+        cosine = oracle[:, part] @ queue_oracle[:, queue_part].t()
+        expected = expected + (cosine - cosine.mean(1, keepdim=True)) / cosine.std(1, correction=0, keepdim=True)
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(scores.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_standardized_stops_a_sampler_with_ten_times_the_spread_from_deciding_alone():
+    # One anchor, two samplers ("flow" then "audio"), each part a unit vector in 2D; queue entry j's
+    # part is (cos, sin) of the angle whose cosine with the anchor's (1, 0) is listed:
+    #   entry:        0     1     2     3     4     5
+    #   flow cos:   0.99  0.99  0.93  0.93  0.93  0.93   (standard deviation 0.028)
+    #   audio cos:  0.10 -0.20  0.60  0.50 -0.30 -0.40   (0.386: 14x wider)
+    flow = torch.tensor([0.99, 0.99, 0.93, 0.93, 0.93, 0.93])
+    audio = torch.tensor([0.10, -0.20, 0.60, 0.50, -0.30, -0.40])
+
+    def unit(cosines):
+        return torch.stack([cosines, (1 - cosines**2).sqrt()], dim=1)
+
+    anchor = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    queue_oracle = torch.cat([unit(flow), unit(audio)], dim=1)
+    # Sum of cosines: 1.09, 0.79, 1.53, 1.43, 0.63, 0.53 -> audio decides: entries 2, 3, although
+    # flow ranks 0 and 1 first.
+    assert torch.equal(mine_positives(anchor, queue_oracle, k=2), mask_of([[0, 3, 4]], 7))
+    # Standardized: flow z = (1.41, 1.41, -0.71 x4), audio z = (0.14, -0.64, 1.43, 1.17, -0.90, -1.16)
+    # -> sums 1.56, 0.78, 0.73, 0.47, -1.61, -1.87: entries 0, 1 (each sampler weighs the same).
+    standardized = mine_positives(anchor, queue_oracle, k=2, similarity="standardized", oracle_dims=(2, 2))
+    assert torch.equal(standardized, mask_of([[0, 1, 2]], 7))
+
+
+def test_standardized_with_one_sampler_mines_the_same_top_k_as_cosine_sum():
+    # CoCLR: one sampler, so z-scoring a row is increasing and the ranking cannot change.
+    for seed in range(5):
+        oracle, queue_oracle = random_oracles(16, 128, (32,), seed=seed, spreads=(0.3 + seed,))
+        video_ids, queue_video_ids = torch.arange(16), torch.arange(128) % 40
+        common = dict(k=5, video_ids=video_ids, queue_video_ids=queue_video_ids, same_video_positives=True)
+        assert torch.equal(
+            mine_positives(oracle, queue_oracle, similarity="standardized", oracle_dims=(32,), **common),
+            mine_positives(oracle, queue_oracle, **common),
+        )
+
+
+def test_standardized_gives_no_weight_to_a_sampler_without_spread_and_checks_its_inputs():
+    oracle = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    queue_oracle = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.6, 0.8]])
+    scores = oracle_similarity(oracle, queue_oracle, "standardized", (2, 2))
+    assert scores.isfinite().all()
+    assert scores.argmax().item() == 1  # decided by the second sampler; the first is constant
+    with pytest.raises(ValueError, match="block"):
+        oracle_similarity(oracle, queue_oracle, "standardized", None)
+    with pytest.raises(ValueError, match="block"):
+        oracle_similarity(oracle, queue_oracle, "standardized", (2, 3))
+    with pytest.raises(ValueError, match="cosine_sum"):
+        mine_positives(oracle, queue_oracle, similarity="zscore")
+    with pytest.raises(ValueError, match="cosine_sum"):  # also before the queue is full
+        mine_positives(oracle, queue_oracle, similarity="zscore", queue_full=False)
 
 
 # ---- mask_self_positive --------------------------------------------------------------------------

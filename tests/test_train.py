@@ -34,6 +34,29 @@ def test_unknown_config_keys_fail_at_start():
     assert config["model"]["backbones"] == {"rgb": "s3d", "flow": "tiny3d", "audio": "tiny2d"}
 
 
+def test_oracle_similarity_defaults_to_the_sum_of_cosines_and_is_validated():
+    assert load_config("configs/tiny.yaml")["method"]["oracle_similarity"] == "cosine_sum"
+    config = load_config("configs/tiny.yaml", ["method.oracle_similarity=standardized"])
+    assert config["method"]["oracle_similarity"] == "standardized"
+    with pytest.raises(ConfigError, match="method.oracle_similarity must be cosine_sum or standardized, got 'zscore'"):
+        load_config("configs/tiny.yaml", ["method.oracle_similarity=zscore"])
+
+
+def test_standardized_stage_mines_per_sampler_blocks():
+    config, encoders = _tiny_encoders()
+    config["method"].update(queue_size=8, oracle_similarity="standardized")
+    stage = CooperativeStage(StagePlan("cycle1-rgb", "rgb", ("flow", "audio"), 1), encoders, config["method"])
+    dims = (encoders["flow"].architecture["embed_dim"], encoders["audio"].architecture["embed_dim"])
+    assert stage.oracle_dims == dims and stage.queue.oracle_dim == sum(dims)
+    for _ in range(3):  # the last step mines from a full queue
+        batch = _random_batch()
+        key, oracle = stage.keys_and_oracle(batch)
+        loss, stats = stage.loss(encoders["rgb"](batch["rgb.view1"]), key, oracle, batch)
+        stage.stash_for_enqueue(key, oracle, batch)
+        stage.enqueue_pending()
+    assert torch.isfinite(loss) and stats["positives_per_sample"] > 1
+
+
 def _tiny_encoders():
     config = load_config("configs/tiny.yaml", ["method.batchnorm=local"])
     torch.manual_seed(0)
@@ -114,6 +137,23 @@ def test_a_different_config_refuses_to_resume(train_lmdb, tmp_path):
     Trainer(load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=1))).run()
     with pytest.raises(ConfigError, match="different config"):
         Trainer(load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", seed=5))).run()
+
+
+def test_a_run_saved_before_a_config_key_existed_resumes(train_lmdb, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    Trainer(load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=1))).run()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["method"]["oracle_similarity"]  # as written before the key was added
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    summary = Trainer(load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=2))).run()
+    assert summary["global_step"] == 2
+    # A key the old run did have still counts: a non-default value is still a different config.
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(ConfigError, match="different config"):
+        Trainer(load_config("configs/tiny.yaml", tiny_overrides(
+            train_lmdb, out, modalities="[rgb]", max_steps=3, **{"method.oracle_similarity": "standardized"}))).run()
 
 
 def test_train_py_runs_as_a_plain_script(train_lmdb, tmp_path):

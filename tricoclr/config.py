@@ -59,6 +59,10 @@ DEFAULTS: dict[str, Any] = {
         "same_video_positives": True,  # cooperative stages only; always off in InfoNCE stages
         "mask_self_positive": False,  # CoCLR's later fix (its issue #43); measured in the demo
         "mask_self_probability": 0.9,  # CoCLR issue #43
+        # How the oracle ranks queue entries: cosine_sum (DESIGN.md, the paper: o·o', a sum of
+        # per-sampler cosines) | standardized (each sampler's cosines z-scored over the queue, then
+        # summed, so a sampler with widely spread cosines does not decide alone); measured in the demo
+        "oracle_similarity": "cosine_sum",
         "batchnorm": "global",  # global (statistics over all ranks) | local | shuffle
     },
     "schedule": {
@@ -143,6 +147,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate(config: dict) -> None:
+    from tricoclr.mining import ORACLE_SIMILARITIES
     from tricoclr.modalities import MODALITIES
 
     mods = config["modalities"]
@@ -168,6 +173,10 @@ def validate(config: dict) -> None:
         raise ConfigError("data.missing_audio must be 'skip'")
     if config["method"]["batchnorm"] not in ("global", "local", "shuffle"):
         raise ConfigError("method.batchnorm must be global, local or shuffle")
+    if config["method"]["oracle_similarity"] not in ORACLE_SIMILARITIES:
+        raise ConfigError(
+            f"method.oracle_similarity must be cosine_sum or standardized, got {config['method']['oracle_similarity']!r}"
+        )
     if config["optim"]["name"] not in ("adam", "adamw", "sgd"):
         raise ConfigError("optim.name must be adam, adamw or sgd")
 

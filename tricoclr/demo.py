@@ -10,6 +10,10 @@ cooperative stages -> evaluation of the RGB encoder, for the paper's ablation in
     TriCoCLR, no self-positive mask
                      the same without CoCLR's self-positive masking (its issue #43), which the
                      demo turns on for the cooperative rows: this row measures what it does
+    TriCoCLR, standardized oracle
+                     the same as TriCoCLR but mining with ``method.oracle_similarity=standardized``
+                     (each oracle's cosines z-scored over the queue before summing, instead of the
+                     paper's plain sum, where the audio oracle's wider-spread cosines decide alone)
 
 The InfoNCE pre-training is shared within a seed (RGB in one run, the flow and audio oracles in
 another), and each row continues from those encoders, so the rows differ only in what the
@@ -37,6 +41,7 @@ VARIANTS = [
     ("CoCLR", ["rgb", "flow"], []),
     ("TriCoCLR", ["rgb", "flow", "audio"], []),
     ("TriCoCLR, no self-positive mask", ["rgb", "flow", "audio"], ["method.mask_self_positive=false"]),
+    ("TriCoCLR, standardized oracle", ["rgb", "flow", "audio"], ["method.oracle_similarity=standardized"]),
 ]
 
 # Resolved from the package, not the working directory, so `tricoclr demo` runs from anywhere.

@@ -6,6 +6,7 @@ Stage (trained modality m, frozen samplers S = the others in the stage, possibly
     o = concat_{s in S} f_s(view 2 of s)  the oracle (each part L2-normalised)
     logits = [q·k, q·B] / tau             B: queue of past keys, O: queue of their oracle vectors
     P = {k} ∪ top-k of B by o·O (once the queue is full) ∪ same-video entries (cooperative)
+        (method.oracle_similarity=standardized: by the sum of per-sampler z-scored cosines instead)
     L = -log sum_{p in P} softmax(logits)_p
 With S empty (M = 1) this is InfoNCE with a MoCo queue; |S| = 1 is CoCLR; |S| = 2 the paper.
 
@@ -91,8 +92,9 @@ class CooperativeStage(nn.Module):
         for sampler in self.samplers.values():
             sampler.requires_grad_(False).eval()
         embed_dim = trained.architecture["embed_dim"]
-        oracle_dim = sum(s.architecture["embed_dim"] for s in self.samplers.values())
-        self.queue = FeatureQueue(method_cfg["queue_size"], embed_dim, oracle_dim)
+        # The oracle's blocks, one per sampler in concatenation order (for standardized mining).
+        self.oracle_dims = tuple(s.architecture["embed_dim"] for s in self.samplers.values())
+        self.queue = FeatureQueue(method_cfg["queue_size"], embed_dim, sum(self.oracle_dims))
         self._pending: list[tuple[torch.Tensor, ...]] = []
 
     def train(self, mode: bool = True):
@@ -122,6 +124,8 @@ class CooperativeStage(nn.Module):
             queue_video_ids=queue.video_ids,
             same_video_positives=self.plan.cooperative and self.cfg["same_video_positives"],
             queue_full=queue.is_full,
+            similarity=self.cfg["oracle_similarity"],
+            oracle_dims=self.oracle_dims,
         )
         if self.plan.cooperative and self.cfg["mask_self_positive"]:
             mask = mask_self_positive(mask, self.cfg["mask_self_probability"], generator)

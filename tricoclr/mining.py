@@ -2,7 +2,10 @@
 
 The oracle of a sample is the concatenation, over the frozen samplers s != m, of f_s(view 2 of s),
 each part L2-normalised; so o·o' is a sum of per-sampler cosines and an entry is mined when the
-samplers agree on it overall, not when any single one does.
+samplers agree on it overall, not when any single one does. That sum is the default
+(``cosine_sum``, DESIGN.md). A sampler whose cosines spread wider than the others' then decides the
+ranking almost alone; ``standardized`` (config ``method.oracle_similarity``) z-scores each
+sampler's cosines over the queue before summing, so every sampler weighs the same.
 
 Everything here is a pure function of tensors returning a bool mask aligned with the logits of
 ``tricoclr.losses.contrastive_logits``: column 0 is the sample's own key, column 1 + j is queue
@@ -11,7 +14,48 @@ entry j.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+ORACLE_SIMILARITIES = ("cosine_sum", "standardized")
+
+
+def oracle_similarity(
+    oracle: torch.Tensor,
+    queue_oracle: torch.Tensor,
+    mode: str = "cosine_sum",
+    block_dims: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """(B, K) float32 similarity of each sample's oracle to each queue entry's, for ranking.
+
+    - ``cosine_sum``: o·o', the sum over samplers of their cosines (DESIGN.md; the default).
+    - ``standardized``: each sampler's block (``block_dims``: the embed dim of each sampler, in the
+      order of the oracle's parts) gives a (B, K) matrix of cosines; each row of it is z-scored
+      over the K queue entries (mean 0, standard deviation 1; a row with no spread contributes 0),
+      and the blocks are summed. A sampler whose cosines spread 10x wider than another's no longer
+      decides the ranking alone. With one sampler the ranking is the same as ``cosine_sum``'s
+      (z-scoring a row is increasing).
+    """
+    if mode not in ORACLE_SIMILARITIES:
+        raise ValueError(f"oracle similarity must be one of {ORACLE_SIMILARITIES}, got {mode!r}")
+    # float32 so that the ranking does not depend on the autocast dtype.
+    oracle = oracle.float()
+    queue_oracle = queue_oracle.to(oracle.device).float()
+    if mode == "cosine_sum":
+        return oracle @ queue_oracle.t()
+    if block_dims is None or sum(block_dims) != oracle.shape[1] or any(d <= 0 for d in block_dims):
+        raise ValueError(
+            f"standardized oracle similarity needs the positive dims of the samplers' blocks summing to the "
+            f"oracle dim {oracle.shape[1]}, got {block_dims}"
+        )
+    total = torch.zeros(oracle.shape[0], queue_oracle.shape[0], device=oracle.device)
+    for part, queue_part in zip(oracle.split(list(block_dims), dim=1), queue_oracle.split(list(block_dims), dim=1)):
+        cosine = part @ queue_part.t()
+        std, mean = torch.std_mean(cosine, dim=1, correction=0, keepdim=True)
+        spread = std > 1e-6
+        total += torch.where(spread, (cosine - mean) / std.clamp_min(1e-6), torch.zeros_like(cosine))
+    return total
 
 
 def _same_video_mask(video_ids: torch.Tensor, queue_video_ids: torch.Tensor) -> torch.Tensor:
@@ -31,13 +75,16 @@ def mine_positives(
     queue_video_ids: torch.Tensor | None = None,
     same_video_positives: bool = False,
     queue_full: bool = True,
+    similarity: str = "cosine_sum",
+    oracle_dims: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Positive mask (B, 1 + K) for a batch against the queue.
 
     - Column 0 (the sample's own key) is always positive.
     - Oracle mining (needs ``queue_full``, an oracle with D_o > 0 and k > 0): the k queue entries
-      whose oracle vectors have the largest dot product with the sample's oracle become positives.
-      k larger than K is clamped to K.
+      whose oracle vectors are most similar to the sample's oracle become positives: largest dot
+      product (``similarity="cosine_sum"``), or largest sum of per-sampler z-scored cosines
+      (``"standardized"``, see ``oracle_similarity``). k larger than K is clamped to K.
     - ``same_video_positives``: queue entries whose video id equals the sample's are positives
       too (so never negatives), also before the queue is full. They are left out of the top-k
       ranking, so the oracle adds k entries from *other* videos (as CoCLR does).
@@ -52,10 +99,15 @@ def mine_positives(
         queue_video_ids: (K,) int source-video id of each queue entry (-1 for unfilled slots).
         same_video_positives: see above (on for cooperative stages, off for InfoNCE).
         queue_full: whether every queue slot holds a real entry; oracle mining waits for it.
+        similarity: ``cosine_sum`` (default) or ``standardized``.
+        oracle_dims: the dims of the samplers' blocks of the oracle, in order (needed by
+            ``standardized``).
 
     Returns:
         bool tensor (B, 1 + K) on the device of the inputs.
     """
+    if similarity not in ORACLE_SIMILARITIES:  # checked up front: mining may start late
+        raise ValueError(f"oracle similarity must be one of {ORACLE_SIMILARITIES}, got {similarity!r}")
     batch_size, queue_size, device = _mask_shape(oracle, queue_oracle, video_ids, queue_video_ids)
     queue_mask = torch.zeros(batch_size, queue_size, dtype=torch.bool, device=device)
 
@@ -74,11 +126,10 @@ def mine_positives(
             raise ValueError(
                 f"oracle dim {oracle.shape[1]} differs from queue_oracle dim {queue_oracle.shape[1]}"
             )
-        # float32 so that the ranking does not depend on the autocast dtype.
-        similarity = oracle.float() @ queue_oracle.to(device).float().t()
+        scores = oracle_similarity(oracle, queue_oracle.to(device), similarity, oracle_dims)
         if same_video is not None:
-            similarity = similarity.masked_fill(same_video, float("-inf"))
-        top_indices = similarity.topk(top, dim=1).indices
+            scores = scores.masked_fill(same_video, float("-inf"))
+        top_indices = scores.topk(top, dim=1).indices
         # If a row has fewer than k other-video entries, topk also returns some -inf
         # (same-video) columns: they are positives already, so nothing changes.
         queue_mask.scatter_(1, top_indices, True)

@@ -15,6 +15,7 @@ Output layout (``output_dir``):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tricoclr import modalities as registry
-from tricoclr.config import ConfigError, dump_config
+from tricoclr.config import DEFAULTS, ConfigError, dump_config
 from tricoclr.data.dataset import DataStats, EpochLoader, StageViews, finish_batch
 from tricoclr.data.sampling import sample_generator
 from tricoclr.durable import fsync_dir, fsync_file, write_text_atomic
@@ -98,6 +99,22 @@ def _package_versions() -> dict:
     return versions
 
 
+def _with_defaults_for_new_keys(saved: dict) -> dict:
+    """A run's saved config, with the keys added to DEFAULTS since it was written filled in with
+    their defaults: it ran with that behaviour (e.g. method.oracle_similarity=cosine_sum), so it
+    still resumes. Keys it has are never changed."""
+    def fill(node: dict, defaults: dict) -> None:
+        for key, value in defaults.items():
+            if key not in node:
+                node[key] = copy.deepcopy(value)
+            elif isinstance(value, dict) and isinstance(node[key], dict):
+                fill(node[key], value)
+
+    filled = copy.deepcopy(saved)
+    fill(filled, DEFAULTS)
+    return filled
+
+
 def _comparable(config: dict) -> dict:
     comparable = {k: v for k, v in config.items() if k not in RESUME_NEUTRAL_KEYS}
     comparable["data"] = {k: v for k, v in config["data"].items() if k not in RESUME_NEUTRAL_DATA_KEYS}
@@ -148,6 +165,7 @@ class Trainer:
 
             with open(config_path) as f:
                 previous = yaml.safe_load(f)
+            previous = _with_defaults_for_new_keys(previous)
             if _comparable(previous) != _comparable(self.config) and not self.config["allow_config_change"]:
                 raise ConfigError(
                     f"{self.output_dir} holds a run with a different config ({config_path}); refusing to "

@@ -1,0 +1,129 @@
+"""What the demo's frozen oracles mine: how often the top-k share the anchor's motion, sound, class.
+
+A diagnostic, not part of the pipeline. It reads a finished demo folder (``tricoclr demo --out
+DIR``): the prepared train store and, per seed, the InfoNCE-pre-trained flow and audio encoders
+that the cooperative RGB stages use as oracles. Each train video is embedded by each oracle
+(projection-head output, the vector the oracle concatenates, averaged over the video's evaluation
+windows and L2-normalised); then every video is an anchor against all the other train videos as
+the "queue", and ``tricoclr.mining.mine_positives`` picks its top-k with each oracle alone and with
+flow + audio under both ``method.oracle_similarity`` settings. Agreement is the fraction of mined
+videos whose class shares the anchor's motion / sound / class (from ``data_tools.synth``'s class
+table). Also printed: the spread of each oracle's cosines (mean +- standard deviation over pairs).
+
+    python benchmarks/oracle_agreement.py --demo-out demo_out
+
+Video level, not the training queue's augmented clips: it measures the oracles, not a training run
+(``train/mined_precision`` in TensorBoard is the in-training class precision: printed last, as its
+mean over each cooperative row's logged steps, per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_tools import synth  # noqa: E402
+from tricoclr import modalities as registry  # noqa: E402
+from tricoclr.config import load_config  # noqa: E402
+from tricoclr.data.store import open_store  # noqa: E402
+from tricoclr.demo import DEFAULT_CONFIG, DEMO_OVERRIDES  # noqa: E402
+from tricoclr.eval.features import present_clips  # noqa: E402
+from tricoclr.mining import mine_positives  # noqa: E402
+from tricoclr.models.encoder import load_encoder  # noqa: E402
+
+ORACLES = ("flow", "audio")
+
+
+def read_clips(store_path: Path, data_cfg: dict) -> tuple[list[str], torch.Tensor, dict[str, list[torch.Tensor]]]:
+    store = open_store(store_path)
+    ids, labels, clips = [], [], {m: [] for m in ORACLES}
+    for record in store.iter_records():
+        ids.append(record.id)
+        labels.append(int(record.meta["label_index"]))
+        for modality in ORACLES:
+            clips[modality].append(present_clips(record, modality, data_cfg, None))
+    return ids, torch.tensor(labels), clips
+
+
+@torch.no_grad()
+def embed(encoder, modality: str, clips: list[torch.Tensor]) -> torch.Tensor:
+    encoder.eval()
+    rows = [encoder(registry.finish_for_eval(modality, video_clips)).float().mean(0) for video_clips in clips]
+    return F.normalize(torch.stack(rows), dim=1)
+
+
+def agreement(mask: torch.Tensor, keys: dict[str, torch.Tensor]) -> dict[str, float]:
+    mined = mask[:, 1:] & ~torch.eye(mask.shape[0], dtype=torch.bool)  # the anchor itself is its same-video entry
+    return {name: 100 * float((key[:, None] == key[None, :])[mined].float().mean()) for name, key in keys.items()}
+
+
+def training_precision(out: Path, seeds: int) -> None:
+    """Mean ``train/mined_precision`` of each demo row's cooperative RGB stage, per seed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tricoclr.demo import VARIANTS, _slug
+
+    print("train/mined_precision, mean over the stage's logged steps, per seed:")
+    for name, mods, _ in VARIANTS:
+        if len(mods) == 1:
+            continue
+        means = []
+        for seed in range(seeds):
+            values = []
+            for events in sorted((out / "runs" / f"seed{seed}" / _slug(name) / "tb").rglob("events.out.tfevents.*")):
+                accumulator = EventAccumulator(str(events))
+                accumulator.Reload()
+                if "train/mined_precision" in accumulator.Tags()["scalars"]:
+                    values += [event.value for event in accumulator.Scalars("train/mined_precision")]
+            means.append(f"{sum(values) / len(values):.3f}" if values else "-")
+        print(f"  {name:34s} {' / '.join(means)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo-out", required=True, help="a finished `tricoclr demo --out` folder")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--topk", type=int, default=5)
+    args = parser.parse_args()
+    started = time.time()
+    out = Path(args.demo_out)
+    data_cfg = load_config(DEFAULT_CONFIG, DEMO_OVERRIDES)["data"]
+    ids, labels, clips = read_clips(out / "prepared" / "train", data_cfg)
+    table = torch.tensor(synth.factor_indices(int(labels.max()) + 1))
+    keys = {"motion": table[labels, 1], "sound": table[labels, 2], "class": labels}
+    video_ids = torch.arange(len(ids))
+    print(f"{len(ids)} train videos read in {time.time() - started:.0f} s; top-{args.topk} among the other videos; "
+          "agreement % (motion / sound / class)", flush=True)
+    for seed in range(args.seeds):
+        encoders = {m: load_encoder(out / "runs" / f"seed{seed}" / "pretrain_oracles" / "encoders" / f"pretrain-{m}" / f"{m}.safetensors")[0]
+                    for m in ORACLES}
+        parts = {m: embed(encoders[m], m, clips[m]) for m in ORACLES}
+        off_diagonal = ~torch.eye(len(ids), dtype=torch.bool)
+        spreads = {m: (parts[m] @ parts[m].t())[off_diagonal] for m in ORACLES}
+        print(f"seed {seed}: cosine " + ", ".join(f"{m} {c.mean():.2f} +- {c.std():.2f}" for m, c in spreads.items()))
+        both = torch.cat([parts[m] for m in ORACLES], dim=1)
+        dims = tuple(parts[m].shape[1] for m in ORACLES)
+        runs = {
+            "flow alone": (parts["flow"], "cosine_sum", None),
+            "audio alone": (parts["audio"], "cosine_sum", None),
+            "flow+audio, cosine_sum": (both, "cosine_sum", dims),
+            "flow+audio, standardized": (both, "standardized", dims),
+        }
+        for name, (oracle, similarity, oracle_dims) in runs.items():
+            mask = mine_positives(oracle, oracle, args.topk, video_ids=video_ids, queue_video_ids=video_ids,
+                                  same_video_positives=True, similarity=similarity, oracle_dims=oracle_dims)
+            scores = agreement(mask, keys)
+            print(f"  {name:26s} " + " / ".join(f"{scores[k]:5.1f}" for k in ("motion", "sound", "class")), flush=True)
+    training_precision(out, args.seeds)
+    print(f"done in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
