@@ -10,9 +10,10 @@ flow + audio under both ``method.oracle_similarity`` settings. Agreement is the 
 videos whose class shares the anchor's motion / sound / class (from ``data_tools.synth``'s class
 table). Also printed: the spread of each oracle's cosines (mean +- standard deviation over pairs).
 
-    python benchmarks/oracle_agreement.py --demo-out demo_out
+    python benchmarks/oracle_agreement.py --demo-out demo_out [--level clip]
 
-Video level, not the training queue's augmented clips: it measures the oracles, not a training run
+Video level by default; ``--level clip`` makes every evaluation window its own entry (the queue
+holds clips, not videos), still un-augmented. Not the training queue's augmented clips: it measures the oracles, not a training run
 (``train/mined_precision`` in TensorBoard is the in-training class precision: printed last, as its
 mean over each cooperative row's logged steps, per seed).
 """
@@ -53,15 +54,34 @@ def read_clips(store_path: Path, data_cfg: dict) -> tuple[list[str], torch.Tenso
 
 
 @torch.no_grad()
-def embed(encoder, modality: str, clips: list[torch.Tensor]) -> torch.Tensor:
+def embed(encoder, modality: str, clips: list[torch.Tensor], level: str) -> torch.Tensor:
+    """One row per video (mean over its windows) or, ``level="clip"``, one row per window."""
     encoder.eval()
-    rows = [encoder(registry.finish_for_eval(modality, video_clips)).float().mean(0) for video_clips in clips]
-    return F.normalize(torch.stack(rows), dim=1)
+    per_video = [encoder(registry.finish_for_eval(modality, video_clips)).float() for video_clips in clips]
+    rows = torch.stack([e.mean(0) for e in per_video]) if level == "video" else torch.cat(per_video)
+    return F.normalize(rows, dim=1)
 
 
-def agreement(mask: torch.Tensor, keys: dict[str, torch.Tensor]) -> dict[str, float]:
-    mined = mask[:, 1:] & ~torch.eye(mask.shape[0], dtype=torch.bool)  # the anchor itself is its same-video entry
-    return {name: 100 * float((key[:, None] == key[None, :])[mined].float().mean()) for name, key in keys.items()}
+def mine_and_score(oracle: torch.Tensor, video_ids: torch.Tensor, keys: dict[str, torch.Tensor], topk: int,
+                   queue: int, similarity: str, oracle_dims) -> dict[str, float]:
+    """% of the mined entries (other videos only) sharing the anchor's motion / sound / class.
+
+    ``queue`` 0: every anchor ranks all entries; else each batch of 16 anchors ranks a random
+    ``queue`` entries, as the training queue holds only that many."""
+    generator = torch.Generator().manual_seed(0)
+    hits = {name: 0 for name in keys}
+    total = 0
+    for start in range(0, len(oracle), 16):
+        anchors = torch.arange(start, min(start + 16, len(oracle)))
+        pool = torch.randperm(len(oracle), generator=generator)[:queue] if queue else torch.arange(len(oracle))
+        mask = mine_positives(oracle[anchors], oracle[pool], topk, video_ids=video_ids[anchors],
+                              queue_video_ids=video_ids[pool], same_video_positives=True,
+                              similarity=similarity, oracle_dims=oracle_dims)
+        mined = mask[:, 1:] & (video_ids[anchors][:, None] != video_ids[pool][None, :])  # same-video: positives anyway
+        total += int(mined.sum())
+        for name, key in keys.items():
+            hits[name] += int(((key[anchors][:, None] == key[pool][None, :]) & mined).sum())
+    return {name: 100 * hits[name] / max(total, 1) for name in keys}
 
 
 def training_precision(out: Path, seeds: int) -> None:
@@ -91,21 +111,30 @@ def main() -> None:
     parser.add_argument("--demo-out", required=True, help="a finished `tricoclr demo --out` folder")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--queue", type=int, default=0,
+                        help="rank a random QUEUE entries per batch of 16 anchors (the demo's queue: 128); 0: all")
+    parser.add_argument("--level", choices=["video", "clip"], default="video",
+                        help="entries are videos (mean over their evaluation windows) or single windows "
+                             "(closer to the training queue's clips; un-augmented)")
     args = parser.parse_args()
     started = time.time()
     out = Path(args.demo_out)
     data_cfg = load_config(DEFAULT_CONFIG, DEMO_OVERRIDES)["data"]
     ids, labels, clips = read_clips(out / "prepared" / "train", data_cfg)
+    windows = torch.tensor([len(c) for c in clips["flow"]])
+    if args.level == "clip" and not torch.equal(windows, torch.tensor([len(c) for c in clips["audio"]])):
+        raise SystemExit("flow and audio have different window counts per video: use --level video")
+    video_ids = torch.arange(len(ids)) if args.level == "video" else torch.arange(len(ids)).repeat_interleave(windows)
+    entry_labels = labels[video_ids]
     table = torch.tensor(synth.factor_indices(int(labels.max()) + 1))
-    keys = {"motion": table[labels, 1], "sound": table[labels, 2], "class": labels}
-    video_ids = torch.arange(len(ids))
-    print(f"{len(ids)} train videos read in {time.time() - started:.0f} s; top-{args.topk} among the other videos; "
-          "agreement % (motion / sound / class)", flush=True)
+    keys = {"motion": table[entry_labels, 1], "sound": table[entry_labels, 2], "class": entry_labels}
+    print(f"{len(ids)} train videos ({len(video_ids)} {args.level} entries) read in {time.time() - started:.0f} s; "
+          f"top-{args.topk} among {args.queue or 'all'} entries of other videos; agreement % (motion / sound / class)", flush=True)
     for seed in range(args.seeds):
         encoders = {m: load_encoder(out / "runs" / f"seed{seed}" / "pretrain_oracles" / "encoders" / f"pretrain-{m}" / f"{m}.safetensors")[0]
                     for m in ORACLES}
-        parts = {m: embed(encoders[m], m, clips[m]) for m in ORACLES}
-        off_diagonal = ~torch.eye(len(ids), dtype=torch.bool)
+        parts = {m: embed(encoders[m], m, clips[m], args.level) for m in ORACLES}
+        off_diagonal = video_ids[:, None] != video_ids[None, :]
         spreads = {m: (parts[m] @ parts[m].t())[off_diagonal] for m in ORACLES}
         print(f"seed {seed}: cosine " + ", ".join(f"{m} {c.mean():.2f} +- {c.std():.2f}" for m, c in spreads.items()))
         both = torch.cat([parts[m] for m in ORACLES], dim=1)
@@ -117,9 +146,7 @@ def main() -> None:
             "flow+audio, standardized": (both, "standardized", dims),
         }
         for name, (oracle, similarity, oracle_dims) in runs.items():
-            mask = mine_positives(oracle, oracle, args.topk, video_ids=video_ids, queue_video_ids=video_ids,
-                                  same_video_positives=True, similarity=similarity, oracle_dims=oracle_dims)
-            scores = agreement(mask, keys)
+            scores = mine_and_score(oracle, video_ids, keys, args.topk, args.queue, similarity, oracle_dims)
             print(f"  {name:26s} " + " / ".join(f"{scores[k]:5.1f}" for k in ("motion", "sound", "class")), flush=True)
     training_precision(out, args.seeds)
     print(f"done in {time.time() - started:.0f} s")
