@@ -60,9 +60,17 @@ def test_quick_demo_writes_the_ablation_and_reuses_finished_work(tmp_path):
     resolved = yaml.safe_load((out / "runs" / "seed0" / _slug("TriCoCLR") / "config.yaml").read_text())
     assert resolved["method"]["oracle_similarity"] == "cosine_sum"
     assert results["num_test"] > 0 and results["num_train"] > 0
+    # The ablation's paired differences: same test videos, so the difference of means is exact.
+    pairs = {(c["a"], c["b"]): c for c in results["comparisons"]}
+    assert {("CoCLR", "InfoNCE"), ("TriCoCLR", "CoCLR"), ("TriCoCLR", "TriCoCLR, no self-positive mask")} <= set(pairs)
+    for (a, b), c in pairs.items():
+        for metric in ("R@1", "linear_top1"):
+            assert c[metric] == pytest.approx(rows[a][metric] - rows[b][metric], abs=1e-6)
+            assert c[f"{metric}_ci"][0] <= c[metric] <= c[f"{metric}_ci"][1]
 
     table = (out / "results.md").read_text()
     assert all(name in table for name in expected)
+    assert "Paired differences" in table and "TriCoCLR − CoCLR" in table
     assert (out / "retrieval.png").stat().st_size > 1000
     assert list((out / "runs").rglob("events.out.tfevents.*")), "no TensorBoard logs"
 
