@@ -30,7 +30,8 @@ from tricoclr.trainer import build_encoder  # noqa: E402
 SHAPES = {
     # name: (backbones, clip frames, size, spectrogram steps)
     "paper": ({"rgb": "s3d", "flow": "s3d", "audio": "resnet18"}, 30, 128, 128),
-    "demo": ({"rgb": "tiny3d", "flow": "tiny3d", "audio": "tiny2d"}, 8, 64, 64),
+    # the demo's RGB stage: 8 frames cropped to 32x32, 64 spectrogram steps (README's demo section)
+    "demo": ({"rgb": "tiny3d", "flow": "tiny3d", "audio": "tiny2d"}, 8, 32, 64),
 }
 
 
