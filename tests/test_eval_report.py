@@ -43,6 +43,14 @@ def test_markdown_table_plain_columns_and_ints():
     ]
 
 
+def test_markdown_table_signed_for_differences():
+    rows = [{"difference": "A − B", "R@1": 2.25, "R@1_ci": [-0.04, 4.4]}, {"difference": "C − D", "R@1": -1.6, "R@1_ci": [-3.1, 0.0]}]
+    table = markdown_table(rows, ["difference", "R@1"], signed=True)
+    assert table.splitlines() == ["| difference | R@1 |", "| --- | ---: |",
+                                  "| A − B | +2.2 [-0.0, +4.4] |", "| C − D | -1.6 [-3.1, +0.0] |"]
+    assert "| 2.2 [-0.0, 4.4] |" in markdown_table(rows, ["difference", "R@1"])  # unsigned by default
+
+
 def test_markdown_table_rejects_unknown_modality():
     with pytest.raises(ValueError, match="unknown modality"):
         markdown_table([{"model": "x", "modalities": "RGB+Depth"}], ["model", "modalities"],

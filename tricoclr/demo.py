@@ -189,17 +189,22 @@ def evaluate(encoder_path, train_store: Path, test_store: Path, args, seed: int)
     }
 
 
+def _percent_outcomes(results: list[dict], key: str) -> torch.Tensor:
+    """(seeds, N[, ks]) per-test-video outcomes (0 or 100) of one row, for the bootstraps."""
+    return torch.tensor([r[key] for r in results]) * 100
+
+
 def summarise(per_seed: dict[str, list[dict]]) -> list[dict]:
     from tricoclr.eval.stats import bootstrap_ci
 
     rows = []
     for name, results in per_seed.items():
         row = {"model": name, "modalities": MODALITIES_OF.get(name, "RGB"), "seeds": len(results)}
-        hits = torch.tensor([r["hits"] for r in results]) * 100  # (seeds, N, len(ks))
+        hits = _percent_outcomes(results, "hits")  # (seeds, N, len(ks))
         for column, metric in enumerate(("R@1", "R@5", "R@10")):
             mean, low, high = bootstrap_ci(hits[:, :, column])
             row[metric], row[f"{metric}_ci"] = mean, [low, high]
-        mean, low, high = bootstrap_ci(torch.tensor([r["linear_hits"] for r in results]) * 100)
+        mean, low, high = bootstrap_ci(_percent_outcomes(results, "linear_hits"))
         row["linear_top1"], row["linear_top1_ci"] = mean, [low, high]
         row["chance_R@1"] = sum(r["chance_R@1"] for r in results) / len(results)
         row["per_seed"] = [{k: r[k] for k in ("R@1", "R@5", "R@10", "linear_top1")} for r in results]
@@ -230,7 +235,7 @@ def compare(per_seed: dict[str, list[dict]]) -> list[dict]:
             continue
         entry = {"a": first, "b": second}
         for metric, key, column in (("R@1", "hits", 0), ("linear_top1", "linear_hits", None)):
-            a, b = (torch.tensor([r[key] for r in per_seed[name]]) * 100 for name in (first, second))
+            a, b = (_percent_outcomes(per_seed[name], key) for name in (first, second))
             if column is not None:
                 a, b = a[..., column], b[..., column]
             mean, low, high = bootstrap_ci(a - b)
@@ -240,11 +245,11 @@ def compare(per_seed: dict[str, list[dict]]) -> list[dict]:
 
 
 def comparison_table(comparisons: list[dict]) -> str:
-    lines = ["| difference | R@1 | linear_top1 |", "| --- | ---: | ---: |"]
-    for c in comparisons:
-        cells = [f"{c[m]:+.1f} [{c[m + '_ci'][0]:+.1f}, {c[m + '_ci'][1]:+.1f}]" for m in ("R@1", "linear_top1")]
-        lines.append(f"| {c['a']} − {c['b']} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
+    from tricoclr.eval.report import markdown_table
+
+    rows = [{"difference": f"{c['a']} − {c['b']}", **{k: v for k, v in c.items() if k not in ("a", "b")}}
+            for c in comparisons]
+    return markdown_table(rows, ["difference", "R@1", "linear_top1"], signed=True).rstrip("\n")
 
 
 # The table's "modalities" of each row, from the variant list itself (rows not listed are RGB only).

@@ -42,6 +42,7 @@ def markdown_table(
     modality_columns: Sequence[str] | None = None,
     modalities_key: str = "modalities",
     decimals: int = 1,
+    signed: bool = False,
 ) -> str:
     """Render result rows as a GitHub-flavoured markdown table.
 
@@ -54,6 +55,8 @@ def markdown_table(
             uses it; a row's modalities are a "+"/","-separated string or a list of names
             (case-insensitive; an unknown name is an error, it is most likely a typo).
         decimals: digits after the point for floats (ints are shown as they are).
+        signed: floats and their intervals always carry a sign ("+2.2 [-0.0, +4.4]"), for
+            tables of differences.
 
     Cell formatting: floats to ``decimals`` places; if the row also has ``"<column>_ci"``,
     a number is shown as "± half-width" and a (low, high) pair as "[low, high]". Numeric
@@ -77,7 +80,7 @@ def markdown_table(
         is_numeric = any(_is_number(row.get(column)) for row in rows)
         alignment.append("---:" if is_numeric else "---")
         for cells, row in zip(cells_by_row, rows):
-            cells.append(_format_cell(row.get(column), row.get(f"{column}_ci"), decimals))
+            cells.append(_format_cell(row.get(column), row.get(f"{column}_ci"), decimals, signed))
     lines = [_markdown_row(header), _markdown_row(alignment)]
     lines += [_markdown_row(cells) for cells in cells_by_row]
     return "\n".join(lines) + "\n"
@@ -103,8 +106,8 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _format_cell(value, ci, decimals: int) -> str:
-    """One table cell: floats rounded, optional CI, text with '|' escaped."""
+def _format_cell(value, ci, decimals: int, signed: bool = False) -> str:
+    """One table cell: floats rounded (with a sign if ``signed``), optional CI, text with '|' escaped."""
     if value is None:
         return MISSING
     if isinstance(value, bool):
@@ -112,7 +115,7 @@ def _format_cell(value, ci, decimals: int) -> str:
     if isinstance(value, int):
         text = str(value)
     elif isinstance(value, float):
-        text = f"{value:.{decimals}f}"
+        text = f"{value:{'+' if signed else ''}.{decimals}f}"
     else:
         return str(value).replace("|", "\\|")
     if ci is None:
@@ -120,7 +123,8 @@ def _format_cell(value, ci, decimals: int) -> str:
     if _is_number(ci):
         return f"{text} ± {ci:.{decimals}f}"
     low, high = ci
-    return f"{text} [{low:.{decimals}f}, {high:.{decimals}f}]"
+    sign = "+" if signed else ""
+    return f"{text} [{low:{sign}.{decimals}f}, {high:{sign}.{decimals}f}]"
 
 
 def _markdown_row(cells: list[str]) -> str:
