@@ -175,7 +175,7 @@ def validate(config: dict) -> None:
         raise ConfigError("method.batchnorm must be global, local or shuffle")
     if config["method"]["oracle_similarity"] not in ORACLE_SIMILARITIES:
         raise ConfigError(
-            f"method.oracle_similarity must be cosine_sum or standardized, got {config['method']['oracle_similarity']!r}"
+            f"method.oracle_similarity must be {' or '.join(ORACLE_SIMILARITIES)}, got {config['method']['oracle_similarity']!r}"
         )
     if config["optim"]["name"] not in ("adam", "adamw", "sgd"):
         raise ConfigError("optim.name must be adam, adamw or sgd")

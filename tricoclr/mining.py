@@ -21,6 +21,12 @@ import torch
 ORACLE_SIMILARITIES = ("cosine_sum", "standardized")
 
 
+def check_oracle_similarity(mode: str) -> None:
+    """ValueError unless ``mode`` is one of ORACLE_SIMILARITIES."""
+    if mode not in ORACLE_SIMILARITIES:
+        raise ValueError(f"oracle similarity must be one of {ORACLE_SIMILARITIES}, got {mode!r}")
+
+
 def oracle_similarity(
     oracle: torch.Tensor,
     queue_oracle: torch.Tensor,
@@ -37,8 +43,7 @@ def oracle_similarity(
       decides the ranking alone. With one sampler the ranking is the same as ``cosine_sum``'s
       (z-scoring a row is increasing).
     """
-    if mode not in ORACLE_SIMILARITIES:
-        raise ValueError(f"oracle similarity must be one of {ORACLE_SIMILARITIES}, got {mode!r}")
+    check_oracle_similarity(mode)
     # float32 so that the ranking does not depend on the autocast dtype.
     oracle = oracle.float()
     queue_oracle = queue_oracle.to(oracle.device).float()
@@ -106,8 +111,7 @@ def mine_positives(
     Returns:
         bool tensor (B, 1 + K) on the device of the inputs.
     """
-    if similarity not in ORACLE_SIMILARITIES:  # checked up front: mining may start late
-        raise ValueError(f"oracle similarity must be one of {ORACLE_SIMILARITIES}, got {similarity!r}")
+    check_oracle_similarity(similarity)  # up front: mining may start late
     batch_size, queue_size, device = _mask_shape(oracle, queue_oracle, video_ids, queue_video_ids)
     queue_mask = torch.zeros(batch_size, queue_size, dtype=torch.bool, device=device)
 

@@ -45,7 +45,6 @@ __all__ = [
     "create_opencv_tvl1",
     "pyramid_sizes",
     "median_blur",
-    "triton_available",
 ]
 
 # OpenCV's bicubic kernel parameter (Keys' a); torch's bicubic uses the same value.
@@ -468,28 +467,28 @@ def _kernels(compiled: bool, median_method: str, iteration: str) -> _Kernels:
     return _Kernels(steps=steps, median=median, data_term=compile_fn(_warped_data_term))
 
 
-def triton_available() -> bool:
-    """Whether the Triton iteration can run: Triton installed, and a CUDA device (or Triton's
-    CPU interpreter, ``TRITON_INTERPRET=1``)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreting() -> bool:
+    """Triton's CPU interpreter is on (it must be before tvl1_triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _choose_iteration(iteration: str | None, device: torch.device, params: TVL1Params) -> str:
     """"triton" or "torch": None picks Triton on CUDA where it can run (gamma = 0)."""
     if iteration is None:
-        usable = device.type == "cuda" and params.gamma == 0.0 and triton_available()
+        usable = device.type == "cuda" and params.gamma == 0.0 and _triton_installed()
         return "triton" if usable else "torch"
     if iteration not in ("torch", "triton"):
         raise ValueError(f"iteration must be 'torch' or 'triton', not {iteration!r}")
     if iteration == "triton":
         if params.gamma != 0.0:
             raise ValueError("the Triton iteration implements gamma = 0 only (OpenCV's default); use iteration='torch'")
-        if not triton_available():
-            raise RuntimeError("the Triton iteration needs Triton and a CUDA device (or TRITON_INTERPRET=1 set before "
-                               "tricoclr.ops.tvl1_triton is imported, to interpret it on the CPU)")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if not _triton_installed():
+            raise RuntimeError("the Triton iteration needs Triton installed (it comes with torch's Linux wheels)")
+        if device.type != "cuda" and not _triton_interpreting():
             raise RuntimeError(f"the Triton iteration runs on CUDA tensors, not {device.type} "
                                "(set TRITON_INTERPRET=1 to interpret it on the CPU)")
     return iteration
