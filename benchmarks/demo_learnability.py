@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -52,16 +51,10 @@ FACTOR_COLUMN = {"appearance": 0, "motion": 1, "sound": 2}
 def render_video(classes: int, class_index: int, video: int, seconds: float, size: int,
                  radius: tuple[float, float] | None, trace_depth: float) -> torch.Tensor:
     """(frames, 3, size, size) uint8: one synthesized video as `synth` draws it, area-downsampled."""
-    spec = synth.class_table(classes)[class_index]
-    rng = synth.video_rng(0, class_index, video)
-    nuisance = synth.sample_nuisance(rng, spec.appearance)
-    if radius is not None:
-        nuisance = dataclasses.replace(nuisance, radius=float(rng.uniform(*radius)))
-    frames = synth.frame_count(seconds, FPS)
-    _, envelope = synth.synth_audio(spec.sound, nuisance, frames / FPS, AUDIO_RATE, rng)
-    trace = synth.frame_trace(envelope, AUDIO_RATE, FPS, frames)
-    pixels = np.stack(list(synth.render_frames(spec, nuisance, trace, FPS, RENDER_SIZE, rng, trace_depth)))
-    video_tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+    job = synth.VideoJob(path="", classes=classes, class_index=class_index, video_index=video, seed=0,
+                         seconds=seconds, fps=FPS, size=RENDER_SIZE, audio_rate=AUDIO_RATE)
+    _, _, pixels, _, _ = synth.make_video_content(job, trace_depth, radius)
+    video_tensor = torch.from_numpy(np.stack(list(pixels))).permute(0, 3, 1, 2).float()
     return F.interpolate(video_tensor, size=(size, size), mode="area").round().clamp(0, 255).to(torch.uint8)
 
 

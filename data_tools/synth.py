@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -638,11 +639,17 @@ def video_rng(seed: int, class_index: int, video_index: int) -> np.random.Genera
     return np.random.default_rng([seed, class_index, video_index])
 
 
-def make_video_content(job: VideoJob, trace_depth: float = TRACE_DEPTH):
-    """(spec, nuisance, frame iterator, audio, per-frame trace) of one video, without writing."""
+def make_video_content(job: VideoJob, trace_depth: float = TRACE_DEPTH,
+                       radius: tuple[float, float] | None = None):
+    """(spec, nuisance, frame iterator, audio, per-frame trace) of one video, without writing.
+
+    ``radius`` (diagnostics only) redraws the object's radius from that range.
+    """
     spec = class_table(job.classes)[job.class_index]
     rng = video_rng(job.seed, job.class_index, job.video_index)
     nuisance = sample_nuisance(rng, spec.appearance)
+    if radius is not None:
+        nuisance = dataclasses.replace(nuisance, radius=float(rng.uniform(*radius)))
     frames = frame_count(job.seconds, job.fps)
     # the audio spans exactly the frames' time (frames / fps), whatever rounding gave `frames`
     audio, envelope = synth_audio(spec.sound, nuisance, frames / job.fps, job.audio_rate, rng)
