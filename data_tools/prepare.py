@@ -156,7 +156,7 @@ def process_video(
 def internal_error_reason(doing: str, exc: BaseException) -> str:
     """The manifest reason for an unexpected error: a sentence that says it is one, with the
     exception's type and text, so that it stands out from the input's own faults."""
-    return f"internal error while {doing} ({type(exc).__name__}: {exc}); please report it"
+    return f"internal error while {doing}, please report it ({type(exc).__name__}: {exc})"
 
 
 def _failed(video: lists.InputVideo, reason: str, **extra) -> dict:
