@@ -155,7 +155,17 @@ def describe_unopenable(path: str, exc: Exception) -> str:
     for start, kind in _TEXT_PLACEHOLDERS:
         if head.startswith(start):
             return f"the file is {kind} of {size} bytes, not a video: a download saved a server's answer instead"
+    if _is_text(head):
+        return f"the file holds text ({size} bytes), not a video"
     return str(exc)
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError:  # also a multi-byte letter cut at 512 bytes: then FFmpeg's words
+        return False
+    return all(char.isprintable() or char in "\t\r\n" for char in decoded)
 
 
 def main_video_stream(container: av.container.InputContainer):
