@@ -32,8 +32,6 @@ recorded as an internal one and counted in the summary.
 
 from __future__ import annotations
 
-import io
-
 import av
 import numpy as np
 import pytest
@@ -174,7 +172,7 @@ def _library_messages(tmp_path) -> list[str]:
     attempts = [
         lambda: torch.nn.functional.pad(torch.zeros(1, 1, 500), (512, 512), mode="reflect"),
         lambda: np.zeros(5).reshape(2, 3),
-        lambda: [][0],
+        lambda: "abc".index("z"),
         lambda: 1 / 0,
         lambda: None.width,
     ]
