@@ -148,9 +148,10 @@ def process_video(
     except MediaError as exc:
         return _failed(video, str(exc)), None, None
     except av.error.FFmpegError as exc:  # FFmpeg refused the file's data past the checks
-        return _failed(video, f"FFmpeg could not decode the file ({exc})"), None, None
+        return _failed(video, f"the file could not be decoded: FFmpeg stopped with an error ({exc})"), None, None
     except Exception as exc:  # a bug of ours or a library's: the message says so, the run goes on
-        return _failed(video, internal_error_reason("preparing the video", exc), internal_error=type(exc).__name__), None, None
+        reason = internal_error_reason("preparing the video", exc)
+        return _failed(video, reason, internal_error=type(exc).__name__), None, None
 
 
 def internal_error_reason(doing: str, exc: BaseException) -> str:

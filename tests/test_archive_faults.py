@@ -196,6 +196,7 @@ def test_the_policy_accepts_sentences_that_quote_a_library():
         "cannot open as media: [Errno 1094995529] Invalid data found when processing input: 'x.mp4'",
         "1 video packet(s) failed to decode (first: [Errno 1094995529] Invalid data; more)",
         "timed out after 3 s (--video-timeout)",
+        "the file could not be decoded: FFmpeg stopped with an error ([Errno 22] Invalid argument)",
         "internal error while preparing the video, please report it (IndexError: list index out of range)",
     ):
         assert reason_problem(reason) is None, reason
