@@ -24,6 +24,9 @@ from tricoclr.data import schema
 
 # Gaps between audio frames shorter than this are timestamp jitter, not missing audio.
 GAP_TOLERANCE_SECONDS = 0.01
+# |sample| above this (full scale 1.0) is damage, not overshoot: decoders overshoot by a few
+# percent at most, and a 1e30 sample would overflow the float32 mel power to infinity.
+DAMAGED_SAMPLE_PEAK = 1000.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ class AudioResult:
     silent: bool = False
     covered_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # damage that makes the video ``partial``
+    unusable: str | None = None  # why the audio is not kept, in plain words (None: it is, or it is silent)
 
 
 @functools.lru_cache(maxsize=4)
@@ -160,17 +165,32 @@ def aligned_log_mel(collector: AudioCollector, t0: float, frames: int, fps: floa
     """The log-mel spectrogram of the video's time span [t0, t0 + frames / fps).
 
     Returns ``log_mel=None`` with ``silent=True`` when the audio is digital silence (the caller
-    then records the video as having no audio, see docs/schema.md).
+    then records the video as having no audio, see docs/schema.md), and ``log_mel=None`` with
+    ``unusable`` set when the video spans less than half a spectrogram step (one frame at an
+    output rate above 2 * steps_per_second). Any other length, one frame included, gives
+    ``steps`` steps. Samples that are not numbers or beyond DAMAGED_SAMPLE_PEAK (a damaged float
+    PCM stream) are replaced by silence, so the stored spectrogram is always finite.
     """
     steps = spectrogram_steps(frames, fps, config)
     wave = collector.waveform()
     if collector.rate is None or wave.size == 0:
         return AudioResult(None, steps, notes=["audio stream decoded to no samples"])
+    if steps < 1:
+        return AudioResult(None, 0, unusable=(
+            f"audio not kept: the video's {frames} frame(s) at {fps:g} fps span less than half a "
+            f"spectrogram step (1/{config.steps_per_second} s)"))
+    damaged = ~(np.abs(wave) <= DAMAGED_SAMPLE_PEAK)  # also true for NaN
+    damaged_samples = int(np.count_nonzero(damaged))
+    if damaged_samples:
+        wave = np.where(damaged, np.float32(0.0), wave)
     wave_t = torch.from_numpy(wave)
     if collector.rate != config.sample_rate:
         wave_t = torchaudio.functional.resample(wave_t, collector.rate, config.sample_rate)
     aligned, covered = _align(wave_t, float(collector.start_time) - t0, steps * config.hop, config.sample_rate)
     result = AudioResult(None, steps, covered_seconds=covered)
+    if damaged_samples:
+        result.problems.append(f"{damaged_samples} audio sample(s) were not numbers or far beyond full scale "
+                               "(a damaged float stream) and became silence")
     peak = float(aligned.abs().max()) if aligned.numel() else 0.0
     if peak < config.silence_peak:
         result.silent = True
@@ -202,9 +222,17 @@ def log_mel(wave: torch.Tensor, config: AudioConfig) -> torch.Tensor:
     """float32 (n_mels, len / hop + 1) log-mel of a mono waveform at config.sample_rate.
 
     With ``center=True`` torchaudio returns one step more than ``len / hop`` (the extra frame is
-    centred on the last sample); callers cut to the steps they need.
+    centred on the last sample); callers cut to the steps they need. Centring reflects
+    ``n_fft / 2`` samples at each end, which needs a longer waveform: a shorter one (a video of
+    one or two frames: 500 samples at 30 fps and the defaults) is first padded at its end with
+    digital silence to ``n_fft / 2 + 1`` samples (its steps keep their times; the padding only
+    stands for silence after its end).
     """
-    mel = _mel_transform(config)(wave.to(torch.float32))
+    wave = wave.to(torch.float32)
+    shortest = config.n_fft // 2 + 1
+    if wave.numel() < shortest:
+        wave = torch.nn.functional.pad(wave, (0, shortest - wave.numel()))
+    mel = _mel_transform(config)(wave)
     return torch.log(mel + config.log_offset)
 
 

@@ -15,6 +15,7 @@ caller can keep what decoded and record why it is ``partial``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Iterator
@@ -46,6 +47,9 @@ class MediaInfo:
     has_audio_stream: bool
     audio_channels: int | None
     audio_rate: int | None
+    video_stream_index: int = 0  # the stream decoded as the video (main_video_stream)
+    audio_stream_index: int | None = None  # the audio stream decoded, None: none usable
+    audio_problem: str | None = None  # why an audio stream present is not used, in plain words
 
 
 @dataclass
@@ -102,16 +106,16 @@ def open_media(path: str) -> tuple[av.container.InputContainer, MediaInfo]:
     try:
         container = av.open(path, metadata_errors="ignore")
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise MediaError(f"cannot open as media: {exc}") from exc
+        raise MediaError(f"cannot open as media: {describe_unopenable(path, exc)}") from exc
     try:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise MediaError(f"no video stream (streams: {', '.join(kinds)})")
-        video = container.streams.video[0]
+        video = main_video_stream(container)
         ctx = video.codec_context
         if not ctx.width or not ctx.height:
             raise MediaError(f"video stream has no frame size ({ctx.name}); the file is damaged")
         audio = container.streams.audio[0] if container.streams.audio else None
+        audio_problem = None
+        if audio is not None and audio.codec_context is None:
+            audio, audio_problem = None, f"audio not kept: its codec has no decoder in this FFmpeg build (PyAV {av.__version__})"
         info = MediaInfo(
             container_format=container.format.name,
             width=ctx.width,
@@ -119,14 +123,70 @@ def open_media(path: str) -> tuple[av.container.InputContainer, MediaInfo]:
             sample_aspect=_sample_aspect(video),
             declared_fps=float(video.average_rate) if video.average_rate else None,
             declared_seconds=_declared_seconds(container, video),
-            has_audio_stream=audio is not None,
+            has_audio_stream=bool(container.streams.audio),
             audio_channels=len(audio.codec_context.layout.channels) if audio is not None else None,
             audio_rate=audio.codec_context.sample_rate if audio is not None else None,
+            video_stream_index=video.index,
+            audio_stream_index=audio.index if audio is not None else None,
+            audio_problem=audio_problem,
         )
     except BaseException:
         container.close()
         raise
     return container, info
+
+
+# Leading bytes of what downloaders save instead of a video (an error page, an API answer).
+_TEXT_PLACEHOLDERS = ((b"<!doctype html", "a web page (HTML)"), (b"<html", "a web page (HTML)"),
+                      (b"<?xml", "an XML document"), (b"{", "JSON text"))
+
+
+def describe_unopenable(path: str, exc: Exception) -> str:
+    """Why FFmpeg cannot open ``path``, in words about the file: empty, a saved web page, or
+    FFmpeg's own message. Sniffed by hand: FFmpeg only says 'Invalid data found' for all."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    except OSError:
+        return str(exc)
+    if size == 0:
+        return "the file is empty (0 bytes), as an interrupted or failed download leaves it"
+    for start, kind in _TEXT_PLACEHOLDERS:
+        if head.startswith(start):
+            return f"the file is {kind} of {size} bytes, not a video: a download saved a server's answer instead"
+    if _is_text(head):
+        return f"the file holds text ({size} bytes), not a video"
+    return str(exc)
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError:  # also a multi-byte letter cut at 512 bytes: then FFmpeg's words
+        return False
+    return all(char.isprintable() or char in "\t\r\n" for char in decoded)
+
+
+def main_video_stream(container: av.container.InputContainer):
+    """The stream to decode as the video: FFmpeg's choice (av_find_best_stream, as ffmpeg and
+    players use) among the video streams that are not a cover picture (attached_pic), so a
+    thumbnail or cover stored as the first stream is never taken for the video.
+
+    Raises MediaError when there is no such stream or FFmpeg has no decoder for it."""
+    streams = container.streams
+    moving = [s for s in streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not moving:
+        kinds = sorted({s.type for s in streams}) or ["none"]
+        cover = "; its only picture is a cover image (attached picture)" if streams.video else ""
+        raise MediaError(f"no video stream (streams: {', '.join(kinds)}){cover}")
+    best = streams.best("video")
+    video = next((s for s in moving if best is not None and s.index == best.index), moving[0])
+    if video.codec_context is None:
+        raise MediaError(
+            f"the video stream's codec has no decoder in this FFmpeg build (PyAV {av.__version__}): a codec too "
+            "new or too rare for it (AV1 needs one built with dav1d); re-encode the file, e.g. to H.264")
+    return video
 
 
 def _sample_aspect(video) -> Fraction:
@@ -179,9 +239,13 @@ class FrameRateResampler:
         self.current_time = time
 
     def finish(self, end_time: Fraction) -> Iterator[tuple[int, object]]:
-        """Flush the last frame, which stays on screen until ``end_time``."""
+        """Flush the last frame, which stays on screen until ``end_time``. A video shorter than
+        half an output interval (one frame at 60 fps read at 30) still gives its one frame."""
         if self.current is not None:
             yield from self._emit_until(end_time)
+            if self.next_output == 0:
+                self.next_output = 1
+                yield self.current
 
     def _emit_until(self, time: Fraction) -> Iterator[tuple[int, object]]:
         while self._slot_time(self.next_output) < time:
@@ -277,7 +341,7 @@ class VideoDecoder:
     def _timed_video_frames(self) -> Iterator[tuple[Fraction, Fraction | None, av.VideoFrame]]:
         """Decoded video frames with their presentation time and duration in seconds."""
         fallback_rate = Fraction(self.info.declared_fps or self.fps).limit_denominator(1_000_000)
-        stream_time_base = self.container.streams.video[0].time_base
+        stream_time_base = self.container.streams[self.info.video_stream_index].time_base
         for frame in self._decoded_video_frames():
             self.log.source_frames += 1
             # Frames drained at the end of the stream may come without a time base.
@@ -294,11 +358,12 @@ class VideoDecoder:
             yield time, duration, frame
 
     def _decoded_video_frames(self) -> Iterator[av.VideoFrame]:
-        video = self.container.streams.video[0]
+        video = self.container.streams[self.info.video_stream_index]
         video.codec_context.thread_count = self.threads
         if self.threads > 1:
             video.codec_context.thread_type = "AUTO"
-        audio = self.container.streams.audio[0] if (self.on_audio and self.container.streams.audio) else None
+        audio_index = self.info.audio_stream_index
+        audio = self.container.streams[audio_index] if (self.on_audio and audio_index is not None) else None
         streams = [s for s in (video, audio) if s is not None]
         consecutive_errors = 0
         for packet in self._packets(streams):

@@ -76,6 +76,11 @@ def statistics_from_entries(entries: list[dict]) -> dict:
             for e in entries
             if e["status"] == schema.STATUS_PARTIAL
         ][:50],
+        # bugs rather than bad input (the entry's ``internal_error`` names the exception type)
+        "internal_errors": {
+            "count": sum(bool(e.get("internal_error")) for e in entries),
+            "examples": [f"{e['source']}: {e['internal_error']}" for e in entries if e.get("internal_error")][:20],
+        },
     }
 
 
@@ -96,6 +101,10 @@ def format_statistics(stats: dict, title: str = "dataset") -> str:
     for kind in ("failures", "partials"):
         for item in stats[kind][:5]:
             lines.append(f"  {kind[:-1]}: {item['source']}: {item['reason']}")
+    internal = stats.get("internal_errors", {}).get("count", 0)
+    if internal:
+        lines.append(f"  internal error: {internal} video(s) hit an unexpected error, not a fault of the input "
+                     f"(e.g. {', '.join(stats['internal_errors']['examples'][:3])}); please report it")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Callable, Iterator
 
+import av
 import numpy as np
 import torch
 from torchvision.io import encode_jpeg
@@ -146,12 +147,21 @@ def process_video(
         return _prepare_video(video, config)
     except MediaError as exc:
         return _failed(video, str(exc)), None, None
-    except Exception as exc:  # anything a damaged file can provoke in a decoder or codec
-        return _failed(video, f"{type(exc).__name__}: {exc}"), None, None
+    except av.error.FFmpegError as exc:  # FFmpeg refused the file's data past the checks
+        return _failed(video, f"the file could not be decoded: FFmpeg stopped with an error ({exc})"), None, None
+    except Exception as exc:  # a bug of ours or a library's: the message says so, the run goes on
+        reason = internal_error_reason("preparing the video", exc)
+        return _failed(video, reason, internal_error=type(exc).__name__), None, None
 
 
-def _failed(video: lists.InputVideo, reason: str) -> dict:
-    return failed_entry(video.id, video.source, video.label, video.label_index, reason)
+def internal_error_reason(doing: str, exc: BaseException) -> str:
+    """The manifest reason for an unexpected error: a sentence that says it is one, with the
+    exception's type and text, so that it stands out from the input's own faults."""
+    return f"internal error while {doing}, please report it ({type(exc).__name__}: {exc})"
+
+
+def _failed(video: lists.InputVideo, reason: str, **extra) -> dict:
+    return failed_entry(video.id, video.source, video.label, video.label_index, reason, **extra)
 
 
 def _prepare_video(video: lists.InputVideo, config: PrepareConfig) -> tuple[dict, dict[str, bytes], PendingFlow | None]:
@@ -168,7 +178,7 @@ def _prepare_video(video: lists.InputVideo, config: PrepareConfig) -> tuple[dict
 
     meta = _video_meta(video, config, decoder, frames, flow_frames, distinct)
     if collector is not None:
-        audio_blob = _add_audio(meta, collector, decoder, config)
+        audio_blob = _add_audio_or_note_why_not(meta, collector, decoder, config)
         if audio_blob is not None:
             parts[schema.AUDIO_PART] = audio_blob
     _set_status(meta)
@@ -323,6 +333,19 @@ def _video_meta(video, config: PrepareConfig, decoder: VideoDecoder, frames: int
     return meta
 
 
+def _add_audio_or_note_why_not(meta: dict, collector: AudioCollector, decoder: VideoDecoder,
+                               config: PrepareConfig) -> bytes | None:
+    """``_add_audio``, except that an unexpected error costs only the audio: the video is kept
+    without it, ``partial``, with the error recorded as an internal one."""
+    try:
+        return _add_audio(meta, collector, decoder, config)
+    except Exception as exc:
+        meta.update(has_audio=False, audio=None, internal_error=type(exc).__name__)
+        meta["flags"].append("audio_unusable")
+        meta["problems"].append("audio dropped: " + internal_error_reason("computing its spectrogram", exc))
+        return None
+
+
 def _add_audio(meta: dict, collector: AudioCollector, decoder: VideoDecoder, config: PrepareConfig) -> bytes | None:
     """Fill the audio fields of ``meta``; return the encoded spectrogram or None (policy:
     no audio stream, undecodable or silent audio -> has_audio false, no audio record)."""
@@ -330,13 +353,22 @@ def _add_audio(meta: dict, collector: AudioCollector, decoder: VideoDecoder, con
     if not decoder.info.has_audio_stream:
         meta["flags"].append("no_audio_stream")
         return None
+    if decoder.info.audio_problem:
+        meta["flags"].append("audio_unusable")
+        meta["notes"].append(decoder.info.audio_problem)
+        return None
     if log.audio_errors:
         meta["problems"].append(f"{log.audio_errors} audio packet(s) failed to decode (first: {log.first_audio_error})")
     result = aligned_log_mel(collector, decoder.t0, meta["frames"], config.fps, config.audio)
     meta["notes"].extend(result.notes)
+    meta["problems"].extend(result.problems)
     if result.silent:
         meta.update(audio_silent=True)
         meta["flags"].append("silent_audio")
+        return None
+    if result.unusable:
+        meta["flags"].append("audio_unusable")
+        meta["notes"].append(result.unusable)
         return None
     if result.log_mel is None:
         meta["flags"].append("audio_undecodable")

@@ -209,3 +209,11 @@ def test_missing_listed_file_fails(tmp_path):
     assert manifest["Walk/a.mp4"]["status"] == "ok"
     assert manifest["Walk/missing.mp4"]["status"] == "failed"
     assert "not found" in manifest["Walk/missing.mp4"]["reason"]
+
+
+def test_every_reason_is_a_sentence_about_the_video(manifest):
+    """The message policy (tests/message_policy.py) over every bad input of this suite: no
+    manifest reason is only a library's exception text."""
+    from message_policy import policy_violations
+
+    assert policy_violations(manifest) == {}
