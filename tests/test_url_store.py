@@ -21,17 +21,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import _data_cli, tiny_overrides
+from conftest import tiny_overrides
+from data_tools.cli import main as data_main
 from data_tools.writers import PartWriter
 from tricoclr.cli import main
 from tricoclr.config import DEFAULTS, load_config
 from tricoclr.data import schema
-from tricoclr.data.dataset import BROKEN_KEY, EpochLoader, StageViews
+from tricoclr.data.dataset import EpochLoader, StageViews
+from tricoclr.data.location import open_stream
 from tricoclr.data.store import iter_shard_samples, open_store
 from tricoclr.trainer import Trainer
 
 RGB_FLOW = StageViews(both_views=("rgb",), view2_only=("flow",))
 SMALL_DATA = {"clip_frames": 4, "clip_stride": 2, "size": 32, "spectrogram_steps": 32}
+
+
+def data_cli(*argv) -> int:
+    """``tricoclr-data ARGV...`` in this process; its exit status."""
+    return data_main([str(a) for a in argv])
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
@@ -77,9 +84,9 @@ def two_part_store(train_wds, tmp_path_factory) -> Path:
 def test_wds(synth_dataset, tmp_path_factory) -> Path:
     """The labelled test split as a WebDataset store (no flow: retrieval here is RGB)."""
     out = tmp_path_factory.mktemp("prep_url") / "test_wds"
-    _data_cli(["prepare", synth_dataset / "videos", "--out", out, "--format", "webdataset", "--list",
-               synth_dataset / "splits" / "testlist01.txt", "--flow", "none", "--size", 64, "--workers", 0,
-               "--no-progress"])
+    assert data_cli("prepare", synth_dataset / "videos", "--out", out, "--format", "webdataset", "--list",
+                    synth_dataset / "splits" / "testlist01.txt", "--flow", "none", "--size", 64, "--workers", 0,
+                    "--no-progress") == 0
     return out
 
 
@@ -136,6 +143,16 @@ def test_a_url_store_reads_what_the_local_path_reads(route, train_wds, memory_co
     _assert_same_store(train_wds, address)
 
 
+def test_http_shards_are_streamed_with_no_limit_on_the_whole_transfer(train_wds, http_stores):
+    """A slow reader may take longer over one shard than aiohttp's default 5-minute request limit."""
+    local = open_store(train_wds).shard_paths()[0]
+    shard = open_store(http_stores["train_wds"]).shard_paths()[0]
+    with open_stream(shard) as stream, open(local, "rb") as expected:
+        timeout = stream.fs.client_kwargs["timeout"]
+        assert timeout.total is None and timeout.sock_connect == 30 and timeout.sock_read == 300
+        assert stream.read(1000) == expected.read(1000)  # read as it arrives: a stream, not a download
+
+
 def test_parts_are_found_by_listing_or_by_brace_range(two_part_store, http_stores):
     http_root = http_stores["two_parts"]
     for address in (f"file://{two_part_store}",  # fsspec lists the folder
@@ -164,8 +181,8 @@ def test_loader_batches_from_http_equal_the_local_ones_on_every_rank(two_part_st
 
 
 def test_inspect_reads_a_url(train_wds, http_stores, tmp_path):
-    _data_cli(["inspect", train_wds, "--json", tmp_path / "local.json"])
-    _data_cli(["inspect", http_stores["train_wds"], "--json", tmp_path / "http.json"])
+    assert data_cli("inspect", train_wds, "--json", tmp_path / "local.json") == 0
+    assert data_cli("inspect", http_stores["train_wds"], "--json", tmp_path / "http.json") == 0
     assert json.loads((tmp_path / "http.json").read_text()) == json.loads((tmp_path / "local.json").read_text())
 
 
@@ -217,11 +234,11 @@ def test_a_missing_manifest_or_shard_is_an_error_naming_the_url(served, train_wd
     folder, base = served
     with pytest.raises(FileNotFoundError, match=f"{base}/absent/manifest.jsonl not found"):
         open_store(f"{base}/absent")
-    assert _data_cli_status(["inspect", f"{base}/absent"]) == 2
+    assert data_cli("inspect", f"{base}/absent") == 2
     assert f"{base}/absent/manifest.jsonl" in capsys.readouterr().err
 
     shutil.copytree(test_wds, folder / "no_shard")
-    first_shard = sorted((folder / "no_shard" / schema.SHARDS_DIR).glob("*.tar"))[0]
+    first_shard = min((folder / "no_shard" / schema.SHARDS_DIR).glob("*.tar"))
     first_shard.unlink()
     shard_url = f"{base}/no_shard/{schema.SHARDS_DIR}/{first_shard.name}"
     store = open_store(f"{base}/no_shard")  # the manifest still names the shard
@@ -237,16 +254,10 @@ def test_a_missing_manifest_or_shard_is_an_error_naming_the_url(served, train_wd
     shutil.copytree(train_wds, folder / "train_no_shard")
     (folder / "train_no_shard" / schema.SHARDS_DIR / first_shard.name).unlink()
     loader = EpochLoader(f"{base}/train_no_shard", RGB_FLOW, cfg, seed=0, batch_size=2)
-    with caplog.at_level(logging.WARNING, logger="tricoclr.data.dataset"):
-        with pytest.raises(RuntimeError, match="no readable sample"):
-            list(loader)
+    with caplog.at_level(logging.WARNING, logger="tricoclr.data.dataset"), \
+            pytest.raises(RuntimeError, match="no readable sample"):
+        list(loader)
     assert any(f"{base}/train_no_shard/shards/{first_shard.name}" in r.getMessage() for r in caplog.records)
-
-
-def _data_cli_status(argv) -> int:
-    from data_tools.cli import main as data_main
-
-    return data_main([str(a) for a in argv])
 
 
 def test_lmdb_over_a_url_and_a_pipe_without_name_are_refused(train_lmdb, train_wds):

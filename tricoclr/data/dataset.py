@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from tricoclr import modalities as registry
 from tricoclr.data import schema
-from tricoclr.data.sampling import ClipSpec, sample_clip_starts, sample_generator, video_too_short
 from tricoclr.data.location import shard_samples
+from tricoclr.data.sampling import ClipSpec, sample_clip_starts, sample_generator, video_too_short
 from tricoclr.data.store import VideoStore, open_store, record_from_sample
 
 log = logging.getLogger(__name__)

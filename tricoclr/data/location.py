@@ -91,7 +91,7 @@ class RemotePart:
         filesystem, path = fsspec.core.url_to_fs(self.address(relative))
         return filesystem.exists(path)
 
-    def subparts(self, pattern: str) -> list["RemotePart"]:
+    def subparts(self, pattern: str) -> list[RemotePart]:
         """Folders below this address whose names match ``pattern``, where the filesystem can list
         (an empty list where it cannot, e.g. an HTTP server without index pages)."""
         if self.base.startswith(PIPE_PREFIX):
@@ -110,6 +110,17 @@ def _is_http(address: str) -> bool:
     return address.startswith(("http://", "https://"))
 
 
+def _http_options() -> dict:
+    """fsspec HTTP options for a streamed shard: one plain GET (``block_size=0``: no range
+    requests, so any server works), and no limit on the whole transfer: aiohttp's default gives a
+    request 5 minutes in all, less than a slow reader may take over one shard. A connection
+    that does not open in 30 s, or a server that sends nothing for 5 minutes while asked, fails."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
+    return {"block_size": 0, "client_kwargs": {"timeout": timeout}}
+
+
 def open_stream(address: str):
     """A binary, sequentially read stream of one file: a local path, an fsspec URL or a ``pipe:``
     command. Raises FileNotFoundError naming the address when it is missing (HTTP 404, no such
@@ -123,7 +134,7 @@ def open_stream(address: str):
         return open(address, "rb")
     import fsspec
 
-    options = {"block_size": 0} if _is_http(address) else {}  # a plain streamed GET
+    options = _http_options() if _is_http(address) else {}
     try:
         return fsspec.open(address, "rb", **options).open()
     except FileNotFoundError as error:  # fsspec's HTTP turns every failure into this; its cause says which
