@@ -13,6 +13,7 @@ import http.server
 import json
 import logging
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -236,8 +237,13 @@ def test_retrieval_from_http_equals_retrieval_from_the_local_path(tiny_runs, tra
 def test_a_missing_manifest_or_shard_is_an_error_naming_the_url(served, train_wds, test_wds, http_stores, tmp_path,
                                                                 caplog, capsys):
     folder, base = served
-    with pytest.raises(FileNotFoundError, match=f"{base}/absent/manifest.jsonl not found"):
+    with pytest.raises(FileNotFoundError, match=f"{base}/absent/manifest.jsonl: not found .*404"):
         open_store(f"{base}/absent")
+    with socket.socket() as probe:  # a port nothing listens on: the message says the connection failed
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(FileNotFoundError, match=f"{closed}/store/manifest.jsonl: .*[Cc]onnect"):
+        open_store(f"{closed}/store")
     assert data_cli("inspect", f"{base}/absent") == 2
     assert f"{base}/absent/manifest.jsonl" in capsys.readouterr().err
 

@@ -91,6 +91,14 @@ class RemotePart:
         filesystem, path = fsspec.core.url_to_fs(self.address(relative))
         return filesystem.exists(path)
 
+    def why_missing(self, relative: str) -> str:
+        """Why the file cannot be opened (the HTTP status, the connection error...), for messages."""
+        try:
+            open_stream(self.address(relative)).close()
+        except OSError as error:  # FileNotFoundError included
+            return str(error)
+        return f"{self.address(relative)}: found now (it appeared meanwhile)"
+
     def subparts(self, pattern: str) -> list[RemotePart]:
         """Folders below this address whose names match ``pattern``, where the filesystem can list
         (an empty list where it cannot, e.g. an HTTP server without index pages)."""

@@ -461,7 +461,7 @@ def remote_parts(address: str) -> list[RemotePart]:
         below = here.subparts(schema.PART_GLOB)
         if not below:
             raise FileNotFoundError(
-                f"{expanded} is not a prepared store: {here.address(schema.MANIFEST_FILE)} not found and no "
+                f"{expanded} is not a prepared store: {here.why_missing(schema.MANIFEST_FILE)}; and no "
                 f"{schema.PART_GLOB} folders listed there (give the URL of a part, or the parts as a brace "
                 "range such as .../part-{00000..00007}-of-00008)"
             )
