@@ -221,7 +221,8 @@ def contact_sheet(store: VideoStore, samples: int = 4, frames_per_row: int = 6) 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tricoclr-data inspect``."""
-    parser.add_argument("dir", metavar="DIR", help="a prepared dataset (or a folder of its part-* folders)")
+    parser.add_argument("dir", metavar="DIR", help="a prepared dataset (or a folder of its part-* folders), or the "
+                                                   "URL of a WebDataset store (docs/url_stores.md)")
     parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
     parser.add_argument("--png", metavar="FILE", help="write a contact sheet of a few samples")
     parser.add_argument("--samples", type=int, default=4, help="videos on the contact sheet")

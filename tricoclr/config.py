@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "allow_config_change": False,  # resume even if the resolved config differs
     "deterministic": False,  # torch deterministic algorithms (slower; used by the resume tests)
     "data": {
-        "path": None,  # a prepared store (tricoclr-data prepare)
+        "path": None,  # a prepared store (tricoclr-data prepare): a path, or a URL (docs/url_stores.md)
         "val_path": None,  # a labelled prepared store for the online kNN monitor
         "workers": 4,
         "prefetch_factor": 2,

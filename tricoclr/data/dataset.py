@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from tricoclr import modalities as registry
 from tricoclr.data import schema
+from tricoclr.data.location import shard_samples
 from tricoclr.data.sampling import ClipSpec, sample_clip_starts, sample_generator, video_too_short
 from tricoclr.data.store import VideoStore, open_store, record_from_sample
 
@@ -408,14 +409,13 @@ class WebDatasetPairStream(IterableDataset):
     # -- the plan (from the manifests, identical on every rank) --
 
     def _usable_per_shard(self, metas: list[dict]) -> dict[str, int]:
-        """Usable videos per shard path; the manifest names a shard inside its part's folder."""
-        part_dirs = {part.name: part for part in self.store.parts}
+        """Usable videos per shard path (or URL); the manifest names a shard inside its part's folder."""
         counts = dict.fromkeys(self.shards, 0)
         lost = []
         for meta in metas:
             if meta["id"] not in self.usable_ids:
                 continue
-            path = str(part_dirs[meta["part"]] / schema.SHARDS_DIR / meta.get("shard", "?"))
+            path = self.store.shard_address(meta["part"], meta.get("shard", "?"))
             if path in counts:
                 counts[path] += 1
             else:
@@ -473,11 +473,9 @@ class WebDatasetPairStream(IterableDataset):
     def _slot_samples(self, slot: int, epoch: int, tally: _WorkerTally) -> Iterator[dict]:
         """This slot's usable raw samples for the epoch, in shard order; members of modalities
         the stage does not use are never kept."""
-        import webdataset as wds
-
-        sources = ({"url": url} for url in self._epoch_shards(slot, epoch))
+        shards = self._epoch_shards(slot, epoch)  # paths or URLs: streamed by tricoclr.data.location
         position = -1
-        for raw in wds.tarfile_samples(sources, handler=tally.tar_error, select_files=self._wanted_member):
+        for raw in shard_samples(shards, handler=tally.tar_error, select_files=self._wanted_member):
             if raw.get("__key__") not in self.usable_ids:
                 continue
             position += 1  # counted before the shuffle: the same in every slot that reads this shard

@@ -28,6 +28,7 @@ import torch
 from torchvision.io import decode_jpeg
 
 from tricoclr.data import schema
+from tricoclr.data.location import RemotePart, expand_braces, is_url, shard_samples
 
 ReadHook = Callable[[str, str, int], None]  # (video id, part name, bytes)
 
@@ -43,8 +44,13 @@ def read_manifest(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes, source: str) -> list[dict]:
+    """``read_manifest`` on a manifest's bytes; ``source`` (its path or URL) names it in errors."""
     entries: dict[str, dict] = {}
-    lines = path.read_bytes().split(b"\n")
+    lines = data.split(b"\n")
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -53,7 +59,7 @@ def read_manifest(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             if number == len(lines):  # the unterminated last line: a torn append
                 break
-            raise ValueError(f"{path}:{number}: corrupt manifest line") from None
+            raise ValueError(f"{source}:{number}: corrupt manifest line") from None
         entries[entry["id"]] = entry
     return list(entries.values())
 
@@ -272,9 +278,13 @@ class _LmdbReader:
 
 
 class VideoStore:
-    """A prepared dataset (all its parts), read-only. Use ``open_store``."""
+    """A prepared dataset (all its parts), read-only. Use ``open_store``.
 
-    def __init__(self, root: Path, parts: list[Path], format: str):
+    ``parts`` are local folders (``Path``) or, for a store behind a URL, ``RemotePart``s; both
+    have a ``name``. ``root`` is the path or URL the store was opened from.
+    """
+
+    def __init__(self, root: Path | str, parts: list[Path] | list[RemotePart], format: str):
         self.root = root
         self.parts = parts
         self.format = format
@@ -300,8 +310,11 @@ class VideoStore:
         if self._manifest is None:
             entries = []
             for part in self.parts:
-                manifest = part / schema.MANIFEST_FILE
-                found = read_manifest(manifest) if manifest.exists() else self._metas_in_store(part)
+                if isinstance(part, RemotePart):  # required: the URL store's index of shards
+                    found = parse_manifest(part.read(schema.MANIFEST_FILE), part.address(schema.MANIFEST_FILE))
+                else:
+                    manifest = part / schema.MANIFEST_FILE
+                    found = read_manifest(manifest) if manifest.exists() else self._metas_in_store(part)
                 for entry in found:
                     entry["part"] = part.name
                     entries.append(entry)
@@ -323,6 +336,8 @@ class VideoStore:
     def class_names(self) -> list[str] | None:
         """Class names in label_index order, as fixed at prepare time."""
         for part in self.parts:
+            if isinstance(part, RemotePart):  # prepare always writes it; over a URL it is required
+                return json.loads(part.read(schema.CLASSES_FILE))["names"]
             classes = part / schema.CLASSES_FILE
             if classes.exists():
                 return json.loads(classes.read_text())["names"]
@@ -377,11 +392,25 @@ class VideoStore:
     # sequential access (both formats)
 
     def shard_paths(self) -> list[str]:
-        """All complete WebDataset shards of all parts (never a half-written .tmp), sorted."""
+        """All complete WebDataset shards of all parts (never a half-written .tmp), sorted: local
+        paths, or for a URL store the URLs (commands) of the shards its manifests name."""
         if self.format != "webdataset":
             raise NotImplementedError("shard_paths() is for WebDataset stores; this one is LMDB")
-        paths = [str(p) for part in self.parts for p in sorted((part / schema.SHARDS_DIR).glob("shard-*.tar"))]
+        paths = []
+        for part in self.parts:
+            if isinstance(part, RemotePart):  # a URL cannot be listed in general: the manifest is the index
+                names = {e["shard"] for e in self.manifest() if e["part"] == part.name and e.get("shard")}
+                paths += [part.address(f"{schema.SHARDS_DIR}/{name}") for name in names]
+            else:
+                paths += [str(p) for p in (part / schema.SHARDS_DIR).glob("shard-*.tar")]
         return sorted(paths)
+
+    def shard_address(self, part_name: str, shard: str) -> str:
+        """Path or URL of the shard a manifest entry names (its ``part`` and ``shard``)."""
+        part = next(p for p in self.parts if p.name == part_name)
+        if isinstance(part, RemotePart):
+            return part.address(f"{schema.SHARDS_DIR}/{shard}")
+        return str(part / schema.SHARDS_DIR / shard)
 
     def iter_records(self) -> Iterator[VideoRecord]:
         """Every stored video once, sequentially (LMDB: in id order; WebDataset: shard order)."""
@@ -396,20 +425,20 @@ class VideoStore:
 
 
 def iter_shard_samples(shard_paths: Iterable[str]) -> Iterator[dict]:
-    """Raw sample dicts of WebDataset shards, read in order in this process only.
+    """Raw sample dicts of WebDataset shards (paths or URLs), read in order in this process only.
 
     A plain pipeline (shard list -> samples) with no node or worker splitting: this is a full
-    scan (inspection, conversion, tests), not a training loader.
+    scan (inspection, conversion, tests), not a training loader. An unreadable shard raises
+    (a missing one: FileNotFoundError naming it).
     """
-    import webdataset as wds
-
-    shard_paths = list(shard_paths)
-    if shard_paths:
-        yield from wds.DataPipeline(wds.SimpleShardList(shard_paths), wds.tarfile_to_samples())
+    yield from shard_samples(list(shard_paths))
 
 
 def open_store(path: str | Path) -> VideoStore:
-    """Open a prepared dataset folder (a single part, or a folder of part-* folders)."""
+    """Open a prepared dataset folder (a single part, or a folder of part-* folders), or a
+    WebDataset store behind a URL (``open_url_store``)."""
+    if is_url(path):
+        return open_url_store(path)
     root = Path(path)
     parts = find_parts(root)
     formats = {detect_format(part) for part in parts}
@@ -417,3 +446,46 @@ def open_store(path: str | Path) -> VideoStore:
         raise ValueError(f"{root}: parts mix formats {sorted(formats)}")
     store = VideoStore(root, parts, formats.pop())
     return store
+
+
+def remote_parts(address: str) -> list[RemotePart]:
+    """The parts a URL names: each brace-expanded address is a part (it holds a manifest), or a
+    folder whose part-*-of-* folders its filesystem can list. FileNotFoundError naming the
+    address otherwise."""
+    parts = []
+    for expanded in expand_braces(address):
+        here = RemotePart(expanded)
+        if here.has(schema.MANIFEST_FILE):
+            parts.append(here)
+            continue
+        below = here.subparts(schema.PART_GLOB)
+        if not below:
+            raise FileNotFoundError(
+                f"{expanded} is not a prepared store: {here.why_missing(schema.MANIFEST_FILE)}; and no "
+                f"{schema.PART_GLOB} folders listed there (give the URL of a part, or the parts as a brace "
+                "range such as .../part-{00000..00007}-of-00008)"
+            )
+        parts += below
+    names = [part.name for part in parts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{address}: parts with the same name {sorted(names)}; name each part's folder in the URL")
+    return parts
+
+
+def open_url_store(address: str) -> VideoStore:
+    """Open a WebDataset store behind a URL or a ``pipe:`` template (tricoclr.data.location).
+
+    Each part's prepare_args.json, manifest.jsonl and classes.json are required (prepare writes
+    them first); shards are the ones the manifests name, streamed when read. LMDB is refused.
+    """
+    parts = remote_parts(address)
+    formats = {json.loads(part.read(schema.ARGS_FILE))["format"] for part in parts}
+    if len(formats) != 1:
+        raise ValueError(f"{address}: parts mix formats {sorted(formats)}")
+    format = formats.pop()
+    if format != "webdataset":
+        raise ValueError(
+            f"{address}: an {format} store cannot be read over a URL (it needs random access to local files); "
+            "copy it to a local or shared disk, or prepare the data with --format webdataset"
+        )
+    return VideoStore(address, parts, format)

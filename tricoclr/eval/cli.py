@@ -53,8 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--encoder", required=True,
                         help="an encoders/.../<modality>.safetensors file written by training, or 'random'")
-    parser.add_argument("--train", required=True, help="prepared labelled training store (e.g. UCF101 trainlist01)")
-    parser.add_argument("--test", required=True, help="prepared labelled test store (e.g. UCF101 testlist01)")
+    parser.add_argument("--train", required=True,
+                        help="prepared labelled training store (e.g. UCF101 trainlist01): a path, or the URL of a "
+                             "WebDataset store (docs/url_stores.md)")
+    parser.add_argument("--test", required=True,
+                        help="prepared labelled test store (e.g. UCF101 testlist01): a path or a URL")
     parser.add_argument("--json", required=True, help="where to write the metrics (a .md table is written beside it)")
     parser.add_argument("--config", default=None,
                         help=f"random encoder: its architecture and clip settings (default {DEFAULT_CONFIG}); "
