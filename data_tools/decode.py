@@ -339,7 +339,6 @@ class VideoDecoder:
         resized: dict[int, np.ndarray] = {}  # only the frame on screen is kept
         last_time: Fraction | None = None
         last_duration: Fraction | None = None
-        emitted = [0]  # output frames yielded so far (a list: _count_outputs adds to it)
         for time, duration, frame in self._timed_video_frames():
             if last_time is None:
                 self._set_display(frame_display_transform(frame) or self.display)
@@ -352,8 +351,8 @@ class VideoDecoder:
                 break
             if last_time is not None:
                 self.log.source_intervals.append(float(time - last_time))
-            yield from self._count_outputs(self._resize_each(resampler.push(time, frame), resized), emitted)
-            self.log.source_first_outputs.append(emitted[0])
+            yield from self._resize_each(resampler.push(time, frame), resized)
+            self.log.source_first_outputs.append(resampler.next_output)  # this frame's first slot
             last_time, last_duration = time, duration
         if last_time is None:
             return
@@ -362,12 +361,6 @@ class VideoDecoder:
         self.t0 = float(resampler.t0)
         self.log.first_time, self.log.end_time = float(resampler.t0), float(end_time)
         self.log.gaps = find_gaps(self.log.source_intervals, self.log.source_first_outputs)
-
-    @staticmethod
-    def _count_outputs(pairs, emitted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-        for pair in pairs:
-            emitted[0] += 1
-            yield pair
 
     def _resize_each(self, pairs, cache: dict[int, np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
         """Resize each distinct source frame once; repeats reuse the same array."""
