@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -151,6 +152,38 @@ def test_stream_copied_cut_keeps_audio_aligned(cut, name):
     loud = (beep > beep.max() - 3.0).nonzero().flatten().float() / schema.AUDIO_STEPS_PER_SECOND  # within 3 nepers
     assert 0.65 <= float(loud.min()) and float(loud.max()) <= 0.85, loud.tolist()
     assert 0.7 <= float(beep.argmax()) / schema.AUDIO_STEPS_PER_SECOND <= 0.8
+
+
+def stream_copy_cut(source: Path, target: Path, start: float, seconds: float) -> Path:
+    """Cut ``source`` without re-encoding, as ``ffmpeg -ss start -t seconds -c copy`` does: the
+    packets from the keyframe before ``start``, timestamps shifted so ``start`` is 0. The MP4
+    muxer hides the negative-time pre-roll with an edit list."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(source)) as inp, av.open(str(target), "w") as out:
+        video_in = inp.streams.video[0]
+        video_out = out.add_stream_from_template(video_in)
+        shift = int(round(start / video_in.time_base))
+        packets = [packet for packet in inp.demux(video_in) if packet.size]
+        keyframe = max(p.pts for p in packets if p.is_keyframe and p.pts <= shift)
+        first = next(i for i, packet in enumerate(packets) if packet.pts == keyframe)
+        for packet in packets[first:]:
+            if (packet.pts - shift) * video_in.time_base < seconds:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, video_out
+                out.mux(packet)
+    return target
+
+
+def test_cut_in_the_middle_of_a_long_group_of_pictures(tmp_path):
+    """The same kind built with PyAV: 45 hidden frames before the cut (one keyframe at 0)."""
+    grey = [np.full((48, 64, 3), 2 * i, np.uint8) for i in range(120)]
+    long = make_video(tmp_path / "long.mp4", frames=grey, fps=30)
+    stream_copy_cut(long, tmp_path / "src" / "cut.mp4", start=1.5, seconds=2.0)
+    manifest, store = prepared(tmp_path / "src", tmp_path / "out")
+    entry = manifest["cut.mp4"]
+    assert entry["status"] == "ok" and entry["frames"] == 60, entry
+    assert entry["source_info"]["packets"] == 105 and entry["source_info"]["frames_decoded"] == 60
+    grey = frames_of(store, entry).float().mean(dim=(1, 2, 3))  # frame N was drawn at grey 2N
+    assert torch.allclose(grey, 2 * torch.arange(45, 105).float(), atol=1.0)  # colour conversions: +-1, grey.tolist()
 
 
 # ---- kind 6: frames missing in the middle ---------------------------------------------------
