@@ -76,7 +76,7 @@ class DecodeLog:
     source_intervals: list[float] = field(default_factory=list)  # seconds between frames
     # output index of each source frame's first appearance (source frame 0 first)
     source_first_outputs: list[int] = field(default_factory=list)
-    gaps: list["TimestampGap"] = field(default_factory=list)  # frames missing mid-stream
+    gaps: list[TimestampGap] = field(default_factory=list)  # frames missing mid-stream
     first_time: float | None = None
     end_time: float | None = None
 
@@ -139,7 +139,7 @@ class DisplayTransform:
         return np.ascontiguousarray(shown)
 
     @classmethod
-    def from_matrix(cls, matrix) -> "DisplayTransform":
+    def from_matrix(cls, matrix) -> DisplayTransform:
         """From FFmpeg's 3x3 display matrix (``AV_PKT_DATA_DISPLAYMATRIX``: 9 int32, row-major).
 
         libavutil/display.h: a stored pixel (x, y) (y downwards) is shown at
@@ -154,15 +154,15 @@ class DisplayTransform:
         if a == 0 and b == 0:
             return cls()
         angle = math.degrees(math.atan2(b, a)) % 360.0
-        return cls(rotation=int(round(angle / 90.0)) % 4 * 90, mirror=mirror, angle=round(angle, 3))
+        return cls(rotation=round(angle / 90.0) % 4 * 90, mirror=mirror, angle=round(angle, 3))
 
     @classmethod
-    def from_counterclockwise(cls, degrees: float) -> "DisplayTransform":
+    def from_counterclockwise(cls, degrees: float) -> DisplayTransform:
         """From the counter-clockwise angle FFmpeg's ``av_display_rotation_get`` returns (what
         ``VideoFrame.rotation`` and PyAV < 14's ``stream.side_data["DISPLAYMATRIX"]`` give);
         a mirror cannot be told from it."""
         angle = (-float(degrees)) % 360.0
-        return cls(rotation=int(round(angle / 90.0)) % 4 * 90, angle=round(angle, 3))
+        return cls(rotation=round(angle / 90.0) % 4 * 90, angle=round(angle, 3))
 
 
 def stream_display_transform(stream) -> DisplayTransform:

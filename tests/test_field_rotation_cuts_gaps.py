@@ -20,7 +20,13 @@ from video_factory import make_video, moving_frames, run_prepare
 from data_tools.audio import AudioConfig, mel_bin_for_frequency
 from tricoclr.data import schema
 from tricoclr.data.dataset import usable_videos
-from tricoclr.data.sampling import ClipSpec, clip_frame_indices, clip_frame_limit, sample_clip_starts, sample_generator
+from tricoclr.data.sampling import (
+    ClipSpec,
+    clip_frame_indices,
+    clip_frame_limit,
+    sample_clip_starts,
+    sample_generator,
+)
 from tricoclr.data.store import open_store
 from tricoclr.eval.features import window_starts
 
@@ -162,7 +168,7 @@ def stream_copy_cut(source: Path, target: Path, start: float, seconds: float) ->
     with av.open(str(source)) as inp, av.open(str(target), "w") as out:
         video_in = inp.streams.video[0]
         video_out = out.add_stream_from_template(video_in)
-        shift = int(round(start / video_in.time_base))
+        shift = round(start / video_in.time_base)
         packets = [packet for packet in inp.demux(video_in) if packet.size]
         keyframe = max(p.pts for p in packets if p.is_keyframe and p.pts <= shift)
         first = next(i for i, packet in enumerate(packets) if packet.pts == keyframe)
