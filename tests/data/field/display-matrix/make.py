@@ -1,7 +1,7 @@
 """Build the display-matrix inputs with PyAV (no ffmpeg program needed): run it in place.
 
-Needs a PyAV with ``VideoStream.set_display_rotation`` (16 or newer); the committed files were
-built with PyAV 18.1 (FFmpeg 8). Every clip shows the same portrait scene in a player, 48 wide
+Needs a PyAV whose ``VideoStream`` has ``set_display_rotation`` (PyAV 18.1, FFmpeg 8, built the
+committed files; the tests read them with any PyAV >= 12). Every clip shows the same portrait scene in a player, 48 wide
 and 64 tall: the top half red, the bottom half blue, a green 16 x 16 square top-left. Each stores
 it turned another way and carries the display matrix that turns it back (FFmpeg's
 ``av_display_rotation_set`` takes counter-clockwise degrees, the flips mirror after it):
