@@ -15,7 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from video_factory import make_video, moving_frames, run_prepare
+from video_factory import make_video, moving_frames, run_prepare, tone
 
 from data_tools.audio import AudioConfig, mel_bin_for_frequency
 from tricoclr.data import schema
@@ -204,13 +204,14 @@ def gapped_times(*segments: tuple[int, int], fps: int = 30) -> list[float]:
 def gaps(tmp_path_factory):
     src = tmp_path_factory.mktemp("gap_src")
     one = gapped_times((0, 60), (90, 150))  # 2 s, 1 s missing, 2 s
-    make_video(src / "one_gap.mp4", frames=moving_frames(len(one)), frame_times=one, fps=30)
+    beep = np.zeros(5 * 16000, np.float32)
+    beep[56000:57600] = tone(1000.0, 0.1, 16000)  # 3.5-3.6 s, after the gap
+    make_video(src / "one_gap.mp4", frames=moving_frames(len(one)), frame_times=one, fps=30, audio=beep)
     two = gapped_times((0, 45), (60, 105), (165, 210))  # 0.5 s and 2 s missing
     make_video(src / "two_gaps.mp4", frames=moving_frames(len(two)), frame_times=two, fps=30)
     steady = gapped_times((0, 60))
     make_video(src / "steady.mp4", frames=moving_frames(60), frame_times=steady, fps=30)
-    out = tmp_path_factory.mktemp("gap_out")
-    return run_prepare(src, out), open_store(out)
+    return prepared(src, tmp_path_factory.mktemp("gap_out"), flow="farneback")
 
 
 def test_gap_is_partial_with_its_position_and_length(gaps):
@@ -228,6 +229,20 @@ def test_gap_is_partial_with_its_position_and_length(gaps):
     assert two["spans"] == [[0, 44], [60, 104], [165, 210]]
     steady = manifest["steady.mp4"]
     assert steady["status"] == "ok" and steady["spans"] == [[0, 60]] and "frame_gaps" not in steady["flags"]
+
+
+def test_gap_keeps_the_timeline_so_audio_stays_aligned(gaps):
+    manifest, store = gaps
+    entry = manifest["one_gap.mp4"]
+    assert entry["has_audio"] and entry["t0"] == 0.0
+    beep = store.record(entry["id"]).spectrogram()[mel_bin_for_frequency(1000.0, AudioConfig())]
+    peak = float(beep.argmax()) / schema.AUDIO_STEPS_PER_SECOND
+    assert 3.5 <= peak <= 3.6, peak
+    # and output frame 105 (3.5 s) shows the frame timed 3.5 s, the 76th written (index 75)
+    stored = frames_of(store, entry, 105, 1)[0].permute(1, 2, 0).float()
+    written = [torch.from_numpy(f).float().reshape(32, 2, 32, 2, 3).mean(dim=(1, 3)) for f in moving_frames(120)]
+    errors = {i: float((stored - written[i]).pow(2).mean()) for i in (73, 74, 75, 76, 77)}
+    assert min(errors, key=errors.get) == 75, errors
 
 
 def inside_one_span(indices: torch.Tensor, spans: list[list[int]]) -> bool:
