@@ -9,6 +9,8 @@ Everything goes through the real ``tricoclr-data prepare`` path and is read back
 
 from __future__ import annotations
 
+import copy
+import gc
 from pathlib import Path
 
 import av
@@ -18,8 +20,9 @@ import torch
 from video_factory import make_video, moving_frames, run_prepare, tone
 
 from data_tools.audio import AudioConfig, mel_bin_for_frequency
+from tricoclr.config import DEFAULTS
 from tricoclr.data import schema
-from tricoclr.data.dataset import usable_videos
+from tricoclr.data.dataset import EpochLoader, StageViews, usable_videos
 from tricoclr.data.sampling import (
     ClipSpec,
     clip_frame_indices,
@@ -34,9 +37,9 @@ FIELD = Path(__file__).resolve().parent / "data" / "field"
 RED, GREEN, BLUE = 0, 1, 2  # channels (ffmpeg's "green" is (0, 128, 0), PyAV's test scene (0, 255, 0))
 
 
-def prepared(source: Path, out: Path, flow: str = "none") -> tuple[dict, object]:
+def prepared(source: Path, out: Path, *extra: str, flow: str = "none") -> tuple[dict, object]:
     """The README's command (``--flow none --size 32``) into an LMDB: (manifest by source, store)."""
-    manifest = run_prepare(source, out, "--size", "32", flow=flow)
+    manifest = run_prepare(source, out, "--size", "32", *extra, flow=flow)
     return manifest, open_store(out)
 
 
@@ -211,7 +214,8 @@ def gaps(tmp_path_factory):
     make_video(src / "two_gaps.mp4", frames=moving_frames(len(two)), frame_times=two, fps=30)
     steady = gapped_times((0, 60))
     make_video(src / "steady.mp4", frames=moving_frames(60), frame_times=steady, fps=30)
-    return prepared(src, tmp_path_factory.mktemp("gap_out"), flow="farneback")
+    # one frame per chunk: the loader test sees exactly which frames a clip reads
+    return prepared(src, tmp_path_factory.mktemp("gap_out"), "--chunk-frames", "1", flow="farneback")
 
 
 def test_gap_is_partial_with_its_position_and_length(gaps):
@@ -266,21 +270,38 @@ def test_sampled_clips_never_cross_a_gap(gaps, spec):
         assert seen == {i for i, (a, b) in enumerate(spans) if b - a >= spec.span}  # every usable span drawn
 
 
+def test_training_loader_reads_no_frame_across_a_gap(gaps):
+    """The real loader over the LMDB store, five epochs: every RGB frame it reads lies in a span,
+    and each clip's frames lie in one span."""
+    manifest, store = gaps
+    cfg = copy.deepcopy(DEFAULTS["data"])
+    cfg.update(workers=0, clip_frames=30, clip_stride=1, size=32, min_gap_frames=0, short_policy="overlap")
+    loader = EpochLoader(str(store.root), StageViews(both_views=("rgb",)), cfg, seed=0, batch_size=1)
+    reads: dict[str, list[int]] = {}
+    loader.dataset.store.on_read = lambda video_id, part, nbytes: (
+        reads.setdefault(video_id, []).append(int(part.split("_")[1])) if part.startswith("rgb") else None)
+    for epoch in range(5):
+        loader.set_epoch(epoch)
+        list(loader)
+    del loader
+    gc.collect()
+    for name in ("one_gap.mp4", "two_gaps.mp4"):
+        entry = manifest[name]
+        frames = reads[entry["id"]]
+        assert len(frames) == 5 * 2 * 30  # five epochs, two clips of 30 distinct frames
+        for clip in (frames[i : i + 30] for i in range(0, len(frames), 30)):
+            assert inside_one_span(torch.tensor(clip), entry["spans"]), (name, clip)
+
+
 def test_gaps_shape_what_the_loader_and_evaluation_use(gaps):
     manifest, _ = gaps
     one = manifest["one_gap.mp4"]
     # spans of 59 and 60 frames: two 1 s clips fit, one in each
     data_cfg = {"clip_frames": 30, "clip_stride": 1, "min_gap_frames": 0, "short_policy": "skip"}
-    assert usable_videos([one], _rgb_views(), data_cfg) == [0]
+    assert usable_videos([one], StageViews(both_views=("rgb",)), data_cfg) == [0]
     # 150 frames would hold two 2 s clips, but only the 60-frame span holds one: too short
     data_cfg["clip_frames"] = 60
-    assert usable_videos([one], _rgb_views(), data_cfg) == []
-    assert usable_videos([{**one, "spans": [[0, 150]]}], _rgb_views(), data_cfg) == [0]
+    assert usable_videos([one], StageViews(both_views=("rgb",)), data_cfg) == []
+    assert usable_videos([{**one, "spans": [[0, 150]]}], StageViews(both_views=("rgb",)), data_cfg) == [0]
     assert window_starts(one["frames"], ClipSpec(frames=30), spans=one["spans"]) == [0, 90, 120]
     assert window_starts(150, ClipSpec(frames=30)) == [0, 30, 60, 90, 120]
-
-
-def _rgb_views():
-    from tricoclr.data.dataset import StageViews
-
-    return StageViews(both_views=("rgb",))
