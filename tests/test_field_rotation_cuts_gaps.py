@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 from pathlib import Path
 
 import av
@@ -20,6 +21,7 @@ import torch
 from video_factory import make_video, moving_frames, run_prepare, tone
 
 from data_tools.audio import AudioConfig, mel_bin_for_frequency
+from data_tools.decode import DisplayTransform
 from tricoclr.config import DEFAULTS
 from tricoclr.data import schema
 from tricoclr.data.dataset import EpochLoader, StageViews, usable_videos
@@ -114,6 +116,42 @@ def test_flow_is_computed_on_upright_frames(matrices):
     # 1 px a frame on the 48 px wide picture is 2/3 px at 32 px
     assert 0.45 < float(flow[:, 1].mean()) < 0.85, float(flow[:, 1].mean())
     assert abs(float(flow[:, 0].mean())) < 0.15, float(flow[:, 0].mean())
+
+
+def ffmpeg_display_matrix(clockwise: float, hflip: bool = False, vflip: bool = False) -> list[int]:
+    """libavutil's av_display_rotation_set (a clockwise rotation) followed by
+    av_display_matrix_flip (display.c)."""
+    radians = -math.radians(clockwise)
+    c, s = math.cos(radians), math.sin(radians)
+    matrix = [round(c * 65536), round(-s * 65536), 0, round(s * 65536), round(c * 65536), 0, 0, 0, 1 << 30]
+    flip = (-1 if hflip else 1, -1 if vflip else 1, 1)
+    return [value * flip[i % 3] for i, value in enumerate(matrix)]
+
+
+@pytest.mark.parametrize(
+    "clockwise, hflip, vflip, rotation, mirror",
+    [(0, False, False, 0, False), (90, False, False, 90, False), (180, False, False, 180, False),
+     (-90, False, False, 270, False), (0, True, False, 0, True), (0, False, True, 180, True),
+     (90, True, False, 90, True), (-90, True, False, 270, True), (80, False, False, 90, False)],
+)
+def test_display_matrix_decomposition(clockwise, hflip, vflip, rotation, mirror):
+    """Every matrix FFmpeg can write (rotation and flips) is read back as the rotation and mirror
+    that give the same picture: checked on an asymmetric 2 x 3 image against the matrix itself."""
+    matrix = ffmpeg_display_matrix(clockwise, hflip, vflip)
+    transform = DisplayTransform.from_matrix(matrix)
+    assert (transform.rotation, transform.mirror) == (rotation, mirror)
+    if clockwise % 90:
+        assert transform.angle == pytest.approx(clockwise % 360, abs=0.01)
+        return
+    stored = np.arange(6).reshape(2, 3, 1)
+    shown = transform.apply(stored)
+    a, b, c, d = (round(matrix[i] / 65536) for i in (0, 1, 3, 4))
+    for y in range(2):
+        for x in range(3):  # the matrix maps (x, y) to (a x + c y, b x + d y), up to a shift
+            u, v = a * x + c * y, b * x + d * y
+            u -= min(a * i + c * j for i in range(3) for j in range(2))
+            v -= min(b * i + d * j for i in range(3) for j in range(2))
+            assert shown[v, u, 0] == stored[y, x, 0]
 
 
 # ---- kind 2: edit lists of stream-copied cuts ---------------------------------------------------
