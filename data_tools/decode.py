@@ -159,24 +159,25 @@ class DisplayTransform:
     @classmethod
     def from_counterclockwise(cls, degrees: float) -> DisplayTransform:
         """From the counter-clockwise angle FFmpeg's ``av_display_rotation_get`` returns (what
-        ``VideoFrame.rotation`` and PyAV < 14's ``stream.side_data["DISPLAYMATRIX"]`` give);
+        ``VideoFrame.rotation`` and older PyAV's ``stream.side_data["DISPLAYMATRIX"]`` give);
         a mirror cannot be told from it."""
         angle = (-float(degrees)) % 360.0
         return cls(rotation=round(angle / 90.0) % 4 * 90, angle=round(angle, 3))
 
 
 def stream_display_transform(stream) -> DisplayTransform:
-    """The rotation PyAV < 14 exposes on the stream (FFmpeg < 7 kept the matrix there)."""
+    """The rotation older PyAV (12 has it, 18 does not) exposes on the stream; identity if none."""
     side_data = getattr(stream, "side_data", None)
     degrees = side_data.get("DISPLAYMATRIX") if isinstance(side_data, dict) else None
     return DisplayTransform.from_counterclockwise(degrees) if degrees is not None else DisplayTransform()
 
 
 def frame_display_transform(frame: av.VideoFrame) -> DisplayTransform | None:
-    """The display matrix FFmpeg >= 7 attaches to each decoded frame; None when it has none.
+    """The display matrix FFmpeg attaches to each decoded frame; None when it has none.
 
     The raw matrix (which also says whether to mirror) is read from the frame's side data;
-    ``frame.rotation`` (PyAV >= 14, the angle only) is the fallback.
+    Checked with PyAV 12.0 (FFmpeg 6.1) and 18.1 (FFmpeg 8). ``frame.rotation`` (newer PyAV,
+    the angle only) is the fallback.
     """
     for side_data in getattr(frame, "side_data", None) or ():
         kind = getattr(side_data, "type", None)
