@@ -208,7 +208,10 @@ def stream_copy_cut(source: Path, target: Path, start: float, seconds: float) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(source)) as inp, av.open(str(target), "w") as out:
         video_in = inp.streams.video[0]
-        video_out = out.add_stream_from_template(video_in)
+        if hasattr(out, "add_stream_from_template"):
+            video_out = out.add_stream_from_template(video_in)
+        else:  # PyAV 12 has no add_stream_from_template
+            video_out = out.add_stream(template=video_in)
         shift = round(start / video_in.time_base)
         packets = [packet for packet in inp.demux(video_in) if packet.size]
         keyframe = max(p.pts for p in packets if p.is_keyframe and p.pts <= shift)
