@@ -9,7 +9,10 @@ The data flow for one file::
 
 Nothing here raises for a damaged stream once it is open: packet errors, a demuxer that stops
 early, frames flagged corrupt and broken timestamps are counted in a ``DecodeLog`` so that the
-caller can keep what decoded and record why it is ``partial``.
+caller can keep what decoded and record why it is ``partial``. Packets the container itself
+marks as not to be shown (an MP4 edit list hiding the pre-roll of a stream-copied cut) are
+dropped by FFmpeg by design and are not damage. A display matrix (phone videos) is applied, so
+frames come out the way a player shows them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ MAX_CONSECUTIVE_PACKET_ERRORS = 50
 # A longer jump between two frames' timestamps is a broken timeline, not a still scene:
 # filling it with repeats could mean hours of copies, so decoding stops there.
 MAX_TIMESTAMP_GAP_SECONDS = 10.0
+# A shorter jump is frames missing in the middle of the stream (a damaged or partly downloaded
+# file): kept, reported, and no clip may be drawn across it. "More than a few frame intervals":
+# more than 4 typical intervals and more than 0.2 s, so that variable-frame-rate hiccups (a
+# phone dropping to 10 fps in the dark, 3 intervals) and high-frame-rate jitter are not gaps.
+GAP_MIN_INTERVALS = 4
+GAP_MIN_SECONDS = 0.2
+MAX_GAPS_DESCRIBED = 3  # a reason names this many gaps, then counts the rest
 
 
 class MediaError(Exception):
@@ -65,8 +75,12 @@ class DecodeLog:
     audio_errors: int = 0
     first_audio_error: str | None = None
     video_packets: int = 0  # demuxed video packets (each should give one frame)
+    discarded_packets: int = 0  # packets the container marks as not to be shown (edit lists)
     source_frames: int = 0  # decoded video frames
     source_intervals: list[float] = field(default_factory=list)  # seconds between frames
+    # output index of each source frame's first appearance (source frame 0 first)
+    source_first_outputs: list[int] = field(default_factory=list)
+    gaps: list[TimestampGap] = field(default_factory=list)  # frames missing mid-stream
     first_time: float | None = None
     end_time: float | None = None
 
@@ -99,6 +113,84 @@ def output_size(width: int, height: int, size: int, mode: str, sample_aspect: Fr
     display_width = width * float(sample_aspect or 1)
     scale = size / min(display_width, height)
     return max(1, int(height * scale + 0.5)), max(1, int(display_width * scale + 0.5))
+
+
+# ---- display matrix (rotation and mirror) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DisplayTransform:
+    """How a player turns a stored frame into the picture it shows: rotate clockwise by
+    ``rotation`` degrees (0, 90, 180 or 270), then mirror left-right when ``mirror``.
+
+    ``angle`` is the exact clockwise angle the matrix asks for; it differs from ``rotation`` only
+    for the rare matrix that is not a multiple of 90 degrees (then rounded to the nearest one).
+    """
+
+    rotation: int = 0
+    mirror: bool = False
+    angle: float = 0.0
+
+    @property
+    def swaps_sides(self) -> bool:
+        return self.rotation in (90, 270)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, C) stored -> (H', W', C) shown ((W, H, C) when the sides swap), contiguous."""
+        shown = np.rot90(image, k=-(self.rotation // 90))  # numpy's positive k is counter-clockwise
+        if self.mirror:
+            shown = shown[:, ::-1]
+        return np.ascontiguousarray(shown)
+
+    @classmethod
+    def from_matrix(cls, matrix) -> DisplayTransform:
+        """From FFmpeg's 3x3 display matrix (``AV_PKT_DATA_DISPLAYMATRIX``: 9 int32, row-major).
+
+        libavutil/display.h: a stored pixel (x, y) (y downwards) is shown at
+        ``(a*x + c*y, b*x + d*y)`` with ``a, b, c, d = m[0], m[1], m[3], m[4]``. A clockwise
+        rotation by t is ``a = d = cos t, b = -c = sin t``; a mirror after it negates a and c,
+        which makes the determinant negative.
+        """
+        a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+        mirror = a * d - b * c < 0
+        if mirror:
+            a, c = -a, -c
+        if a == 0 and b == 0:
+            return cls()
+        angle = math.degrees(math.atan2(b, a)) % 360.0
+        return cls(rotation=round(angle / 90.0) % 4 * 90, mirror=mirror, angle=round(angle, 3))
+
+    @classmethod
+    def from_counterclockwise(cls, degrees: float) -> DisplayTransform:
+        """From the counter-clockwise angle FFmpeg's ``av_display_rotation_get`` returns (what
+        ``VideoFrame.rotation`` and older PyAV's ``stream.side_data["DISPLAYMATRIX"]`` give);
+        a mirror cannot be told from it."""
+        angle = (-float(degrees)) % 360.0
+        return cls(rotation=round(angle / 90.0) % 4 * 90, angle=round(angle, 3))
+
+
+def stream_display_transform(stream) -> DisplayTransform:
+    """The rotation older PyAV (12 has it, 18 does not) exposes on the stream; identity if none."""
+    side_data = getattr(stream, "side_data", None)
+    degrees = side_data.get("DISPLAYMATRIX") if isinstance(side_data, dict) else None
+    return DisplayTransform.from_counterclockwise(degrees) if degrees is not None else DisplayTransform()
+
+
+def frame_display_transform(frame: av.VideoFrame) -> DisplayTransform | None:
+    """The display matrix FFmpeg attaches to each decoded frame; None when it has none.
+
+    The raw matrix (which also says whether to mirror) is read from the frame's side data;
+    Checked with PyAV 12.0 (FFmpeg 6.1) and 18.1 (FFmpeg 8). ``frame.rotation`` (newer PyAV,
+    the angle only) is the fallback.
+    """
+    for side_data in getattr(frame, "side_data", None) or ():
+        kind = getattr(side_data, "type", None)
+        if getattr(kind, "name", str(kind)).endswith("DISPLAYMATRIX"):
+            raw = bytes(side_data)
+            if len(raw) >= 36:
+                return DisplayTransform.from_matrix(np.frombuffer(raw[:36], dtype=np.int32))
+    degrees = getattr(frame, "rotation", None)
+    return DisplayTransform.from_counterclockwise(degrees) if degrees else None
 
 
 def open_media(path: str) -> tuple[av.container.InputContainer, MediaInfo]:
@@ -263,6 +355,10 @@ class VideoDecoder:
     is an (H, W, 3) uint8 array and repeated source frames share the same array object. Audio
     frames met on the way go to ``on_audio`` (errors there never stop the video). After the
     iteration, ``log`` says what went wrong and ``t0`` is the time of output frame 0.
+
+    Frames are turned the way a player shows them (``display``: the container's display matrix,
+    read from the first frame, else from the stream); ``height`` and ``width`` are the shown
+    picture's, so the flow is computed on upright frames.
     """
 
     def __init__(
@@ -277,7 +373,9 @@ class VideoDecoder:
         self.path = path
         self.fps = fps
         self.container, self.info = open_media(path)
-        self.height, self.width = output_size(self.info.width, self.info.height, size, resize, self.info.sample_aspect)
+        self.size, self.resize = size, resize
+        self.display = DisplayTransform()
+        self._set_display(stream_display_transform(self.container.streams.video[0]))
         self.threads = threads
         self.on_audio = on_audio
         self.log = DecodeLog()
@@ -292,12 +390,23 @@ class VideoDecoder:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _set_display(self, display: DisplayTransform) -> None:
+        """Apply ``display`` from now on; the output size follows the shown picture's sides."""
+        self.display = display
+        height, width = output_size(self.info.width, self.info.height, self.size, self.resize, self.info.sample_aspect)
+        # Resizing the stored frame to the rotated size and then turning it gives the picture
+        # of turning first and resizing after, at the cost of turning the small frame.
+        self._resize_to = (height, width)
+        self.height, self.width = (width, height) if display.swaps_sides else (height, width)
+
     def frames(self) -> Iterator[tuple[int, np.ndarray]]:
         resampler = FrameRateResampler(self.fps)
         resized: dict[int, np.ndarray] = {}  # only the frame on screen is kept
         last_time: Fraction | None = None
         last_duration: Fraction | None = None
         for time, duration, frame in self._timed_video_frames():
+            if last_time is None:
+                self._set_display(frame_display_transform(frame) or self.display)
             if last_time is not None and time <= last_time:
                 self.log.non_increasing_timestamps += 1
                 continue
@@ -308,6 +417,7 @@ class VideoDecoder:
             if last_time is not None:
                 self.log.source_intervals.append(float(time - last_time))
             yield from self._resize_each(resampler.push(time, frame), resized)
+            self.log.source_first_outputs.append(resampler.next_output)  # this frame's first slot
             last_time, last_duration = time, duration
         if last_time is None:
             return
@@ -315,6 +425,7 @@ class VideoDecoder:
         yield from self._resize_each(resampler.finish(end_time), resized)
         self.t0 = float(resampler.t0)
         self.log.first_time, self.log.end_time = float(resampler.t0), float(end_time)
+        self.log.gaps = find_gaps(self.log.source_intervals, self.log.source_first_outputs)
 
     def _resize_each(self, pairs, cache: dict[int, np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
         """Resize each distinct source frame once; repeats reuse the same array."""
@@ -326,7 +437,9 @@ class VideoDecoder:
 
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
         # AREA averages when shrinking (no aliasing of fine texture into false motion).
-        return frame.reformat(width=self.width, height=self.height, format="rgb24", interpolation="AREA").to_ndarray()
+        height, width = self._resize_to
+        rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
+        return self.display.apply(rgb) if self.display != DisplayTransform() else rgb
 
     def _last_frame_duration(self, declared: Fraction | None) -> Fraction:
         """How long the last frame stays on screen: its own duration, else a typical interval."""
@@ -370,6 +483,8 @@ class VideoDecoder:
             is_video = packet.stream.index == video.index
             if is_video and not isinstance(packet, _FlushPacket):
                 self.log.video_packets += 1
+                # Edit-list pre-roll: decoded (later frames need it) but never shown, by design.
+                self.log.discarded_packets += bool(getattr(packet, "is_discard", False))
             try:
                 decoded = packet.decode()
             except av.error.FFmpegError as exc:
@@ -422,6 +537,57 @@ class VideoDecoder:
             self.log.first_audio_error = f"{type(exc).__name__}: {exc}"
 
 
+@dataclass(frozen=True)
+class TimestampGap:
+    """Frames missing in the middle of the stream: the decoded timestamps jump.
+
+    Times are seconds of the stored video (0 = output frame 0): the next frame was due at
+    ``start`` (one typical interval after the last frame before the gap) and came at ``end``.
+    Output frames ``[last_before, first_after)`` show the frame before the gap (held over it)
+    and are not usable: the last frame before the gap is excluded too, since its flow field
+    would be the motion across the gap.
+    """
+
+    start: float
+    end: float
+    last_before: int  # first output index of the frame before the gap
+    first_after: int  # first output index of the frame after it
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+    def describe(self) -> str:
+        return f"no video frames for {self.seconds:.2f} s, from {self.start:.2f} s to {self.end:.2f} s"
+
+
+def find_gaps(intervals: list[float], first_outputs: list[int]) -> list[TimestampGap]:
+    """Jumps between consecutive frames of more than ``GAP_MIN_INTERVALS`` typical (median)
+    intervals and ``GAP_MIN_SECONDS``. ``intervals[k]`` separates source frames k and k + 1;
+    ``first_outputs[k]`` is source frame k's first output index."""
+    if len(intervals) < 2:
+        return []
+    typical = float(np.median(intervals))
+    threshold = max(GAP_MIN_INTERVALS * typical, GAP_MIN_SECONDS)
+    times = np.concatenate([[0.0], np.cumsum(intervals)])
+    return [
+        TimestampGap(round(float(times[k]) + typical, 6), round(float(times[k + 1]), 6), first_outputs[k], first_outputs[k + 1])
+        for k, interval in enumerate(intervals)
+        if interval > threshold
+    ]
+
+
+def usable_spans(gaps: list[TimestampGap], frames: int) -> list[list[int]]:
+    """``[[start, end), ...]`` output frames a clip may be drawn from: the video minus its gaps
+    (empty spans left out). ``[[0, frames]]`` for a video without gaps."""
+    spans, start = [], 0
+    for gap in gaps:
+        spans.append([start, min(gap.last_before, frames)])
+        start = gap.first_after
+    spans.append([start, frames])
+    return [span for span in spans if span[1] > span[0]]
+
+
 class _FlushPacket:
     """Stands for the empty packet that drains a decoder at the end of its stream."""
 
@@ -443,7 +609,12 @@ def describe_problems(log: DecodeLog, info: MediaInfo) -> list[str]:
         problems.append(f"{log.packet_errors} video packet(s) failed to decode (first: {log.first_packet_error})")
     if log.corrupt_frames:
         problems.append(f"{log.corrupt_frames} video frame(s) decoded with errors")
-    lost = log.video_packets - log.packet_errors - log.source_frames
+    for gap in log.gaps[:MAX_GAPS_DESCRIBED]:
+        problems.append(f"{gap.describe()} (frames missing; no clip is drawn across the gap)")
+    if len(log.gaps) > MAX_GAPS_DESCRIBED:
+        missing = sum(gap.seconds for gap in log.gaps[MAX_GAPS_DESCRIBED:])
+        problems.append(f"{len(log.gaps) - MAX_GAPS_DESCRIBED} more gap(s) without video frames ({missing:.2f} s in all)")
+    lost = log.video_packets - log.discarded_packets - log.packet_errors - log.source_frames
     if lost > 0 and not log.stopped_early:
         # A damaged packet the decoder silently skipped: a frame is missing (its predecessor
         # is shown longer).

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from data_tools import lists
 from data_tools.audio import AudioCollector, AudioConfig, aligned_log_mel
-from data_tools.decode import MediaError, VideoDecoder, describe_notes, describe_problems, source_fps
+from data_tools.decode import MediaError, VideoDecoder, describe_notes, describe_problems, source_fps, usable_spans
 from data_tools.flow import (
     TVL1_METHODS,
     FlowOptions,
@@ -60,6 +60,7 @@ from data_tools.inspect_data import format_statistics, statistics_from_entries
 from data_tools.writers import PartWriter, failed_entry, kept_entry
 from tricoclr.durable import write_json_atomic
 from tricoclr.data import schema
+from tricoclr.data.sampling import ClipSpec, video_too_short
 from tricoclr.data.store import read_manifest
 from tricoclr.ops.tvl1 import TVL1Params
 
@@ -295,6 +296,9 @@ def _video_meta(video, config: PrepareConfig, decoder: VideoDecoder, frames: int
         "audio_silent": False,
         "audio": None,
         "t0": decoder.t0,
+        "display_rotation": decoder.display.rotation,
+        "display_mirror": decoder.display.mirror,
+        "spans": usable_spans(log.gaps, frames),
         "source_info": {
             "container": info.container_format,
             "width": info.width,
@@ -327,9 +331,15 @@ def _video_meta(video, config: PrepareConfig, decoder: VideoDecoder, frames: int
         meta["notes"].append(f"{frames - distinct} output frame(s) repeat a source frame; their flow is spread")
     if log.variable_frame_rate():
         meta["flags"].append("variable_frame_rate")
-    if frames < 2 * round(config.clip_seconds * config.fps):
+    if log.gaps:
+        meta["flags"].append("frame_gaps")
+    if decoder.display.angle != decoder.display.rotation:
+        meta["notes"].append(f"display rotation of {decoder.display.angle:g} degrees applied as {decoder.display.rotation}")
+    clip = ClipSpec(frames=max(1, round(config.clip_seconds * config.fps)))
+    if video_too_short(frames, clip, meta["spans"]):
         meta["flags"].append("too_short_for_two_clips")
-        meta["notes"].append(f"{frames} frames is less than two {config.clip_seconds:g} s clips")
+        usable = f" ({sum(end - start for start, end in meta['spans'])} usable between gaps)" if log.gaps else ""
+        meta["notes"].append(f"{frames} frames{usable} cannot hold two {config.clip_seconds:g} s clips")
     return meta
 
 

@@ -9,6 +9,7 @@ from tricoclr.data.sampling import (
     ClipSpec,
     VideoTooShort,
     clip_frame_indices,
+    clip_frame_limit,
     sample_clip_starts,
     sample_generator,
     spectrogram_span,
@@ -154,3 +155,47 @@ def test_every_modality_covers_the_same_time(fps):
             assert abs((start_step + num_steps) / 128 - clip_end) <= 1.0 / 128
             assert start_step + num_steps <= round(num_frames / fps * 128) + 1
     assert len(lengths) == 1
+
+
+# ---- usable spans (videos with frames missing in the middle) ----------------------------------
+
+
+def test_spans_covering_the_video_draw_exactly_as_without():
+    spec = ClipSpec(frames=8, stride=2, min_gap_frames=3)
+    for index in range(50):
+        plain = sample_clip_starts(100, spec, sample_generator(0, 0, index, 0))
+        assert sample_clip_starts(100, spec, sample_generator(0, 0, index, 0), [[0, 100]]) == plain
+        assert sample_clip_starts(100, spec, sample_generator(0, 0, index, 0), None) == plain
+    assert clip_frame_limit(40, 100, [[0, 100]]) == 100 and clip_frame_limit(40, 100) == 100
+
+
+def test_placement_in_spans_is_uniform_over_valid_pairs():
+    # spans [0, 3) and [5, 8), clips of 2: starts 0, 1, 5, 6; pairs at least 2 apart
+    spans = [[0, 3], [5, 8]]
+    spec = ClipSpec(frames=2)
+    counts = Counter(sample_clip_starts(8, spec, sample_generator(2, 0, i, 0), spans) for i in range(4000))
+    pairs = {(0, 5), (0, 6), (1, 5), (1, 6)}
+    assert set(counts) == pairs | {(b, a) for a, b in pairs}
+    assert min(counts.values()) > 400 and max(counts.values()) < 600  # 500 expected each
+    assert not video_too_short(8, spec, spans) and not video_too_short(8, ClipSpec(frames=3), spans)
+    assert video_too_short(8, ClipSpec(frames=4), spans)  # no span holds one (8 frames would hold two)
+
+
+def test_short_spans_follow_the_short_policy():
+    spans = [[0, 3], [4, 6]]  # starts 0, 1 and 4 for clips of 2; 5 apart needed
+    spec = ClipSpec(frames=2, min_gap_frames=3)
+    assert video_too_short(6, spec, spans)
+    starts = {sample_clip_starts(6, spec, sample_generator(0, 0, i, 0), spans) for i in range(50)}
+    assert starts == {(0, 4), (4, 0)}  # as far apart as the spans allow
+    with pytest.raises(VideoTooShort):
+        sample_clip_starts(6, ClipSpec(frames=2, min_gap_frames=3, short_policy="skip"), sample_generator(0, 0, 0, 0), spans)
+    # no span holds a whole clip: the longest span's start, clamped to that span's end
+    spec = ClipSpec(frames=5)
+    assert sample_clip_starts(10, spec, sample_generator(0, 0, 0, 0), [[0, 2], [6, 9]]) == (6, 6)
+    assert clip_frame_limit(6, 10, [[0, 2], [6, 9]]) == 9
+    assert clip_frame_indices(6, spec, 9).tolist() == [6, 7, 8, 8, 8]
+
+
+def test_spans_without_frames_are_an_error():
+    with pytest.raises(ValueError, match="no usable frames"):
+        sample_clip_starts(10, ClipSpec(frames=2), sample_generator(0, 0, 0, 0), [[12, 20]])

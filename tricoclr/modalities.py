@@ -28,7 +28,7 @@ class ClipRequest:
     start_frame: int
     spec: ClipSpec
     fps: float
-    num_frames: int
+    num_frames: int  # frames the clip may read: the video's, or the end of its span (meta spans)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from tricoclr import modalities as registry
 from tricoclr.data import schema
 from tricoclr.data.location import shard_samples
-from tricoclr.data.sampling import ClipSpec, sample_clip_starts, sample_generator, video_too_short
+from tricoclr.data.sampling import ClipSpec, clip_frame_limit, sample_clip_starts, sample_generator, video_too_short
 from tricoclr.data.store import VideoStore, open_store, record_from_sample
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def usable_videos(metas: list[dict], views: StageViews, data_cfg: dict) -> list[
     for index, meta in enumerate(metas):
         if not all(registry.get(name).available(meta) for name in views.all):
             continue
-        if spec.short_policy == "skip" and video_too_short(int(meta["frames"]), spec):
+        if spec.short_policy == "skip" and video_too_short(int(meta["frames"]), spec, meta.get("spans")):
             continue
         keep.append(index)
     return keep
@@ -94,11 +94,12 @@ def build_sample(record, video_index: int, epoch: int, seed: int, views: StageVi
     """One training sample: for each modality and view, the worker-side augmented clip.
 
     Reads only the stage's modalities and views, and of those only the chunks the clips touch.
+    Clips never cross a gap in the video's frames (meta ``spans``).
     """
     meta = record.meta
     spec = clip_spec(data_cfg)
-    num_frames = int(meta["frames"])
-    starts = sample_clip_starts(num_frames, spec, sample_generator(seed, epoch, video_index, 0, CLIP_STREAM))
+    num_frames, spans = int(meta["frames"]), meta.get("spans")
+    starts = sample_clip_starts(num_frames, spec, sample_generator(seed, epoch, video_index, 0, CLIP_STREAM), spans)
     label = meta.get("label_index")
     sample = {
         "video_index": torch.tensor(video_index, dtype=torch.long),
@@ -108,7 +109,8 @@ def build_sample(record, video_index: int, epoch: int, seed: int, views: StageVi
     for name in views.all:
         modality = registry.get(name)
         for view in views.views_of(name):
-            clip = registry.ClipRequest(starts[view - 1], spec, float(meta["fps"]), num_frames)
+            start = starts[view - 1]
+            clip = registry.ClipRequest(start, spec, float(meta["fps"]), clip_frame_limit(start, num_frames, spans))
             raw = modality.read(record, clip, data_cfg)
             generator = sample_generator(seed, epoch, video_index, view, name)
             augmented = modality.augment(raw, generator, data_cfg)

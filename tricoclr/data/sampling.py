@@ -15,6 +15,10 @@ Time conventions (frames at ``fps``; flow field ``i`` belongs to frame ``i``):
   ``stride`` frames of time). A clip is inside the video when ``0 <= s <= num_frames - span``.
 - RGB and flow use the same frame indices (:func:`clip_frame_indices`); the audio slice covering
   the same time is :func:`spectrogram_span`.
+- A video with frames missing in the middle (meta ``spans``: half-open ``[start, end)`` ranges of
+  usable frames between timestamp gaps) only gets clips that lie wholly inside one span; without
+  ``spans``, or with one span covering the video, the draws are exactly those of an unbroken
+  video.
 
 View numbering for :func:`sample_generator` (constants below): view 0 draws the pair of clip
 positions, views 1 and 2 draw the augmentations of clip 1 and clip 2.
@@ -97,9 +101,70 @@ class ClipSpec:
         return self.span + self.min_gap_frames
 
 
-def video_too_short(num_frames: int, spec: ClipSpec) -> bool:
-    """True when two clips with the gap between them do not fit in ``num_frames`` frames."""
-    return num_frames < spec.span + spec.min_separation
+def video_too_short(num_frames: int, spec: ClipSpec, spans: list | None = None) -> bool:
+    """True when two clips with the gap between them do not fit in ``num_frames`` frames (or,
+    given ``spans``, when no two such clips fit, each inside a span)."""
+    gapped = _gapped_spans(num_frames, spans)
+    if gapped is None:
+        return num_frames < spec.span + spec.min_separation
+    starts = valid_clip_starts(gapped, spec)
+    return len(starts) == 0 or int(starts[-1] - starts[0]) < spec.min_separation
+
+
+def _gapped_spans(num_frames: int, spans: list | None) -> list[tuple[int, int]] | None:
+    """``spans`` clipped to the video as (start, end) pairs; None when the whole video is usable
+    (no spans recorded, or a single span covering every frame)."""
+    if spans is None:
+        return None
+    clipped = [(max(0, int(a)), min(num_frames, int(b))) for a, b in spans]
+    clipped = sorted((a, b) for a, b in clipped if b > a)
+    if clipped == [(0, num_frames)]:
+        return None
+    if not clipped:
+        raise ValueError(f"no usable frames: spans {spans} hold none of the {num_frames} frames")
+    return clipped
+
+
+def valid_clip_starts(spans: list[tuple[int, int]], spec: ClipSpec) -> torch.Tensor:
+    """Sorted start frames (int64) of every clip that lies wholly inside one span."""
+    ranges = [torch.arange(a, b - spec.span + 1, dtype=torch.int64) for a, b in spans if b - a >= spec.span]
+    return torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.int64)
+
+
+def clip_frame_limit(start: int, num_frames: int, spans: list | None = None) -> int:
+    """Frame count to clamp a clip starting at ``start`` to (``clip_frame_indices``'s
+    ``num_frames``): the end of the span holding ``start``, else the video's length."""
+    gapped = _gapped_spans(num_frames, spans)
+    for a, b in gapped or ():
+        if a <= start < b:
+            return b
+    return num_frames
+
+
+def _sample_starts_in_spans(spans: list[tuple[int, int]], spec: ClipSpec, generator: torch.Generator) -> tuple[int, int]:
+    """Both clips inside spans, ``|start1 - start2| >= spec.min_separation``, uniform over such
+    ordered pairs (one draw: the pair's rank among all of them). Short cases as ClipSpec says,
+    with the longest span standing for the video when no span holds a whole clip."""
+    starts = valid_clip_starts(spans, spec)
+    if len(starts) == 0 or int(starts[-1] - starts[0]) < spec.min_separation:
+        if spec.short_policy == "skip":
+            raise VideoTooShort(f"spans {spans} cannot hold two clips of {spec}")
+        if len(starts) == 0:
+            longest = max(spans, key=lambda span: span[1] - span[0])
+            return longest[0], longest[0]
+        first, last = int(starts[0]), int(starts[-1])
+        earlier_first = bool(torch.rand((), generator=generator) < 0.5)
+        return (first, last) if earlier_first else (last, first)
+    # For each first start x, the second may be any start outside (x - sep, x + sep).
+    near_low = torch.searchsorted(starts, starts - spec.min_separation + 1)
+    near_high = torch.searchsorted(starts, starts + spec.min_separation)
+    partners = len(starts) - (near_high - near_low)
+    cumulative = torch.cumsum(partners, 0)
+    rank = int(torch.randint(int(cumulative[-1]), (1,), generator=generator))
+    i = int(torch.searchsorted(cumulative, torch.tensor(rank), right=True))
+    r = rank - (int(cumulative[i - 1]) if i else 0)
+    j = r if r < int(near_low[i]) else int(near_high[i]) + r - int(near_low[i])
+    return int(starts[i]), int(starts[j])
 
 
 def _distinct_pair(upper: int, generator: torch.Generator) -> tuple[int, int]:
@@ -110,16 +175,24 @@ def _distinct_pair(upper: int, generator: torch.Generator) -> tuple[int, int]:
     return first, second + (second >= first)
 
 
-def sample_clip_starts(num_frames: int, spec: ClipSpec, generator: torch.Generator) -> tuple[int, int]:
+def sample_clip_starts(
+    num_frames: int, spec: ClipSpec, generator: torch.Generator, spans: list | None = None
+) -> tuple[int, int]:
     """Start frames of the two clips of a sample.
 
     When the video allows it, both clips lie inside the video and ``|start1 - start2| >=
     spec.min_separation`` (no overlap, at least ``min_gap_frames`` between them); the pair is
     uniform over all such placements, in random order (clip 1 may come after clip 2).
-    Otherwise ``spec.short_policy`` decides (see :class:`ClipSpec`).
+    Otherwise ``spec.short_policy`` decides (see :class:`ClipSpec`). ``spans`` (the meta's
+    usable ``[start, end)`` frame ranges between timestamp gaps) keeps each clip inside one
+    span; clamp its frames with :func:`clip_frame_limit`. Raises ValueError for a video without
+    frames (or spans holding none of them), VideoTooShort as ClipSpec says.
     """
     if num_frames < 1:
         raise ValueError(f"a video needs at least one frame, got {num_frames}")
+    gapped = _gapped_spans(num_frames, spans)
+    if gapped is not None:
+        return _sample_starts_in_spans(gapped, spec, generator)
     last_start = num_frames - spec.span
     if video_too_short(num_frames, spec):
         if spec.short_policy == "skip":

@@ -26,7 +26,9 @@ import struct
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: frames turned by the display matrix (display_rotation, display_mirror) and usable spans;
+# a resume refuses to mix them into a part prepared with version 1 (prepare_args.json).
+SCHEMA_VERSION = 2
 DEFAULT_CHUNK_FRAMES = 16
 
 # Flow quantisation (DESIGN.md): clip to +-20 px, q = round((v + 20) * 255 / 40).

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tricoclr import modalities as registry
-from tricoclr.data.sampling import ClipSpec
+from tricoclr.data.sampling import ClipSpec, clip_frame_limit
 from tricoclr.data.store import VideoRecord, open_store
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,18 @@ class EvalError(ValueError):
     """An evaluation cannot run as asked (unlabelled store, label mismatch, nothing usable)."""
 
 
-def window_starts(num_frames: int, spec: ClipSpec, max_clips: int | None = None) -> list[int]:
-    """Start frames of non-overlapping windows covering the video (evenly thinned to max_clips)."""
+def window_starts(num_frames: int, spec: ClipSpec, max_clips: int | None = None, spans: list | None = None) -> list[int]:
+    """Start frames of non-overlapping windows covering the video (evenly thinned to max_clips).
+
+    ``spans`` (meta: usable frame ranges between timestamp gaps) tiles each span on its own, so
+    no window crosses a gap; a video whose spans hold no whole window gets one at the start of
+    its longest span.
+    """
     span = spec.frames * spec.stride
-    starts = list(range(0, max(1, num_frames - span + 1), span)) or [0]
+    usable = [(int(a), int(b)) for a, b in spans] if spans else [(0, num_frames)]
+    starts = [s for a, b in usable for s in range(a, b - span + 1, span)]
+    if not starts:
+        starts = [max(usable, key=lambda ab: ab[1] - ab[0])[0]]
     if max_clips is not None and len(starts) > max_clips:
         step = len(starts) / max_clips
         starts = [starts[int(i * step)] for i in range(max_clips)]
@@ -111,9 +119,10 @@ def window_clips(record: VideoRecord, modality: str, data_cfg: dict, max_clips: 
     """Yield the raw clip (as the modality reads it) of every evaluation window of one video."""
     entry = registry.get(modality)
     spec = ClipSpec(frames=data_cfg["clip_frames"], stride=data_cfg["clip_stride"])
-    num_frames, fps = int(record.meta["frames"]), float(record.meta["fps"])
-    for start in window_starts(num_frames, spec, max_clips):
-        yield entry.read(record, registry.ClipRequest(start, spec, fps, num_frames), data_cfg)
+    num_frames, fps, spans = int(record.meta["frames"]), float(record.meta["fps"]), record.meta.get("spans")
+    for start in window_starts(num_frames, spec, max_clips, spans):
+        limit = clip_frame_limit(start, num_frames, spans)
+        yield entry.read(record, registry.ClipRequest(start, spec, fps, limit), data_cfg)
 
 
 def present_clips(record: VideoRecord, modality: str, data_cfg: dict, max_clips: int | None) -> torch.Tensor:
