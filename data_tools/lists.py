@@ -370,7 +370,7 @@ def existing_spelling(source: Path, rel: str) -> str:
     A list written on macOS spells "Ü" as "U" + combining diaeresis (NFD), most Linux file
     names use one code point (NFC): the same name to a person, different bytes to the file system.
     """
-    if (source / rel).exists():
+    if rel.isascii() or (source / rel).exists():  # ASCII is the same in every normal form: no stat
         return rel
     for form in ("NFC", "NFD"):
         other = unicodedata.normalize(form, rel)

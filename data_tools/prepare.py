@@ -68,6 +68,8 @@ FREE_ARGS = frozenset({
     "workers", "progress", "video_timeout", "shard_size_mb", "shard_max_videos", "decode_threads",
     "flow_device", "flow_batch", "flow_pool_pairs", "flow_compile",
 })
+# Scan warnings printed before the run; the summary keeps every one.
+SHOWN_WARNINGS = 20
 # --tvl1-* options -> TVL1Params fields.
 TVL1_OPTIONS = {
     "tvl1_scales": "nscales",
@@ -817,8 +819,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"tricoclr-data prepare: error: {exc}", file=sys.stderr)
         return 2
-    for warning in inputs.warnings:  # what the folder scan skipped on purpose (also in the summary)
+    for warning in inputs.warnings[:SHOWN_WARNINGS]:  # what the scan skipped on purpose; all in the summary
         print(f"tricoclr-data prepare: warning: {warning}", file=sys.stderr)
+    if len(inputs.warnings) > SHOWN_WARNINGS:
+        print(f"tricoclr-data prepare: warning: and {len(inputs.warnings) - SHOWN_WARNINGS} more skipped paths "
+              f"(all in {schema.SUMMARY_FILE}'s scan_warnings)", file=sys.stderr)
     try:
         _check_or_record_args(part_dir, args)
         writer = PartWriter(part_dir, args.format, int(args.shard_size_mb * (1 << 20)), args.shard_max_videos)
