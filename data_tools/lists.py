@@ -161,7 +161,7 @@ def scan_folder(
     extension is not in ``extensions`` (None accepts every file). Ignored paths are returned
     so the summary can count them; each skip that is not a plain extension or hidden-name rule
     (a link loop, a broken link, an unreadable folder, a special file) also gets a warning
-    sentence naming it.
+    sentence naming it, and so does each folder of which nothing is kept.
     """
     videos, ignored, warnings = [], [], []
     for rel, problem in walk_files(source):
@@ -174,7 +174,20 @@ def scan_folder(
             videos.append(rel)
         else:
             ignored.append(rel)
-    return videos, ignored, warnings
+    return videos, ignored, warnings + folders_without_videos(videos, ignored)
+
+
+def folders_without_videos(videos: list[str], ignored: list[str]) -> list[str]:
+    """A warning for each folder whose files were all ignored (e.g. a class of '.avi.part'
+    downloads): a whole class must not vanish without a word."""
+    with_videos = {PurePosixPath(rel).parent for rel in videos}
+    skipped: dict[PurePosixPath, list[str]] = {}
+    for rel in ignored:
+        parent = PurePosixPath(rel.rstrip("/")).parent
+        if parent.parts and parent not in with_videos:
+            skipped.setdefault(parent, []).append(rel)
+    return [f"{folder.as_posix()}/: none of its {len(files)} file(s) is prepared (e.g. {files[0]}): no video "
+            "extension (see --extensions), hidden or a bad link" for folder, files in sorted(skipped.items())]
 
 
 def walk_files(source: Path) -> list[tuple[str, str | None]]:

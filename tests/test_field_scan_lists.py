@@ -81,8 +81,9 @@ def test_link_loops_and_broken_links_are_named_and_counted_not_followed(tmp_path
     found, ignored, warnings = lists.scan_folder(src)
     assert found == ["Run/run_01.mp4"]
     assert ignored == [".cache/", "Run/again/", "Run/loop/", "Swim"]
-    assert len(warnings) == 3 and all(w.startswith(("Run/again/: link loop", "Run/loop/: link loop",
-                                                     "Swim: broken link to ../missing_disk/Swim")) for w in warnings)
+    assert [w.split(":")[0] for w in warnings] == ["Run/again/", "Run/loop/", "Swim"]
+    assert "link loop" in warnings[0] and "link loop" in warnings[1]
+    assert warnings[2] == "Swim: broken link to ../missing_disk/Swim: nothing there; skipped"
 
     result = prepare_cli(src, tmp_path / "out")
     assert result.returncode == 0, result.stderr
@@ -91,6 +92,19 @@ def test_link_loops_and_broken_links_are_named_and_counted_not_followed(tmp_path
     assert labels_by_source(tmp_path / "out") == {"Run/run_01.mp4": ("ok", "Run")}
     stats = summary(tmp_path / "out")
     assert stats["ignored_files"]["count"] == 4 and len(stats["scan_warnings"]) == 3
+
+
+def test_a_class_folder_of_which_nothing_is_kept_is_named(tmp_path):
+    src = tmp_path / "src"
+    (src / "Run").mkdir(parents=True)
+    (src / "Swim").mkdir()
+    shutil.copy(LINKED / "src" / "Run" / "run_01.mp4", src / "Run" / "run_01.mp4")
+    for name in ("a.mp4.part", "b.mp4.part"):  # downloads that never finished
+        (src / "Swim" / name).write_bytes(b"")
+    found, ignored, warnings = lists.scan_folder(src)
+    assert found == ["Run/run_01.mp4"] and ignored == ["Swim/a.mp4.part", "Swim/b.mp4.part"]
+    assert warnings == ["Swim/: none of its 2 file(s) is prepared (e.g. Swim/a.mp4.part): no video extension "
+                        "(see --extensions), hidden or a bad link"]
 
 
 # ---- lists with spaces, CRLF, BOM, non-ASCII names ----------------------------------------------
