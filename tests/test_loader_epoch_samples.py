@@ -19,7 +19,7 @@ from test_loader import RGB_ONLY, assert_batches_equal, data_cfg, epoch_batches,
 
 from data_tools.writers import PartWriter
 from tricoclr.data import schema
-from tricoclr.data.dataset import EpochLoader
+from tricoclr.data.dataset import EpochLoader, WebDatasetPairStream, _WorkerTally, usable_sample_offset
 from tricoclr.data.store import iter_shard_samples, open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +65,19 @@ def test_an_epoch_drops_at_most_n_mod_global_batch(store60, workers, world_size,
 def test_each_epoch_leaves_out_other_videos(store60):
     left_out = [set(range(VIDEOS)) - set(one_epoch_of_every_rank(store60, 2, 16, 1, epoch)[0]) for epoch in (0, 1)]
     assert len(left_out[0]) == len(left_out[1]) == 12 and left_out[0] != left_out[1]
+
+
+def test_a_piece_inside_a_local_shard_starts_at_its_first_sample(store60):
+    """A worker whose piece starts inside a shard seeks there (member headers only), and reads
+    the same samples as a read from the shard's start."""
+    stream = WebDatasetPairStream(str(store60), RGB_ONLY, data_cfg(), 0, 16, 0, 1, 1)
+    shard = stream.shards[0]
+    keys = [raw["__key__"] for raw in stream._read([(shard, 0, 7)], _WorkerTally())]
+    assert len(keys) == 7
+    assert usable_sample_offset(shard, stream.usable_ids, 0) == 0
+    assert usable_sample_offset(shard, stream.usable_ids, 3) > 0  # the seek is taken
+    assert usable_sample_offset(shard, stream.usable_ids, 7) is None  # past its end: read from the start
+    assert [raw["__key__"] for raw in stream._read([(shard, 3, 6)], _WorkerTally())] == keys[3:6]
 
 
 @pytest.mark.parametrize("workers, starts", [(2, (1, 2)), (4, (1, 2))])

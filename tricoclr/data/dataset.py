@@ -23,7 +23,9 @@ import itertools
 import logging
 import math
 import multiprocessing
+import os
 import random
+import tarfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -353,6 +355,30 @@ def rebatch(chunks: Iterable[dict], batch_size: int) -> Iterator[dict]:
         raise RuntimeError(f"{len(pending)} samples left over that do not fill a batch of {batch_size}")
 
 
+def usable_sample_offset(path: str, usable_ids: set[str], number: int) -> int | None:
+    """Byte offset of the first member of the ``number``-th (0-based) usable sample of a local
+    tar, found from the member headers alone (tarfile seeks past member data), or None: not a
+    local file, fewer usable samples, or a damaged tar (then the caller reads from the start,
+    and the streaming read reports the damage)."""
+    from webdataset.tariterators import base_plus_ext
+
+    if not os.path.isfile(path):
+        return None
+    count, current = -1, None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key = base_plus_ext(member.name)[0]
+                if key != current and key in usable_ids:
+                    count += 1
+                    if count == number:
+                        return member.offset
+                current = key
+    except (tarfile.TarError, OSError):
+        return None
+    return None
+
+
 def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
     """A seeded shuffle buffer: fills ``size`` items, then yields a random one per new item."""
     if size < 1:
@@ -510,8 +536,15 @@ class WebDatasetPairStream(IterableDataset):
         import webdataset as wds
 
         for path, first, end in piece:
-            got, position = 0, -1
-            stream = wds.tarfile_samples([{"url": path}], handler=tally.tar_error, select_files=self._wanted_member)
+            got = 0
+            offset = usable_sample_offset(path, self.usable_ids, first) if first > 0 else None
+            if offset is None:
+                position = -1
+                stream = wds.tarfile_samples([{"url": path}], handler=tally.tar_error,
+                                             select_files=self._wanted_member)
+            else:  # a local shard: start at the piece's first sample instead of reading up to it
+                position = first - 1
+                stream = self._samples_from(path, offset, tally)
             for raw in stream:
                 if raw.get("__key__") not in self.usable_ids:
                     continue
@@ -526,6 +559,16 @@ class WebDatasetPairStream(IterableDataset):
             if got < end - first:
                 tally.broken += end - first - got
                 log.warning("%s: %d records missing (unreadable or truncated shard)", path, end - first - got)
+
+    def _samples_from(self, path: str, offset: int, tally: _WorkerTally) -> Iterator[dict]:
+        """The samples of a local tar from byte ``offset`` (a member header) on."""
+        from webdataset import tariterators
+
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            files = tariterators.tar_file_expander([{"stream": handle, "url": path}], handler=tally.tar_error,
+                                                   select_files=self._wanted_member)
+            yield from tariterators.group_by_keys(files, handler=tally.tar_error)
 
     def _wanted_member(self, member: str) -> bool:
         return _member_modality(member) in self.wanted_modalities
