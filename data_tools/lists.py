@@ -15,7 +15,9 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +32,9 @@ HMDB_SUBSET_CODES = {"train": {"1"}, "test": {"2"}, "unused": {"0"}, "all": {"1"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _HMDB_LIST = re.compile(r"^(?P<label>.+)_test_split(?P<split>\d+)\.txt$")
+# A label or class number: ASCII digits apart from the text by white space (see split_numbered_line).
+_NUMBER_LAST = re.compile(r"^(?P<text>.*\S)\s+(?P<number>[0-9]+)$")
+_NUMBER_FIRST = re.compile(r"^(?P<number>[0-9]+)\s+(?P<text>\S.*)$")
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,9 @@ class InputList:
     videos: list[InputVideo]
     class_names: list[str] | None
     class_names_from: str | None  # "classInd.txt path" or "sorted labels"
-    ignored: list[str] = field(default_factory=list)  # files skipped (not video extensions, hidden)
+    ignored: list[str] = field(default_factory=list)  # files skipped (not video extensions, hidden, links)
     duplicates: list[str] = field(default_factory=list)  # listed more than once, kept once
+    warnings: list[str] = field(default_factory=list)  # sentences naming what a scan skipped and why
 
 
 def video_id(source: str) -> str:
@@ -72,31 +78,64 @@ def processing_order(video_id: str) -> str:
 # ---- class index ----------------------------------------------------------------------------
 
 
-def read_class_index(path: str | Path) -> list[str]:
-    """Class names in index order from a classInd-style file.
+def split_numbered_line(line: str, number_first: bool) -> tuple[str, int | None]:
+    """(text, number) of one line of a list or class-index file: the one rule both follow.
 
-    Accepts "1 ApplyEyeMakeup" lines (1-based numbers, any order) or one name per line. Names
-    may contain spaces (Kinetics: "1 air drumming").
+    The number is a whole run of ASCII digits separated by white space, at the line's end (list
+    files: "Playing Guitar/take 01.mp4 2") or start (classInd.txt: "2 Playing Guitar"); the rest
+    of the line, inner spaces included, is the text. A line without such a number is all text.
+    Surrounding white space (a Windows CR included) is removed first.
+    """
+    line = line.strip()
+    match = (_NUMBER_FIRST if number_first else _NUMBER_LAST).match(line)
+    if match is None:
+        return line, None
+    return match["text"], int(match["number"])
+
+
+def read_text_lines(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of a UTF-8 text file (a BOM is dropped).
+
+    Raises ValueError, naming the file and the place, when the file is not UTF-8 text.
+    """
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                         "save the file as UTF-8") from None
+    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def class_index_numbers(path: str | Path) -> dict[int, str]:
+    """Class number -> name from a classInd-style file, by ``split_numbered_line``.
+
+    Accepts "1 ApplyEyeMakeup" lines (numbers as written, any order, consecutive) or one name
+    per line (numbered from 1). Names may contain spaces (Kinetics: "1 air drumming").
+    Raises ValueError for a file that mixes both kinds of line or skips a number.
     """
     numbered: dict[int, str] = {}
     plain: list[str] = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        head, _, rest = line.partition(" ")
-        if head.isdigit() and rest.strip():
-            numbered[int(head)] = rest.strip()
+    for _, line in read_text_lines(path):
+        name, number = split_numbered_line(line, number_first=True)
+        if number is None:
+            plain.append(name)
         else:
-            plain.append(line)
+            numbered[number] = name
     if numbered and plain:
         raise ValueError(f"{path}: mixes numbered and unnumbered class lines")
     if plain:
-        return plain
+        return {i: name for i, name in enumerate(plain, 1)}
     expected = list(range(min(numbered), min(numbered) + len(numbered)))
     if sorted(numbered) != expected:
         raise ValueError(f"{path}: class numbers are not consecutive")
-    return [numbered[i] for i in expected]
+    return {i: numbered[i] for i in expected}
+
+
+def read_class_index(path: str | Path) -> list[str]:
+    """Class names in index order from a classInd-style file (see ``class_index_numbers``)."""
+    return list(class_index_numbers(path).values())
 
 
 def _class_index_beside(list_paths: list[Path]) -> Path | None:
@@ -111,25 +150,82 @@ def _class_index_beside(list_paths: list[Path]) -> Path | None:
 # ---- folder scan ----------------------------------------------------------------------------
 
 
-def scan_folder(source: Path, extensions: frozenset[str] | None = VIDEO_EXTENSIONS) -> tuple[list[str], list[str]]:
-    """(video files, ignored files), relative POSIX paths sorted, found recursively.
+def scan_folder(
+    source: Path, extensions: frozenset[str] | None = VIDEO_EXTENSIONS
+) -> tuple[list[str], list[str], list[str]]:
+    """(video files, ignored paths, warnings), relative POSIX paths sorted, found recursively.
 
-    Hidden files and folders are ignored; so are files whose extension is not in
-    ``extensions`` (None accepts every file). Ignored files are returned so the summary can
-    report them.
+    Symbolic links to files and folders are followed like the real thing (datasets assembled
+    with links on shared clusters), but a link back to a folder that contains it is not (a loop).
+    Hidden files and folders are ignored (a hidden folder is not entered); so are files whose
+    extension is not in ``extensions`` (None accepts every file). Ignored paths are returned
+    so the summary can count them; each skip that is not a plain extension or hidden-name rule
+    (a link loop, a broken link, an unreadable folder, a special file) also gets a warning
+    sentence naming it, and so does each folder of which nothing is kept.
     """
-    videos, ignored = [], []
-    for path in sorted(source.rglob("*")):
-        if not path.is_file():
-            continue
-        rel = path.relative_to(source).as_posix()
-        if any(part.startswith(".") for part in PurePosixPath(rel).parts):
+    videos, ignored, warnings = [], [], []
+    for rel, problem in walk_files(source):
+        if problem is not None:
             ignored.append(rel)
-        elif extensions is None or path.suffix.lower() in extensions:
+            warnings.append(f"{rel}: {problem}")
+        elif any(part.startswith(".") for part in PurePosixPath(rel).parts):
+            ignored.append(rel)
+        elif extensions is None or PurePosixPath(rel).suffix.lower() in extensions:
             videos.append(rel)
         else:
             ignored.append(rel)
-    return videos, ignored
+    return videos, ignored, warnings + folders_without_videos(videos, ignored)
+
+
+def folders_without_videos(videos: list[str], ignored: list[str]) -> list[str]:
+    """A warning for each folder whose files were all ignored (e.g. a class of '.avi.part'
+    downloads): a whole class must not vanish without a word."""
+    with_videos = {PurePosixPath(rel).parent for rel in videos}
+    skipped: dict[PurePosixPath, list[str]] = {}
+    for rel in ignored:
+        parent = PurePosixPath(rel.rstrip("/")).parent
+        if parent.parts and parent not in with_videos:
+            skipped.setdefault(parent, []).append(rel)
+    return [f"{folder.as_posix()}/: none of its {len(files)} file(s) is prepared (e.g. {files[0]}): no video "
+            "extension (see --extensions), hidden or a bad link" for folder, files in sorted(skipped.items())]
+
+
+def walk_files(source: Path) -> list[tuple[str, str | None]]:
+    """(relative POSIX path, why it is skipped or None) for every file under ``source``.
+
+    Follows symbolic links; a linked folder whose real path is one of the folders above it (a
+    loop) is reported instead of entered. Hidden folders are reported as one entry ("name/"),
+    not entered. Written by hand because os.walk and Path.rglob (before 3.13) either do not
+    follow links or follow them without loop protection, and neither reports what it skips.
+    Sorted like paths (by their parts).
+    """
+    found: list[tuple[str, str | None]] = []
+    pending = [(source, PurePosixPath(), frozenset({os.path.realpath(source)}))]
+    while pending:
+        folder, rel, above = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as error:
+            found.append((f"{rel.as_posix()}/", f"folder cannot be read ({error.strerror}); its files are skipped"))
+            continue
+        for entry in entries:
+            child = rel / entry.name
+            if entry.is_dir():  # follows links
+                real = os.path.realpath(entry.path)
+                if entry.name.startswith("."):
+                    found.append((f"{child.as_posix()}/", None))
+                elif real in above:
+                    found.append((f"{child.as_posix()}/", f"link loop: it leads to {real}, a folder that contains "
+                                  "it; not followed"))
+                else:
+                    pending.append((Path(entry.path), child, above | {real}))
+            elif entry.is_file():
+                found.append((child.as_posix(), None))
+            elif entry.is_symlink():
+                found.append((child.as_posix(), f"broken link to {os.readlink(entry.path)}: nothing there; skipped"))
+            else:
+                found.append((child.as_posix(), "not a regular file or folder (a pipe, socket or device); skipped"))
+    return sorted(found, key=lambda item: PurePosixPath(item[0]).parts)
 
 
 def label_from_folder(rel: str) -> str | None:
@@ -152,19 +248,39 @@ def expand_list_paths(lists: list[str]) -> list[Path]:
     return paths
 
 
-def read_ucf101_list(path: Path) -> list[tuple[str, str]]:
-    """(relative path, class) pairs of a UCF101 split file ("Class/v_x.avi 1" or "Class/v_x.avi")."""
+def read_ucf101_list(path: Path) -> list[tuple[int, str, int | None]]:
+    """(line number, relative path, label number or None) per line of a UCF101-style split file.
+
+    "Class/v_x.avi 1", "Class/v_x.avi", "Playing Guitar/take 01.mp4 2": only a trailing number
+    is the label, the rest of the line (spaces included) is the path (``split_numbered_line``,
+    the rule classInd.txt is read by). Backslashes become "/".
+    """
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        rel = line.split()[0].replace("\\", "/")
-        label = label_from_folder(rel)
-        if label is None:
-            raise ValueError(f"{path}:{number}: {rel!r} has no class folder (expected 'Class/file.avi')")
-        entries.append((rel, label))
+    for number, line in read_text_lines(path):
+        rel, label = split_numbered_line(line, number_first=False)
+        entries.append((number, rel.replace("\\", "/"), label))
     return entries
+
+
+def ucf101_label(where: str, rel: str, number: int | None, class_numbers: dict[int, str] | None) -> str:
+    """The class of a list line: its label number's class in classInd.txt, else its folder.
+
+    Raises ValueError (``where`` names the file and line) for a number that is not a class, a
+    number that contradicts the class folder the file is in, or a line with neither.
+    """
+    folder = label_from_folder(rel)
+    if number is None or class_numbers is None:
+        if folder is None:
+            raise ValueError(f"{where}: {rel!r} has no class folder (expected 'Class/file.avi') and no label "
+                             "number with a classInd.txt to name it")
+        return folder
+    if number not in class_numbers:
+        raise ValueError(f"{where}: label {number} of {rel!r} is not a class number "
+                         f"({min(class_numbers)}-{max(class_numbers)} in the class index)")
+    named = class_numbers[number]
+    if folder is not None and folder != named and folder in class_numbers.values():
+        raise ValueError(f"{where}: {rel!r} is in class folder {folder!r} but its label {number} is {named!r}")
+    return named
 
 
 def hmdb51_split_files(paths: list[Path], split: int) -> list[Path]:
@@ -192,16 +308,16 @@ def read_hmdb51_list(path: Path, subset: str) -> tuple[str, list[str]]:
         raise ValueError(f"{path}: not an HMDB51 split file name ('<class>_test_split<k>.txt')")
     codes = HMDB_SUBSET_CODES[subset]
     names = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and fields[1] in codes:
-            names.append(fields[0])
+    for _, line in read_text_lines(path):
+        name, code = split_numbered_line(line, number_first=False)
+        if code is not None and str(code) in codes:
+            names.append(name)
     return match["label"], names
 
 
 def read_kinetics_csv(path: Path) -> list[dict[str, str]]:
     """Rows of a Kinetics annotation CSV (label, youtube_id, time_start, time_end, split)."""
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM is not part of 'label'
         rows = list(csv.DictReader(handle))
     if rows and "youtube_id" not in rows[0]:
         raise ValueError(f"{path}: not a Kinetics CSV (no 'youtube_id' column)")
@@ -230,25 +346,27 @@ def collect_inputs(
     if not source.is_dir():
         raise NotADirectoryError(f"SOURCE {source} is not a folder")
     ignored: list[str] = []
+    warnings: list[str] = []
+    list_paths = expand_list_paths(lists) if lists else []
+    class_file = Path(class_index) if class_index else _class_index_beside(list_paths)
+    class_numbers = class_index_numbers(class_file) if class_file is not None else None
     if lists:
-        list_paths = expand_list_paths(lists)
         list_format = list_format or guess_list_format(list_paths)
-        entries, all_labels = _entries_from_lists(source, list_paths, list_format, subset, split)
+        entries, all_labels = _entries_from_lists(source, list_paths, list_format, subset, split, class_numbers)
     else:
-        list_paths = []
-        files, ignored = scan_folder(source, extensions)
+        files, ignored, warnings = scan_folder(source, extensions)
         entries = [(rel, label_from_folder(rel)) for rel in files]
         all_labels = {label for _, label in entries if label is not None}
 
-    class_file = Path(class_index) if class_index else _class_index_beside(list_paths)
-    if class_file is not None:
-        class_names, names_from = read_class_index(class_file), str(class_file)
+    if class_numbers is not None:
+        class_names, names_from = list(class_numbers.values()), str(class_file)
     else:
         class_names, names_from = (sorted(all_labels), "sorted labels") if all_labels else (None, None)
     index = {name: i for i, name in enumerate(class_names or [])}
 
     videos, seen, duplicates = [], set(), []
-    for rel, label in entries:
+    for listed, label in entries:
+        rel = existing_spelling(source, listed)
         if rel in seen:
             duplicates.append(rel)
             continue
@@ -256,7 +374,22 @@ def collect_inputs(
         if label is not None and label not in index:
             raise ValueError(f"class {label!r} of {rel} is not in {names_from}")
         videos.append(InputVideo(video_id(rel), str(source / rel), rel, label, index.get(label)))
-    return InputList(videos, class_names, names_from, ignored, duplicates)
+    return InputList(videos, class_names, names_from, ignored, duplicates, warnings)
+
+
+def existing_spelling(source: Path, rel: str) -> str:
+    """``rel``, or its other Unicode normal form (NFC/NFD) when only that one exists under SOURCE.
+
+    A list written on macOS spells "Ü" as "U" + combining diaeresis (NFD), most Linux file
+    names use one code point (NFC): the same name to a person, different bytes to the file system.
+    """
+    if rel.isascii() or (source / rel).exists():  # ASCII is the same in every normal form: no stat
+        return rel
+    for form in ("NFC", "NFD"):
+        other = unicodedata.normalize(form, rel)
+        if other != rel and (source / other).exists():
+            return other
+    return rel
 
 
 def guess_list_format(list_paths: list[Path]) -> str:
@@ -270,11 +403,13 @@ def guess_list_format(list_paths: list[Path]) -> str:
 
 
 def _entries_from_lists(
-    source: Path, list_paths: list[Path], list_format: str, subset: str, split: int
+    source: Path, list_paths: list[Path], list_format: str, subset: str, split: int,
+    class_numbers: dict[int, str] | None = None,
 ) -> tuple[list[tuple[str, str | None]], set[str]]:
     """(relative path, label) per listed video, and every class name the lists know."""
     if list_format == "ucf101":
-        entries = [entry for path in list_paths for entry in read_ucf101_list(path)]
+        entries = [(rel, ucf101_label(f"{path}:{line}", rel, number, class_numbers))
+                   for path in list_paths for line, rel, number in read_ucf101_list(path)]
         return entries, {label for _, label in entries}
     if list_format == "hmdb51":
         return _hmdb51_entries(source, hmdb51_split_files(list_paths, split), subset)

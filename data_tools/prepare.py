@@ -70,6 +70,8 @@ FREE_ARGS = frozenset({
     "workers", "progress", "video_timeout", "shard_size_mb", "shard_max_videos", "decode_threads",
     "flow_device", "flow_batch", "flow_pool_pairs", "flow_compile",
 })
+# Scan warnings printed before the run; the summary keeps every one.
+SHOWN_WARNINGS = 20
 # --tvl1-* options -> TVL1Params fields.
 TVL1_OPTIONS = {
     "tvl1_scales": "nscales",
@@ -859,6 +861,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"tricoclr-data prepare: error: {exc}", file=sys.stderr)
         return 2
+    for warning in inputs.warnings[:SHOWN_WARNINGS]:  # what the scan skipped on purpose; all in the summary
+        print(f"tricoclr-data prepare: warning: {warning}", file=sys.stderr)
+    if len(inputs.warnings) > SHOWN_WARNINGS:
+        print(f"tricoclr-data prepare: warning: and {len(inputs.warnings) - SHOWN_WARNINGS} more skipped paths "
+              f"(all in {schema.SUMMARY_FILE}'s scan_warnings)", file=sys.stderr)
     try:
         _check_or_record_args(part_dir, args)
         writer = PartWriter(part_dir, args.format, int(args.shard_size_mb * (1 << 20)), args.shard_max_videos)
@@ -979,12 +986,13 @@ def _finish(part_dir: Path, inputs: lists.InputList, args) -> None:
     """Print and save the part's summary (all its videos, from every run)."""
     stats = statistics_from_entries(read_manifest(part_dir / schema.MANIFEST_FILE))
     stats["ignored_files"] = {"count": len(inputs.ignored), "examples": inputs.ignored[:20]}
+    stats["scan_warnings"] = inputs.warnings  # link loops, broken links, unreadable folders: each named
     stats["duplicate_list_entries"] = {"count": len(inputs.duplicates), "examples": inputs.duplicates[:20]}
     write_json_atomic(part_dir / schema.SUMMARY_FILE, stats)
     print(format_statistics(stats, title=f"prepared {part_dir}"))
     if inputs.ignored:
-        print(f"ignored {len(inputs.ignored)} file(s) that are hidden or lack a video extension "
-              f"(e.g. {', '.join(inputs.ignored[:3])}); see --extensions")
+        print(f"ignored {len(inputs.ignored)} file(s) that are hidden, lack a video extension or are link loops "
+              f"or broken links (e.g. {', '.join(inputs.ignored[:3])}); see --extensions and the warnings above")
     if inputs.duplicates:
         print(f"{len(inputs.duplicates)} duplicate list entries were prepared once")
 

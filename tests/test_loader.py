@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-import random
 import shutil
 import tarfile
 from pathlib import Path
@@ -23,10 +22,11 @@ from tricoclr.data.dataset import (
     DataStats,
     EpochLoader,
     StageViews,
-    assign_shards,
     clip_spec,
+    cut_circle,
     finish_batch,
-    rank_quotas,
+    make_plan,
+    rebatch,
     resume_point,
     usable_videos,
 )
@@ -238,27 +238,51 @@ def test_wds_two_ranks_two_workers_no_duplicates_equal_batches(shards, train_wds
     usable = usable_count(path)
     assert set(seen) <= set(usable_videos(open_store(path).videos(), COOPERATIVE, data_cfg()))
     dropped = usable - len(seen)
+    assert dropped == usable % (2 * 2)  # N mod (batch x ranks), with one shard or many
     assert (dropped > 0) == any("drops" in r.message for r in caplog.records)
-    if shards == "one":  # samples split by position: at most one batch of slack per worker
-        assert dropped < 4 * 2
 
 
-def test_wds_plan_is_the_same_every_epoch():
-    counts = {f"s{i}": c for i, c in enumerate([5, 5, 5, 3, 2, 2, 1])}
-    loads = {tuple(sum(counts[p] for p in slot) for slot in assign_shards(counts, 3, random.Random(e)))
-             for e in range(20)}
-    assert len(loads) == 1
-    assignments = {tuple(map(tuple, assign_shards(counts, 3, random.Random(e)))) for e in range(20)}
-    assert len(assignments) > 1  # equal-sized shards move between slots from epoch to epoch
+def test_the_circle_is_cut_into_consecutive_pieces_each_sample_once():
+    counts = [("s0", 5), ("s1", 0), ("s2", 3), ("s3", 4)]  # 12 samples; s1 has none usable
+    pieces = cut_circle(counts, offset=7, sizes=[4, 4, 3, 1])
+    assert pieces == [[("s2", 2, 3), ("s3", 0, 3)], [("s3", 3, 4), ("s0", 0, 3)], [("s0", 3, 5), ("s2", 0, 1)],
+                      [("s2", 1, 2)]]
+    covered = [(shard, p) for piece in pieces for shard, first, end in piece for p in range(first, end)]
+    assert sorted(covered) == sorted((shard, p) for shard, n in counts for p in range(n))
 
 
-def test_rank_quotas_equalise_ranks():
-    quotas, per_rank = rank_quotas([9, 4, 2, 2], world_size=2, workers=2, batch_size=2)
-    assert per_rank == 2 and quotas == [1, 1, 1, 1]
-    # The DataLoader cycles w0 w1 w2 | w0 (w1 exhausted) w2 | w0.
-    assert resume_point([3, 1, 2], 4) == ([2, 1, 1], 2)
-    assert resume_point([3, 1, 2], 5) == ([2, 1, 2], 0)
-    assert resume_point([3, 1, 2], 6) == ([3, 1, 2], 1)
+@pytest.mark.parametrize("total, batch, ranks, workers", [(60, 16, 1, 2), (60, 16, 2, 4), (7, 2, 2, 4), (33, 5, 1, 1)])
+def test_plan_drops_at_most_n_mod_global_batch(total, batch, ranks, workers):
+    plan = make_plan(total, batch, ranks, workers)
+    assert plan.batches_per_rank == total // (batch * ranks) and plan.dropped == total % (batch * ranks)
+    assert sum(plan.worker_quotas) == plan.batches_per_rank * batch
+    assert max(plan.worker_quotas) - min(plan.worker_quotas) <= 1
+    assert sum(plan.piece_sizes()) == total and len(plan.piece_sizes()) == 2 * ranks * workers
+
+
+def test_resume_point_follows_the_loaders_chunk_cycle():
+    # Quotas 5, 3, 2 in chunks of 2: the loader takes w0:2 w1:2 w2:2 | w0:2 w1:1 | w0:1.
+    assert resume_point([5, 3, 2], 2, 0) == ([0, 0, 0], 0)
+    assert resume_point([5, 3, 2], 2, 4) == ([2, 2, 0], 2)
+    assert resume_point([5, 3, 2], 2, 6) == ([2, 2, 2], 0)
+    assert resume_point([5, 3, 2], 2, 7) == ([3, 2, 2], 0)  # inside w0's second chunk: w0 is next
+    assert resume_point([5, 3, 2], 2, 8) == ([4, 2, 2], 1)
+    assert resume_point([5, 3, 2], 2, 9) == ([4, 3, 2], 0)  # w2 exhausted is skipped
+    assert resume_point([5, 3, 2], 2, 10)[0] == [5, 3, 2]  # the epoch is over
+
+
+def test_rebatch_joins_chunks_into_whole_batches_in_order():
+    def chunk(first, n):
+        return {"video_index": torch.arange(first, first + n), "video_id": [f"v{i}" for i in range(first, first + n)],
+                "x.params": {"scale": torch.arange(first, first + n).float()}}
+
+    whole = chunk(0, 3)
+    batches = list(rebatch([whole, chunk(3, 2), chunk(5, 3), chunk(8, 1)], 3))
+    assert batches[0] is whole  # a whole batch at a batch boundary passes unchanged
+    assert [b["video_index"].tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert batches[2]["video_id"] == ["v6", "v7", "v8"] and batches[2]["x.params"]["scale"].tolist() == [6, 7, 8]
+    with pytest.raises(RuntimeError, match="1 samples left over"):
+        list(rebatch([chunk(0, 4)], 3))
 
 
 # ---- broken records ---------------------------------------------------------------------------

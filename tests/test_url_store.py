@@ -172,7 +172,6 @@ def test_loader_batches_from_urls_equal_the_local_ones_on_every_rank(two_part_st
         batches = []
         for address in addresses:
             loader = EpochLoader(address, RGB_FLOW, cfg, seed=0, batch_size=2, rank=rank, world_size=2)
-            assert loader.dataset.plan.by_shards  # more shards than the 4 slots: whole shards per slot
             loader.set_epoch(1)
             batches.append(list(loader))
             del loader

@@ -4,10 +4,12 @@ Two stores, one sample:
 - ``LmdbPairDataset`` (map-style) with ``GlobalBatchSampler``: random access; the order of an
   epoch depends on (seed, epoch) only and rank r takes the r-th contiguous slice of every global
   batch, so a 2-rank run sees exactly the batches of a 1-rank run with the same global batch.
-- ``WebDatasetPairStream`` (iterable): shards split across ranks x workers ("slots"; with fewer
-  shards than slots, samples split by position), a seeded shuffle buffer, and a fixed number of
-  batches per worker, computed up front from the manifests, so every rank yields the same number
-  of batches in every epoch (the remainder is dropped and logged) and no rank waits forever.
+- ``WebDatasetPairStream`` (iterable): the epoch's samples (shards in a seeded order) are cut
+  into one consecutive run per rank, and each run into one per loader worker ("slot"), sized up
+  front from the manifests; a seeded shuffle buffer per slot. Workers yield chunks cut at their
+  own batch boundaries and ``rebatch`` joins them into whole batches in the main process, so
+  every rank yields N // (batch x ranks) batches in every epoch and at most
+  N mod (batch x ranks) samples are left out (logged), however many workers there are.
 
 Every random choice is drawn from ``sample_generator(seed, epoch, video_index, view, stream)``:
 never from the rank, the worker or the batch size. A record that fails to decode is replaced by
@@ -17,16 +19,18 @@ count with the next sample (``BROKEN_KEY``) and ``EpochLoader`` adds it to ``Dat
 
 from __future__ import annotations
 
-import heapq
+import itertools
 import logging
 import math
 import multiprocessing
+import os
 import random
+import tarfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
 from tricoclr import modalities as registry
 from tricoclr.data import schema
@@ -235,78 +239,147 @@ class GlobalBatchSampler(Sampler):
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """How an epoch of a WebDataset store is split; the same in every epoch and on every rank.
+    """How every epoch of a WebDataset store is cut; the same in every epoch and on every rank.
 
-    by_shards: whole shards per slot (slot = rank * workers + worker); False when there are
-        fewer shards than slots: every slot reads every shard and keeps every num_slots-th sample.
-    slot_counts: usable samples each slot reads per epoch.
-    quotas: batches each slot yields per epoch (whole batches only, trimmed so that every rank
-        yields ``batches_per_rank``).
+    The epoch's ``total`` usable samples lie on a circle (see ``cut_circle``). Rank r reads the
+    r-th run of ``batches_per_rank * batch_size`` samples along it, its worker w the w-th sub-run
+    of ``worker_quotas[w]`` samples; the ``dropped`` samples after the ranks' runs
+    (N mod (batch_size x world_size)) are split among the slots as spares that stand in for
+    broken records.
     """
 
-    by_shards: bool
-    slot_counts: tuple[int, ...]
-    quotas: tuple[int, ...]
+    total: int
+    batch_size: int
+    world_size: int
+    worker_quotas: tuple[int, ...]
     batches_per_rank: int
 
+    @property
+    def dropped(self) -> int:
+        return self.total - self.world_size * self.batches_per_rank * self.batch_size
 
-def assign_shards(shard_counts: dict[str, int], num_slots: int, rng: random.Random) -> list[list[str]]:
-    """Shards per slot: largest first, each to the least-loaded slot.
+    def piece_sizes(self) -> list[int]:
+        """Samples per piece of the circle: every slot's run (slot = rank * workers + worker),
+        then every slot's spares."""
+        slots = self.world_size * len(self.worker_quotas)
+        spares = [self.dropped // slots + (1 if s < self.dropped % slots else 0) for s in range(slots)]
+        return list(self.worker_quotas) * self.world_size + spares
 
-    Ties between equal-sized shards are broken by ``rng``'s shuffle, ties between equally loaded
-    slots by slot index. The loads therefore depend on the counts only, never on ``rng``: a
-    per-epoch ``rng`` reshuffles which shard goes where but keeps every slot's sample count,
-    hence the number of batches, fixed across epochs.
+
+def make_plan(total: int, batch_size: int, world_size: int, workers: int) -> StreamPlan:
+    """The plan for ``total`` usable samples: N // (batch x ranks) batches per rank, their samples
+    spread over the workers as evenly as possible (the first ones take one more)."""
+    batches = total // (batch_size * world_size)
+    per_rank = batches * batch_size
+    quotas = tuple(per_rank // workers + (1 if w < per_rank % workers else 0) for w in range(workers))
+    return StreamPlan(total, batch_size, world_size, quotas, batches)
+
+
+def cut_circle(counts: list[tuple[str, int]], offset: int, sizes: list[int]) -> list[list[tuple[str, int, int]]]:
+    """Consecutive pieces of ``sizes`` samples along a circle of shards, from sample ``offset``.
+
+    ``counts``: (shard, usable samples) in the epoch's shard order; the circle is every shard's
+    usable samples in file order, the last shard followed by the first again. A piece is a list
+    of (shard, first, end): the usable samples at positions first..end-1 within that shard.
+    ``sum(sizes)`` must not exceed the samples on the circle (each sample in one piece at most).
     """
-    order = sorted(shard_counts)
-    rng.shuffle(order)
-    order.sort(key=lambda path: -shard_counts[path])  # stable: keeps the shuffle among equals
-    slots: list[list[str]] = [[] for _ in range(num_slots)]
-    least_loaded = [(0, slot) for slot in range(num_slots)]  # (load, slot): a valid heap
-    for path in order:
-        load, slot = heapq.heappop(least_loaded)
-        slots[slot].append(path)
-        heapq.heappush(least_loaded, (load + shard_counts[path], slot))
-    return slots
+    shard, within = 0, offset
+    while within >= counts[shard][1]:
+        within -= counts[shard][1]
+        shard += 1
+    pieces = []
+    for size in sizes:
+        piece = []
+        while size > 0:
+            path, count = counts[shard]
+            take = min(size, count - within)
+            if take > 0:
+                piece.append((path, within, within + take))
+                size, within = size - take, within + take
+            if within >= count:
+                shard, within = (shard + 1) % len(counts), 0
+        pieces.append(piece)
+    return pieces
 
 
-def rank_quotas(slot_counts: list[int], world_size: int, workers: int, batch_size: int) -> tuple[list[int], int]:
-    """Batches per slot such that every rank yields the same number (the smallest rank's).
+def resume_point(quotas: list[int], chunk_size: int, consumed: int) -> tuple[list[int], int]:
+    """Where a DataLoader over workers with these sample quotas stands after ``consumed`` samples:
+    the samples taken from each worker, and the worker whose chunk comes next.
 
-    A worker yields only whole batches of its own samples (the DataLoader batches inside each
-    worker); a rank with more is trimmed from its fullest workers.
-    """
-    quotas = [count // batch_size for count in slot_counts]
-    per_rank = [sum(quotas[r * workers : (r + 1) * workers]) for r in range(world_size)]
-    target = min(per_rank)
-    for rank in range(world_size):
-        mine = range(rank * workers, (rank + 1) * workers)
-        for _ in range(per_rank[rank] - target):
-            fullest = max(mine, key=lambda s: (quotas[s], s))
-            quotas[fullest] -= 1
-    return quotas, target
-
-
-def resume_point(quotas: list[int], num_batches: int) -> tuple[list[int], int]:
-    """Where a DataLoader over workers with these batch quotas stands after ``num_batches``:
-    the batches taken from each worker, and the worker that yields the next one.
-
-    The DataLoader takes one batch from each worker in turn, cyclically, skipping exhausted
-    workers, so the order is fixed by the quotas. A resumed loader restarts its cycle at its
-    worker 0, so that worker must play the next one's part (see ``WebDatasetPairStream``).
+    Each worker yields its quota in chunks cut at its own multiples of ``chunk_size``; the
+    DataLoader takes one chunk from each worker in turn, cyclically, skipping exhausted workers,
+    so the order is fixed by the quotas. A chunk can be consumed in part (a batch boundary
+    inside it): then its worker comes next. A resumed loader restarts its cycle at its worker 0,
+    so that worker must play the next one's part (see ``WebDatasetPairStream``).
     """
     taken = [0] * len(quotas)
-    remaining = min(num_batches, sum(quotas))
+    remaining = min(consumed, sum(quotas))
     worker = 0
     while remaining > 0:
-        if taken[worker] < quotas[worker]:
-            taken[worker] += 1
-            remaining -= 1
+        chunk = min(chunk_size - taken[worker] % chunk_size, quotas[worker] - taken[worker])
+        if chunk > remaining:
+            taken[worker] += remaining
+            return taken, worker
+        taken[worker] += chunk  # 0 for an exhausted worker
+        remaining -= chunk
         worker = (worker + 1) % len(quotas)
     if sum(taken) < sum(quotas):
         while taken[worker] >= quotas[worker]:  # exhausted workers are skipped
             worker = (worker + 1) % len(quotas)
     return taken, worker
+
+
+def unbatch(batch: dict) -> list[dict]:
+    """The samples of a collated batch (tensors become views of the batch's rows)."""
+    def row(value, i):
+        return {k: row(v, i) for k, v in value.items()} if isinstance(value, dict) else value[i]
+
+    return [row(batch, i) for i in range(len(batch["video_index"]))]
+
+
+def rebatch(chunks: Iterable[dict], batch_size: int) -> Iterator[dict]:
+    """Whole batches of ``batch_size`` from collated chunks of any size, in order.
+
+    A chunk that is a whole batch and starts one passes unchanged (no copy); smaller chunks (the
+    ends of the workers' quotas) are joined across workers here, in the main process.
+    WebDataset's ``unbatched``/``batched`` filters take tuples, not these dicts, hence this.
+    Raises RuntimeError if samples are left over that do not fill a batch (a bug).
+    """
+    pending: list[dict] = []
+    for chunk in chunks:
+        if not pending and len(chunk["video_index"]) == batch_size:
+            yield chunk
+            continue
+        pending.extend(unbatch(chunk))
+        while len(pending) >= batch_size:
+            yield default_collate(pending[:batch_size])
+            del pending[:batch_size]
+    if pending:
+        raise RuntimeError(f"{len(pending)} samples left over that do not fill a batch of {batch_size}")
+
+
+def usable_sample_offset(path: str, usable_ids: set[str], number: int) -> int | None:
+    """Byte offset of the first member of the ``number``-th (0-based) usable sample of a local
+    tar, found from the member headers alone (tarfile seeks past member data), or None: not a
+    local file, fewer usable samples, or a damaged tar (then the caller reads from the start,
+    and the streaming read reports the damage)."""
+    from webdataset.tariterators import base_plus_ext
+
+    if not os.path.isfile(path):
+        return None
+    count, current = -1, None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key = base_plus_ext(member.name)[0]
+                if key != current and key in usable_ids:
+                    count += 1
+                    if count == number:
+                        return member.offset
+                current = key
+    except (tarfile.TarError, OSError):
+        return None
+    return None
 
 
 def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -327,10 +400,9 @@ def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
 
 
 class _WorkerTally:
-    """One worker's epoch counters: usable samples read, and broken records not yet reported."""
+    """One worker's epoch counter: broken records not yet reported."""
 
     def __init__(self) -> None:
-        self.seen = 0
         self.broken = 0
 
     def take_broken(self) -> int:
@@ -353,9 +425,11 @@ def _member_modality(member: str) -> str:
 class WebDatasetPairStream(IterableDataset):
     """Streams a webdataset store, split over ranks x workers: each sample at most once per epoch.
 
-    The split is a ``StreamPlan``: shards are assigned to slots per epoch (``assign_shards``),
-    each worker yields exactly its quota of whole batches, and every rank the same number of
-    batches. Within a slot the samples pass a shuffle buffer seeded by (seed, epoch, slot).
+    The split is a ``StreamPlan``: every epoch the shards are put in a (seed, epoch)-shuffled
+    order and read as a circle from a (seed, epoch)-random sample, so that the samples left out
+    differ from epoch to epoch; each slot (rank x worker) reads its consecutive piece of it
+    (``cut_circle``) through a shuffle buffer seeded by (seed, epoch, slot) and yields exactly its
+    quota, in chunks cut at its own multiples of ``batch_size`` (``rebatch`` joins them).
     """
 
     def __init__(self, store: VideoStore | str, views: StageViews, data_cfg: dict, seed: int,
@@ -374,15 +448,14 @@ class WebDatasetPairStream(IterableDataset):
             raise ValueError(f"no complete shards in {self.store.root}")
         self.shard_counts = self._usable_per_shard(metas)
         self.wanted_modalities = {schema.META_PART, *views.all}
-        self.plan = self._make_plan()
+        self.plan = make_plan(sum(self.shard_counts.values()), batch_size, world_size, self.num_workers)
         # (epoch, start_batch), shared with the DataLoader workers: they persist across epochs
         # and keep their own copy of this object, so a plain attribute would never reach them.
         self._position = multiprocessing.RawArray("q", 2)
         if self.plan.batches_per_rank == 0:
             raise ValueError(
-                f"{len(self.usable_ids)} usable videos over {len(self.shards)} shards and {self.num_slots} "
-                f"slots ({world_size} ranks x {self.num_workers} workers) cannot give every rank one batch "
-                f"of {batch_size}; lower batch_size or workers, or write more, smaller shards"
+                f"{self.plan.total} usable videos in {self.store.root} cannot give every rank one batch of "
+                f"{batch_size} ({world_size} ranks); lower batch_size"
             )
 
     @property
@@ -404,9 +477,8 @@ class WebDatasetPairStream(IterableDataset):
         return self.plan.batches_per_rank
 
     def dropped_samples(self) -> int:
-        """Usable samples this rank reads but drops each epoch to stay in step with the others."""
-        mine = slice(self.rank * self.num_workers, (self.rank + 1) * self.num_workers)
-        return sum(self.plan.slot_counts[mine]) - self.plan.batches_per_rank * self.batch_size
+        """Usable samples left out of each epoch by all ranks together: N mod (batch x ranks)."""
+        return self.plan.dropped
 
     # -- the plan (from the manifests, identical on every rank) --
 
@@ -428,28 +500,14 @@ class WebDatasetPairStream(IterableDataset):
             self.usable_ids.difference_update(lost)
         return counts
 
-    def _make_plan(self) -> StreamPlan:
-        by_shards = len(self.shards) >= self.num_slots
-        if by_shards:
-            slots = assign_shards(self.shard_counts, self.num_slots, random.Random(0))
-            slot_counts = [sum(self.shard_counts[p] for p in paths) for paths in slots]
-        else:
-            log.warning("%d shards for %d slots (%d ranks x %d workers): every worker reads every shard and "
-                        "keeps 1/%d of the samples; write more shards (prepare --shard-max-videos) to avoid "
-                        "the extra reading", len(self.shards), self.num_slots, self.world_size, self.num_workers,
-                        self.num_slots)
-            total, slots_n = len(self.usable_ids), self.num_slots
-            slot_counts = [total // slots_n + (1 if s < total % slots_n else 0) for s in range(slots_n)]
-        quotas, per_rank = rank_quotas(slot_counts, self.world_size, self.num_workers, self.batch_size)
-        return StreamPlan(by_shards, tuple(slot_counts), tuple(quotas), per_rank)
-
-    def _epoch_shards(self, slot: int, epoch: int) -> list[str]:
+    def _epoch_pieces(self, slot: int, epoch: int) -> tuple[list, list]:
+        """This slot's piece of the epoch's circle, and its spares."""
         rng = random.Random(f"{self.seed}/{epoch}/shards")
-        if self.plan.by_shards:
-            return assign_shards(self.shard_counts, self.num_slots, rng)[slot]
         order = sorted(self.shards)
-        rng.shuffle(order)  # the same order in every slot: positions then split the samples
-        return order
+        rng.shuffle(order)
+        pieces = cut_circle([(p, self.shard_counts[p]) for p in order], rng.randrange(self.plan.total),
+                            self.plan.piece_sizes())
+        return pieces[slot], pieces[self.num_slots + slot]
 
     # -- one worker's epoch --
 
@@ -459,49 +517,77 @@ class WebDatasetPairStream(IterableDataset):
         if workers != self.num_workers:
             raise RuntimeError(f"stream built for {self.num_workers} workers but runs in {workers}")
         epoch, start_batch = self.epoch, self.start_batch
-        rank_slots = slice(self.rank * self.num_workers, (self.rank + 1) * self.num_workers)
-        taken, next_worker = resume_point(list(self.plan.quotas[rank_slots]), start_batch)
+        quotas = list(self.plan.worker_quotas)
+        taken, next_worker = resume_point(quotas, self.batch_size, start_batch * self.batch_size)
         # After a resume this process's worker 0 yields first: it takes the part of the worker
-        # whose batch is next, so the remaining batches come in the uninterrupted order.
+        # whose chunk is next, so the remaining samples come in the uninterrupted order.
         part = (worker + next_worker) % self.num_workers
         slot = self.rank * self.num_workers + part
-        skipped = taken[part]
         tally = _WorkerTally()
-        raws = self._slot_samples(slot, epoch, tally)
-        raws = shuffle_buffer(raws, int(self.data_cfg["shuffle_buffer"]), random.Random(f"{self.seed}/{epoch}/{slot}"))
-        quota = self.plan.quotas[slot] * self.batch_size
-        yield from self._samples(raws, quota, skipped * self.batch_size, epoch, slot, tally)
+        piece, spares = self._epoch_pieces(slot, epoch)
+        raws = shuffle_buffer(self._read(piece, tally), int(self.data_cfg["shuffle_buffer"]),
+                              random.Random(f"{self.seed}/{epoch}/{slot}"))
+        # Spares come after the shuffled piece: read only when a broken record needs replacing.
+        raws = itertools.chain(raws, self._read(spares, tally))
+        samples = self._samples(raws, quotas[part], taken[part], epoch, slot, tally)
+        yield from self._chunks(samples, taken[part], quotas[part])
 
-    def _slot_samples(self, slot: int, epoch: int, tally: _WorkerTally) -> Iterator[dict]:
-        """This slot's usable raw samples for the epoch, in shard order; members of modalities
-        the stage does not use are never kept."""
-        shards = self._epoch_shards(slot, epoch)  # paths or URLs: streamed by tricoclr.data.location
-        position = -1
-        for raw in shard_samples(shards, handler=tally.tar_error, select_files=self._wanted_member):
-            if raw.get("__key__") not in self.usable_ids:
-                continue
-            position += 1  # counted before the shuffle: the same in every slot that reads this shard
-            if not self.plan.by_shards and position % self.num_slots != slot:
-                continue
-            tally.seen += 1
-            yield raw
+    def _read(self, piece: list[tuple[str, int, int]], tally: _WorkerTally) -> Iterator[dict]:
+        """The usable raw samples of a piece, in order; members of modalities the stage does not
+        use are never kept. Samples missing from a truncated or unreadable shard count as broken."""
+        for path, first, end in piece:
+            got = 0
+            offset = usable_sample_offset(path, self.usable_ids, first) if first > 0 else None
+            if offset is None:
+                position = -1
+                # paths or URLs: streamed by tricoclr.data.location
+                stream = shard_samples([path], handler=tally.tar_error, select_files=self._wanted_member)
+            else:  # a local shard: start at the piece's first sample instead of reading up to it
+                position = first - 1
+                stream = self._samples_from(path, offset, tally)
+            for raw in stream:
+                if raw.get("__key__") not in self.usable_ids:
+                    continue
+                position += 1
+                if position < first:
+                    continue
+                got += 1
+                yield raw
+                if position + 1 >= end:
+                    break
+            stream.close()
+            if got < end - first:
+                tally.broken += end - first - got
+                log.warning("%s: %d records missing (unreadable or truncated shard)", path, end - first - got)
+
+    def _samples_from(self, path: str, offset: int, tally: _WorkerTally) -> Iterator[dict]:
+        """The samples of a local tar from byte ``offset`` (a member header) on."""
+        from webdataset import tariterators
+
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            files = tariterators.tar_file_expander([{"stream": handle, "url": path}], handler=tally.tar_error,
+                                                   select_files=self._wanted_member)
+            yield from tariterators.group_by_keys(files, handler=tally.tar_error)
 
     def _wanted_member(self, member: str) -> bool:
         return _member_modality(member) in self.wanted_modalities
 
     def _samples(self, raws: Iterator[dict], quota: int, skip: int, epoch: int, slot: int,
                  tally: _WorkerTally) -> Iterator[dict]:
-        """Exactly ``quota`` samples (the first ``skip`` consumed without decoding, on resume).
+        """Exactly ``quota - skip`` samples (the first ``skip`` consumed without decoding, on resume).
 
-        A broken record is replaced by the next sample (the slot's surplus); if the shards run
-        dry, the last good sample is repeated: a duplicate beats a rank that waits forever.
-        Skipped samples are not decoded, so a broken record among them shifts a resumed epoch
-        by one sample against the interrupted one.
+        A broken record is replaced by the next sample (the slot's spares); if those run dry, the
+        last good sample is repeated: a duplicate beats a rank that waits forever. Skipped samples
+        are not decoded, so a broken record among them shifts a resumed epoch by one sample
+        against the interrupted one. Nothing is read past the last sample needed.
         """
         produced, last_good = 0, None
-        for raw in raws:
-            if produced >= quota:
-                return
+        raws = iter(raws)
+        while produced < quota:
+            raw = next(raws, None)
+            if raw is None:
+                break
             if produced < skip:
                 produced += 1
                 continue
@@ -511,16 +597,23 @@ class WebDatasetPairStream(IterableDataset):
                 yield sample
         if produced >= quota:
             return
-        missing = self.plan.slot_counts[slot] - tally.seen
-        if missing > 0:
-            tally.broken += missing
-            log.warning("epoch %d slot %d: %d records missing from unreadable shards", epoch, slot, missing)
         if last_good is None:
             raise RuntimeError(f"epoch {epoch} slot {slot}: no readable sample to fill {quota - produced} places")
         log.warning("epoch %d slot %d: repeating %s %d times to keep ranks in step", epoch, slot,
                     last_good["__key__"], quota - produced)
         for _ in range(quota - produced):
             yield self._build(last_good, epoch, tally)
+
+    def _chunks(self, samples: Iterator[dict], first: int, quota: int) -> Iterator[dict]:
+        """Collated chunks of the samples numbered ``first``..``quota - 1`` of this slot, cut after
+        every multiple of ``batch_size`` and at the quota (so a resumed worker cuts where the
+        interrupted one did)."""
+        chunk = []
+        for number, sample in enumerate(samples, first):
+            chunk.append(sample)
+            if (number + 1) % self.batch_size == 0 or number + 1 == quota:
+                yield default_collate(chunk)
+                chunk = []
 
     def _build(self, raw: dict, epoch: int, tally: _WorkerTally) -> dict | None:
         video_id = raw["__key__"]
@@ -563,8 +656,8 @@ class EpochLoader:
             self.num_videos = len(self.dataset)
         else:
             self.dataset = WebDatasetPairStream(store, views, data_cfg, seed, batch_size, rank, world_size, workers)
-            # drop_last applies per worker; quotas are whole batches, so it only guards the shapes.
-            self.loader = DataLoader(self.dataset, batch_size=batch_size, drop_last=True, **common)
+            # The workers yield collated chunks of up to one batch; rebatch() makes whole batches.
+            self.loader = DataLoader(self.dataset, batch_size=None, **common)
             self.num_videos = len(self.dataset.usable_ids)
         self._epoch, self._start_batch = 0, 0
 
@@ -579,13 +672,16 @@ class EpochLoader:
         return max(0, self.batches_per_epoch() - self._start_batch)
 
     def __iter__(self) -> Iterator[dict]:
-        if self.format == "webdataset" and self._start_batch == 0:
+        batches = self.loader
+        if self.format == "webdataset":
+            batches = rebatch(self.loader, self.dataset.batch_size)
             dropped = self.dataset.dropped_samples()
-            if dropped:
-                log.info("epoch %d: rank %d drops %d samples to yield %d batches like every rank", self._epoch,
-                         self.rank, dropped, self.batches_per_epoch())
+            if dropped and self._start_batch == 0 and self.rank == 0:
+                log.info("epoch %d drops %d of %d samples: N mod (batch %d x %d ranks), other ones every epoch",
+                         self._epoch, dropped, self.dataset.plan.total, self.dataset.batch_size,
+                         self.dataset.world_size)
         expected, produced = len(self), 0
-        for batch in self.loader:
+        for batch in batches:
             DataStats.broken_records += int(batch[BROKEN_KEY].sum())
             produced += 1
             yield batch
