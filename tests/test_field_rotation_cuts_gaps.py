@@ -346,3 +346,12 @@ def test_gaps_shape_what_the_loader_and_evaluation_use(gaps):
     assert usable_videos([{**one, "spans": [[0, 150]]}], StageViews(both_views=("rgb",)), data_cfg) == [0]
     assert window_starts(one["frames"], ClipSpec(frames=30), spans=one["spans"]) == [0, 90, 120]
     assert window_starts(150, ClipSpec(frames=30)) == [0, 30, 60, 90, 120]
+
+
+def test_every_reason_here_follows_the_message_policy(phone, matrices, cut, gaps):
+    """The message policy (tests/message_policy.py) over the rotated, cut and gapped inputs: a
+    partial video's reason is a sentence about the video, never a library's bare text."""
+    from message_policy import policy_violations
+
+    for manifest, _ in (phone, matrices, cut, gaps):
+        assert policy_violations(manifest) == {}
