@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from tricoclr import modalities as registry
+from tricoclr.data import modalities as registry
 from tricoclr.data import schema
 from tricoclr.data.sampling import ClipSpec, sample_clip_starts, sample_generator, video_too_short
 from tricoclr.data.store import VideoStore, open_store, record_from_sample

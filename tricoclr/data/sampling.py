@@ -97,6 +97,12 @@ class ClipSpec:
         return self.span + self.min_gap_frames
 
 
+def clip_spec_of(data_cfg) -> ClipSpec:
+    """The ClipSpec of a ``data`` config section (or any mapping with its clip keys)."""
+    return ClipSpec(frames=data_cfg["clip_frames"], stride=data_cfg["clip_stride"],
+                    min_gap_frames=data_cfg["min_gap_frames"], short_policy=data_cfg["short_policy"])
+
+
 def video_too_short(num_frames: int, spec: ClipSpec) -> bool:
     """True when two clips with the gap between them do not fit in ``num_frames`` frames."""
     return num_frames < spec.span + spec.min_separation
