@@ -31,7 +31,7 @@ from tricoclr.trainer import Trainer  # noqa: E402
 SHAPES = {
     # name: (backbones, clip frames, size, spectrogram steps)
     "paper": ({"rgb": "s3d", "flow": "s3d", "audio": "resnet18"}, 30, 128, 128),
-    # the demo's RGB stage: 8 frames cropped to 32x32, 64 spectrogram steps (README's demo section)
+    # the demo's RGB stage: 8 frames cropped to 32x32, 64 spectrogram steps (docs/demo.md)
     "demo": ({"rgb": "tiny3d", "flow": "tiny3d", "audio": "tiny2d"}, 8, 32, 64),
 }
 

@@ -56,7 +56,7 @@ VARIANTS = [
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 # What the demo changes in the base config, for training and evaluation alike (measured, see the
-# README's demo section): 32x32 crops of the 64x64 prepared frames (4x cheaper steps, and the tiny
+# docs/demo.md): 32x32 crops of the 64x64 prepared frames (4x cheaper steps, and the tiny
 # CNN learns the synthesized classes faster at this scale: supervised top-1 41 % vs 22 % after the
 # same 190 steps), and CoCLR's self-positive masking in the cooperative stages (without it the
 # key, an easy same-background match after InfoNCE, takes the whole loss and mined positives get
@@ -66,7 +66,7 @@ DEMO_OVERRIDES = ["data.size=32", "method.mask_self_positive=true"]
 PRESETS = {
     # classes, videos per class, seconds, size, seeds, InfoNCE epochs of RGB and of the oracles (flow,
     # audio), epochs of the RGB stage each variant trains, and the queue of that stage (measured,
-    # README: with two oracles the top-k must agree with both, and among the config's 128 entries
+    # docs/demo.md: with two oracles the top-k must agree with both, and among the config's 128 entries
     # too few do — TriCoCLR's positives shared the anchor's motion 82 % of the time, 94 % among 512,
     # CoCLR's 98 % either way; every row's RGB stage gets the same queue)
     "full": dict(classes=10, videos_per_class=60, train_fraction=0.5, seconds=4.0, size=64, seeds=3,

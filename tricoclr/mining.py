@@ -35,7 +35,7 @@ def oracle_similarity(
 ) -> torch.Tensor:
     """(B, K) float32 similarity of each sample's oracle to each queue entry's, for ranking.
 
-    - ``cosine_sum``: o·o', the sum over samplers of their cosines (DESIGN.md; the default).
+    - ``cosine_sum``: o·o', the sum over samplers of their cosines (the paper's; the default, docs/design.md).
     - ``standardized``: each sampler's block (``block_dims``: the embed dim of each sampler, in the
       order of the oracle's parts) gives a (B, K) matrix of cosines; each row of it is z-scored
       over the K queue entries (mean 0, standard deviation 1; a row with no spread contributes 0),

@@ -1,7 +1,7 @@
 """Temporal sampling: which two clips of a video a training sample uses, and where they lie in
 every modality.
 
-A sample is two clips from different times of the same video (DESIGN.md, "A training sample").
+A sample is two clips from different times of the same video (docs/design.md, "Augmentation").
 Everything here is a pure function of its arguments; all randomness comes from a
 ``torch.Generator`` made by :func:`sample_generator`, whose seed depends only on
 (seed, epoch, video index, view, stream) -- never on rank, worker count or batch size -- so a run
