@@ -159,3 +159,25 @@ def test_train_py_runs_as_a_plain_script(train_lmdb, tmp_path):
     # The run stops inside its only stage: the latest encoder is saved, the stage snapshot is not.
     assert (out / "checkpoints").is_dir() and (out / "encoders" / "rgb.safetensors").exists()
     assert not (out / "encoders" / "pretrain-rgb").exists()
+
+
+def test_a_stage_that_trains_one_modality_alone_is_an_infonce_stage_that_owns_its_step():
+    config, encoders = _tiny_encoders()
+    config = config.replace(method={"queue_size": 8, "momentum": 0.5, "momentum_final": 0.5})
+    stage = build_stage(StagePlan("pretrain-rgb", "rgb", (), 1), encoders, config.method)
+    assert type(stage) is InfoNCEStage and not hasattr(stage, "samplers")
+    cooperative = build_stage(StagePlan("cycle1-rgb", "rgb", ("flow",), 1), encoders, config.method)
+    assert isinstance(cooperative, CooperativeStage) and list(cooperative.samplers) == ["flow"]
+    batch = _random_batch()
+    momentum_before = [p.clone() for p in stage.momentum_encoder.parameters()]
+    loss, stats = stage.training_step(batch)
+    assert stats["positives_per_sample"] == 1  # InfoNCE: the key only
+    with torch.no_grad():
+        expected_keys = torch.nn.functional.normalize(stage.momentum_encoder(batch["rgb.view2"]).float(), dim=1)
+    loss.backward()
+    torch.optim.SGD(encoders["rgb"].parameters(), lr=0.1).step()
+    stage.after_optimizer_step(encoders["rgb"], stage_step=0, total_steps=1)
+    assert int(stage.queue.num_filled) == 4 and stage.queue.oracle_dim == 0
+    assert torch.allclose(torch.nn.functional.normalize(stage.queue.keys[:4], dim=1), expected_keys, atol=1e-5)
+    for before, after, source in zip(momentum_before, stage.momentum_encoder.parameters(), encoders["rgb"].parameters()):
+        assert torch.allclose(after, 0.5 * before + 0.5 * source.detach(), atol=1e-6)  # the EMA with mu 0.5

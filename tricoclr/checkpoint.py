@@ -34,7 +34,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from tricoclr.config import CLIP_KEYS, Config, ConfigError, dump_config
+from tricoclr.config import Config, ConfigError, clip_settings, dump_config
 from tricoclr.durable import fsync_dir, fsync_file, write_text_atomic
 from tricoclr.method import InfoNCEStage, StagePlan
 from tricoclr.models.encoder import load_encoder, save_encoder
@@ -305,7 +305,7 @@ def save_trained_encoder(config: Config, plan: StagePlan, encoder, global_step: 
     """encoders/<modality>.safetensors (latest) and, with ``snapshot``,
     encoders/<stage>/<modality>.safetensors. The clip settings travel with the weights, so
     evaluation presents clips the same way."""
-    data = json.dumps({k: config.data[k] for k in CLIP_KEYS})
+    data = json.dumps(clip_settings(config.data))
     extra = {"stage": plan.name, "global_step": str(global_step), "data": data}
     folder = Path(config.output_dir) / "encoders"
     paths = [folder / f"{plan.trained}.safetensors"]

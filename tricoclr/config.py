@@ -395,6 +395,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return Config.from_dict(values)
 
 
+def clip_settings(data) -> dict:
+    """The CLIP_KEYS of a ``data`` section or of any mapping holding some of them; a key it lacks
+    (e.g. an encoder saved before that key was recorded) takes its default."""
+    defaults = DataConfig()
+    return {key: data[key] if key in data else defaults[key] for key in CLIP_KEYS}
+
+
 def pretrain_epochs(config: Config, modality: str) -> float:
     value = config.schedule.pretrain_epochs
     return value[modality] if isinstance(value, dict) else value

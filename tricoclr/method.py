@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tricoclr.config import ConfigError, pretrain_epochs
+from tricoclr.config import Config, ConfigError, MethodConfig, pretrain_epochs
 from tricoclr.distributed import gather_from_all_ranks
 from tricoclr.feature_queue import FeatureQueue
 from tricoclr.losses import contrastive_logits, multi_positive_loss
@@ -50,25 +50,25 @@ class StagePlan:
         return bool(self.samplers)
 
 
-def build_schedule(config) -> list[StagePlan]:
+def build_schedule(config: Config) -> list[StagePlan]:
     """InfoNCE pre-training of every modality, then ``cycles`` x one stage per modality.
 
     With one modality there is nothing to cooperate with: the schedule is its InfoNCE stage.
     """
-    mods = list(config["modalities"])
+    mods = list(config.modalities)
     plans = [StagePlan(f"pretrain-{m}", m, (), pretrain_epochs(config, m)) for m in mods]
     if len(mods) > 1:
-        order = config["schedule"]["order"] or mods
-        for cycle in range(1, config["schedule"]["cycles"] + 1):
+        order = config.schedule.order or mods
+        for cycle in range(1, config.schedule.cycles + 1):
             for m in order:
                 samplers = tuple(s for s in mods if s != m)
-                plans.append(StagePlan(f"cycle{cycle}-{m}", m, samplers, config["schedule"]["stage_epochs"]))
+                plans.append(StagePlan(f"cycle{cycle}-{m}", m, samplers, config.schedule.stage_epochs))
     return plans
 
 
-def start_index(schedule: list[StagePlan], config) -> int:
+def start_index(schedule: list[StagePlan], config: Config) -> int:
     """Index of ``schedule.start_stage`` in the schedule (0 when unset); ConfigError if absent."""
-    start = config["schedule"]["start_stage"]
+    start = config.schedule.start_stage
     names = [plan.name for plan in schedule]
     if start and start not in names:
         raise ConfigError(f"schedule.start_stage '{start}' is not a stage of this schedule: {names}")
@@ -103,7 +103,7 @@ class StepPrecision:
     input_dtype: torch.dtype = torch.float32
 
 
-def build_stage(plan: StagePlan, encoders: dict[str, nn.Module], method_cfg) -> InfoNCEStage:
+def build_stage(plan: StagePlan, encoders: dict[str, nn.Module], method_cfg: MethodConfig) -> InfoNCEStage:
     """The stage class for a plan: InfoNCE without samplers, cooperative with them."""
     return (CooperativeStage if plan.cooperative else InfoNCEStage)(plan, encoders, method_cfg)
 
@@ -115,14 +115,14 @@ class InfoNCEStage(nn.Module):
     momentum copy is a deep copy of it taken now. ``method_cfg``: the ``method`` config section.
     """
 
-    def __init__(self, plan: StagePlan, encoders: dict[str, nn.Module], method_cfg):
+    def __init__(self, plan: StagePlan, encoders: dict[str, nn.Module], method_cfg: MethodConfig):
         super().__init__()
         self.plan = plan
         self.cfg = method_cfg
         trained = encoders[plan.trained].requires_grad_(True)  # it may have been a sampler before
         self.momentum_encoder = copy.deepcopy(trained).requires_grad_(False)
         self.oracle_dims = self._oracle_dims(encoders)
-        self.queue = FeatureQueue(method_cfg["queue_size"], trained.architecture["embed_dim"], sum(self.oracle_dims))
+        self.queue = FeatureQueue(method_cfg.queue_size, trained.architecture["embed_dim"], sum(self.oracle_dims))
         self._pending: list[tuple[torch.Tensor, ...]] = []
         # Not registered as submodules: the trainer owns (and wraps) the trained encoder.
         self._bound = (trained, StepPrecision())
@@ -164,20 +164,20 @@ class InfoNCEStage(nn.Module):
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """The multi-positive loss of (B, D) queries against their (B, D) keys and the queue."""
         queue = self.queue
-        logits = contrastive_logits(query.float(), key.float(), queue.keys, self.cfg["temperature"])
+        logits = contrastive_logits(query.float(), key.float(), queue.keys, self.cfg.temperature)
         mask = mine_positives(
             oracle,
             queue.oracle if oracle is not None else None,
-            self.cfg["topk"],
+            self.cfg.topk,
             video_ids=batch["video_index"],
             queue_video_ids=queue.video_ids,
-            same_video_positives=self.plan.cooperative and self.cfg["same_video_positives"],
+            same_video_positives=self.plan.cooperative and self.cfg.same_video_positives,
             queue_full=queue.is_full,
-            similarity=self.cfg["oracle_similarity"],
+            similarity=self.cfg.oracle_similarity,
             oracle_dims=self.oracle_dims,
         )
-        if self.plan.cooperative and self.cfg["mask_self_positive"]:
-            mask = mask_self_positive(mask, self.cfg["mask_self_probability"], generator)
+        if self.plan.cooperative and self.cfg.mask_self_positive:
+            mask = mask_self_positive(mask, self.cfg.mask_self_probability, generator)
         loss = multi_positive_loss(logits, mask)
         stats = {"positives_per_sample": mask.float().sum(dim=1).mean().item()}
         precision = mined_precision(mask, batch["label"], queue.labels)
@@ -188,7 +188,7 @@ class InfoNCEStage(nn.Module):
     def after_optimizer_step(self, encoder: nn.Module, stage_step: int, total_steps: int) -> None:
         """After the optimizer stepped ``encoder`` (unwrapped): EMA of the momentum copy with the
         coefficient of ``stage_step`` (:func:`momentum_at`), then enqueue the step's keys."""
-        mu = momentum_at(stage_step, total_steps, self.cfg["momentum"], self.cfg["momentum_final"])
+        mu = momentum_at(stage_step, total_steps, self.cfg.momentum, self.cfg.momentum_final)
         momentum_update(self.momentum_encoder, encoder, mu)
         self.enqueue_pending()
 
@@ -248,7 +248,7 @@ class CooperativeStage(InfoNCEStage):
     """One modality trained with the others as frozen samplers whose embeddings (the oracle) mine
     extra positives from the queue (CoCLR for two modalities, TriCoCLR for three)."""
 
-    def __init__(self, plan: StagePlan, encoders: dict[str, nn.Module], method_cfg):
+    def __init__(self, plan: StagePlan, encoders: dict[str, nn.Module], method_cfg: MethodConfig):
         super().__init__(plan, encoders, method_cfg)
         self.samplers = nn.ModuleDict({name: encoders[name] for name in plan.samplers})
         for sampler in self.samplers.values():

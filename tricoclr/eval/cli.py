@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tricoclr.config import CLIP_KEYS, Config, load_config
+from tricoclr.config import CLIP_KEYS, Config, clip_settings, load_config
 from tricoclr.data import modalities as registry
 from tricoclr.data.store import open_store
 from tricoclr.eval.features import EvalError, default_cache_dir, extract_features
@@ -268,7 +268,7 @@ def write_outputs(args, metrics: dict, loaded: EvalEncoder) -> None:
     if loaded.modality != "rgb" and not args.model_name:
         name += f" [{loaded.modality} encoder]"
     metrics = {"task": args.task, "model": name, "encoder": args.encoder, "modality": loaded.modality,
-               "trained_with": trained_with, "data": {k: loaded.config.data[k] for k in CLIP_KEYS},
+               "trained_with": trained_with, "data": clip_settings(loaded.config.data),
                **metrics}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tricoclr.config import CLIP_KEYS
+from tricoclr.config import clip_settings
 from tricoclr.data import modalities as registry
 from tricoclr.data.sampling import ClipSpec, clip_spec_of
 from tricoclr.data.store import VideoRecord, open_store
@@ -111,7 +111,7 @@ def middle_thumbnail(record: VideoRecord) -> torch.Tensor:
 def window_clips(record: VideoRecord, modality: str, data_cfg: dict, max_clips: int | None):
     """Yield the raw clip (as the modality reads it) of every evaluation window of one video."""
     entry = registry.get(modality)
-    spec = clip_spec_of(data_cfg)
+    spec = clip_spec_of(clip_settings(data_cfg))
     num_frames, fps = int(record.meta["frames"]), float(record.meta["fps"])
     for start in window_starts(num_frames, spec, max_clips):
         yield entry.read(record, registry.ClipRequest(start, spec, fps, num_frames), data_cfg)
@@ -218,7 +218,7 @@ def _extract(encoder, modality, store_path, data_cfg, metas, device, batch_size,
 
 
 def _cache_key(encoder_key: str, modality, store, data_cfg, max_clips) -> str:
-    settings = {k: data_cfg[k] for k in CLIP_KEYS}
+    settings = clip_settings(data_cfg)
     parts = [FEATURE_PROTOCOL, encoder_key, modality, settings, max_clips, store_fingerprint(store)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tricoclr.config import CLIP_KEYS
+from tricoclr.config import clip_settings
 from tricoclr.data import modalities as registry
 from tricoclr.data.dataset import EpochLoader, StageViews, finish_batch
 from tricoclr.data.store import open_store
@@ -133,7 +133,7 @@ def run_finetune(args, loaded, num_classes: int) -> dict | None:
     identity = {"encoder": weights_fingerprint(loaded.encoder), "train": store_fingerprint(train_store),
                 "modality": modality, "num_classes": num_classes, "seed": args.seed, "batch_size": batch_size,
                 "world_size": accelerator.num_processes, "lr": config["optim"]["lr"],
-                "data": {k: data_cfg[k] for k in CLIP_KEYS}}
+                "data": clip_settings(data_cfg)}
 
     backbone = loaded.encoder.backbone
     if config["method"]["batchnorm"] == "global":
