@@ -193,3 +193,9 @@ def test_importing_the_evaluation_cli_loads_no_training_machinery():
             "or m in ('tricoclr.trainer', 'tricoclr.backend', 'tricoclr.checkpoint')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_trainer_is_a_short_loop():
+    # Checkpointing lives in tricoclr/checkpoint.py, backend differences in tricoclr/backend.py.
+    lines = (REPO / "tricoclr" / "trainer.py").read_text().count("\n")
+    assert lines < 300, f"tricoclr/trainer.py has {lines} lines"
