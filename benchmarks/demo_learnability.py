@@ -16,7 +16,7 @@ plain loop, so one question takes seconds instead of a demo run. Two questions:
     python benchmarks/demo_learnability.py supervised --videos-per-class 60 --seconds 4 --size 32 --epochs 10
     python benchmarks/demo_learnability.py contrastive --size 32 --share motion,sound --mask-self 0.9 --seed 1
 
-Figures (README, "Why the demo looks like this") were measured with these commands on the 2-core
+Figures (docs/demo.md, "Why the demo looks like this") were measured with these commands on the 2-core
 development machine. Clips: 8 frames at stride 2 from 30 fps; crops of the whole frame for the
 supervised runs (``--crop-min 1``), 30-100 % of it plus flip, brightness/contrast and greyscale for
 the contrastive ones (no blur or hue: this is a lower-cost stand-in for the trainer's pipeline).

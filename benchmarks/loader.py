@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tricoclr import modalities as registry  # noqa: E402
+from tricoclr.data import modalities as registry  # noqa: E402
 from tricoclr.config import DEFAULTS  # noqa: E402
 from tricoclr.data import transforms  # noqa: E402
 from tricoclr.data.dataset import EpochLoader, StageViews, build_sample, clip_spec  # noqa: E402

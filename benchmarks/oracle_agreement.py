@@ -31,10 +31,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_tools import synth  # noqa: E402
-from tricoclr import modalities as registry  # noqa: E402
+from tricoclr.data import modalities as registry  # noqa: E402
 from tricoclr.config import load_config  # noqa: E402
 from tricoclr.data.store import open_store  # noqa: E402
-from tricoclr.demo import DEFAULT_CONFIG, DEMO_OVERRIDES  # noqa: E402
+from tricoclr.demo import DEFAULT_CONFIG, DEMO_OVERRIDES, VARIANTS, slug  # noqa: E402
 from tricoclr.eval.features import present_clips  # noqa: E402
 from tricoclr.mining import mine_positives  # noqa: E402
 from tricoclr.models.encoder import load_encoder  # noqa: E402
@@ -88,8 +88,6 @@ def training_precision(out: Path, seeds: int) -> None:
     """Mean ``train/mined_precision`` of each demo row's cooperative RGB stage, per seed."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tricoclr.demo import VARIANTS, _slug
-
     print("train/mined_precision, mean over the stage's logged steps, per seed:")
     for name, mods, _ in VARIANTS:
         if len(mods) == 1:
@@ -97,7 +95,7 @@ def training_precision(out: Path, seeds: int) -> None:
         means = []
         for seed in range(seeds):
             values = []
-            for events in sorted((out / "runs" / f"seed{seed}" / _slug(name) / "tb").rglob("events.out.tfevents.*")):
+            for events in sorted((out / "runs" / f"seed{seed}" / slug(name) / "tb").rglob("events.out.tfevents.*")):
                 accumulator = EventAccumulator(str(events))
                 accumulator.Reload()
                 if "train/mined_precision" in accumulator.Tags()["scalars"]:

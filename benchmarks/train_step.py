@@ -24,13 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tricoclr.config import load_config  # noqa: E402
-from tricoclr.method import CooperativeStage, StagePlan, momentum_update  # noqa: E402
-from tricoclr.trainer import build_encoder  # noqa: E402
+from tricoclr.method import StagePlan, StepPrecision, build_stage  # noqa: E402
+from tricoclr.models import build_encoder  # noqa: E402
+from tricoclr.trainer import Trainer  # noqa: E402
 
 SHAPES = {
     # name: (backbones, clip frames, size, spectrogram steps)
     "paper": ({"rgb": "s3d", "flow": "s3d", "audio": "resnet18"}, 30, 128, 128),
-    # the demo's RGB stage: 8 frames cropped to 32x32, 64 spectrogram steps (README's demo section)
+    # the demo's RGB stage: 8 frames cropped to 32x32, 64 spectrogram steps (docs/demo.md)
     "demo": ({"rgb": "tiny3d", "flow": "tiny3d", "audio": "tiny2d"}, 8, 32, 64),
 }
 
@@ -55,7 +56,7 @@ def build(shapes: str, device, optimized: bool, compile_model: bool, queue_size:
     torch.manual_seed(0)
     encoders = {m: build_encoder(config, m).to(device) for m in ("rgb", "flow", "audio")}
     plan = StagePlan("cycle1-rgb", "rgb", ("flow", "audio"), 1)
-    stage = CooperativeStage(plan, encoders, config["method"]).to(device)
+    stage = build_stage(plan, encoders, config.method).to(device)
     stage.queue.num_filled.fill_(queue_size)  # a full queue: mining runs every step
     encoder = encoders["rgb"].train()
     if optimized and device.type == "cuda":
@@ -64,41 +65,42 @@ def build(shapes: str, device, optimized: bool, compile_model: bool, queue_size:
     fused = {"fused": True} if optimized and device.type == "cuda" else {}
     optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3, weight_decay=1e-5, **fused)
     forward = torch.compile(encoder) if compile_model else encoder
-    return encoder, forward, stage, optimizer, (frames, size, steps)
+    device_type = device.type
+    if optimized:
+        def autocast():
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+    else:
+        def autocast():
+            return torch.autocast(device_type, enabled=False)
+    stage.bind(forward, StepPrecision(autocast, autocast))
+    return encoder, stage, optimizer, (frames, size, steps)
 
 
-def step_fn(encoder, forward, stage, optimizer, batch, autocast_dtype):
-    device_type = batch["rgb.view1"].device.type
-    context = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(device_type, enabled=False)
-    with context:
-        key, oracle = stage.keys_and_oracle(batch)
-        query = forward(batch["rgb.view1"])
-    loss, _ = stage.loss(query, key, oracle, batch)
+def step_fn(encoder, stage, optimizer, batch):
+    """One optimizer step through the stage's own step (as the trainer runs it)."""
+    loss, _ = stage.training_step(batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    momentum_update(stage.momentum_encoder, encoder, 0.999)
-    stage.stash_for_enqueue(key, oracle, batch)
-    stage.enqueue_pending()
+    stage.after_optimizer_step(encoder, 0, 1)
     return loss
 
 
 def measure(variant: str, args, device) -> dict:
     optimized = variant == "optimized"
-    encoder, forward, stage, optimizer, (frames, size, steps) = build(
+    encoder, stage, optimizer, (frames, size, steps) = build(
         args.shapes, device, optimized, optimized and args.compile, args.queue_size)
     batch = make_batch(args.batch_size, frames, size, steps, device)
     if optimized and device.type == "cuda":
         for key in ("rgb.view1", "rgb.view2", "flow.view2"):
             batch[key] = batch[key].contiguous(memory_format=torch.channels_last_3d)
-    dtype = torch.bfloat16 if optimized else None
     for _ in range(args.warmup):
-        step_fn(encoder, forward, stage, optimizer, batch, dtype)
+        step_fn(encoder, stage, optimizer, batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start, count = time.perf_counter(), 0
     while count < args.min_steps or time.perf_counter() - start < args.seconds:
-        step_fn(encoder, forward, stage, optimizer, batch, dtype)
+        step_fn(encoder, stage, optimizer, batch)
         count += 1
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -111,8 +113,6 @@ def data_wait_share(args) -> dict | None:
     if not args.data:
         return None
     import tempfile
-
-    from tricoclr.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         config = load_config("configs/tiny.yaml", [f"data.path={args.data}", f"output_dir={out}",

@@ -31,10 +31,12 @@ from safetensors.torch import save_file  # noqa: E402
 # Fixed threads: bit-identical resumes need the same reduction order in every run.
 torch.set_num_threads(1)
 
-from tricoclr import trainer as trainer_module  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
+
+from tricoclr import checkpoint as checkpoint_module  # noqa: E402
 from tricoclr.config import load_config  # noqa: E402
-from tricoclr.method import CooperativeStage  # noqa: E402
-from tricoclr.trainer import PreemptionRequested, Trainer  # noqa: E402
+from tricoclr.method import InfoNCEStage  # noqa: E402
+from tricoclr.trainer import PreemptionRequested, Trainer, TrainerHooks  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -67,35 +69,40 @@ def freeze_batchnorm(module: torch.nn.Module) -> None:
             child.train(False)
 
 
-class ProbedTrainer(Trainer):
-    def __init__(self, config, args):
-        super().__init__(config)
+class Probe(TrainerHooks):
+    """Records what the tests compare, through the trainer's hooks (``trainer`` is set once built)."""
+
+    def __init__(self, args):
         self.args = args
-        self.rank = self.accelerator.process_index
-        self.out = args.dump / f"rank{self.rank}"
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.trainer: Trainer | None = None
         self.losses: dict[int, float] = {}
         self.comm_calls: list[dict] = []
-        self.micro_steps = 0
         self.grads: dict[str, torch.Tensor] = {}
 
-    def _build_encoders(self) -> None:
-        super()._build_encoders()
+    @property
+    def rank(self) -> int:
+        return self.trainer.accelerator.process_index
+
+    @property
+    def out(self) -> Path:
+        out = self.args.dump / f"rank{self.rank}"
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def encoders_built(self, encoders) -> None:
         if self.args.bn_eval:
-            for encoder in self.encoders.values():
+            for encoder in encoders.values():
                 freeze_batchnorm(encoder)
 
-    def _prepare(self, encoder, optimizer):
-        model, optimizer = super()._prepare(encoder, optimizer)
+    def prepared(self, model, optimizer) -> None:
+        trainer = self.trainer
         if self.args.count_allreduce:
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
             assert isinstance(model, torch.nn.parallel.DistributedDataParallel), type(model)
-            acc = self.accelerator
+            acc = trainer.accelerator
 
             def counting_allreduce(state, bucket):
                 # Called by DDP for each gradient bucket it all-reduces.
-                self.comm_calls.append({"step": self.global_step + 1, "sync_gradients": acc.sync_gradients,
+                self.comm_calls.append({"step": trainer.global_step + 1, "sync_gradients": acc.sync_gradients,
                                         "micro_step_counter": acc.step})
                 return default_hooks.allreduce_hook(None, bucket)
 
@@ -103,73 +110,71 @@ class ProbedTrainer(Trainer):
         if self.args.record_grads:
             def record(opt, args, kwargs):
                 grads = [p.grad.detach().flatten() for group in opt.param_groups for p in group["params"]]
-                self.grads[f"step{self.global_step + 1}"] = torch.cat(grads).cpu().clone()
+                self.grads[f"step{trainer.global_step + 1}"] = torch.cat(grads).cpu().clone()
 
             optimizer.optimizer.register_step_pre_hook(record)
-        return model, optimizer
 
-    def _log_step(self, plan, value, stats, scheduler, stage, window, progress) -> None:
-        super()._log_step(plan, value, stats, scheduler, stage, window, progress)
-        self.losses[self.global_step] = value
+    def step_logged(self, global_step, loss) -> None:
+        self.losses[global_step] = loss
         if self.args.print_steps:
-            print(f"STEP {self.global_step} rank {self.rank} pid {os.getpid()}", flush=True)
+            print(f"STEP {global_step} rank {self.rank} pid {os.getpid()}", flush=True)
 
-    def _finish_stage(self, plan, model, stage) -> None:
+    def stage_finished(self, plan, stage, encoders) -> None:
         tensors = {f"queue.{k}": v.detach().cpu().contiguous() for k, v in stage.queue.state_dict().items()}
         tensors.update({f"momentum.{k}": v.detach().cpu().contiguous()
                         for k, v in stage.momentum_encoder.state_dict().items()})
         tensors.update({f"encoder.{k}": v.detach().cpu().contiguous()
-                        for k, v in self.encoders[plan.trained].state_dict().items()})
+                        for k, v in encoders[plan.trained].state_dict().items()})
         save_file(tensors, str(self.out / f"{plan.name}.safetensors"))
-        super()._finish_stage(plan, model, stage)
 
     def write_summary(self) -> None:
-        summary = {"losses": self.losses, "global_step": self.global_step, "comm_calls": self.comm_calls,
-                   "world_size": self.accelerator.num_processes,
-                   "distributed_type": str(self.accelerator.distributed_type.value)}
+        acc = self.trainer.accelerator
+        summary = {"losses": self.losses, "global_step": self.trainer.global_step, "comm_calls": self.comm_calls,
+                   "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type.value)}
         (self.out / "summary.json").write_text(json.dumps(summary))
         if self.grads:
             save_file(self.grads, str(self.out / "grads.safetensors"))
 
 
-def inject_nan(trainer: ProbedTrainer, steps: set[int], from_step: int | None, rank: int | None):
+def inject_nan(probe: Probe, steps: set[int], from_step: int | None, rank: int | None):
     """Make the loss NaN at the given global steps (on one rank, or all); returns the undo."""
-    original = CooperativeStage.loss
+    original = InfoNCEStage.loss
 
     def loss(self, *args, **kwargs):
         value, stats = original(self, *args, **kwargs)
-        step = trainer.global_step + 1
-        if (step in steps or (from_step is not None and step >= from_step)) and rank in (None, trainer.rank):
+        step = probe.trainer.global_step + 1
+        if (step in steps or (from_step is not None and step >= from_step)) and rank in (None, probe.rank):
             value = value * float("nan")
         return value, stats
 
-    CooperativeStage.loss = loss
-    return lambda: setattr(CooperativeStage, "loss", original)
+    InfoNCEStage.loss = loss
+    return lambda: setattr(InfoNCEStage, "loss", original)
 
 
 def crash_in_checkpoint(step: int):
     """SIGKILL right after stage.safetensors of that step's checkpoint is written into its temporary
     folder, i.e. after Accelerate's files and before trainer_state.json and the rename."""
-    original = trainer_module.save_file
+    original = checkpoint_module.save_file
 
     def save_then_die(tensors, path, *args, **kwargs):
         original(tensors, path, *args, **kwargs)
         if Path(path).parent.name == f".tmp-step-{step:08d}":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer_module.save_file = save_then_die
-    return lambda: setattr(trainer_module, "save_file", original)
+    checkpoint_module.save_file = save_then_die
+    return lambda: setattr(checkpoint_module, "save_file", original)
 
 
 def main(argv=None) -> int:
     """Also callable in the test process (``main([...])``): the patches are undone on return."""
     args = parse_args(argv)
     config = load_config(REPO / "configs" / "tiny.yaml", args.overrides)
-    trainer = ProbedTrainer(config, args)
+    probe = Probe(args)
+    trainer = probe.trainer = Trainer(config, hooks=probe)
     undo = []
     nan_steps = {int(s) for s in args.nan_steps.split(",") if s}
     if nan_steps or args.nan_from is not None:
-        undo.append(inject_nan(trainer, nan_steps, args.nan_from, args.nan_rank))
+        undo.append(inject_nan(probe, nan_steps, args.nan_from, args.nan_rank))
     if args.crash_in_checkpoint is not None:
         undo.append(crash_in_checkpoint(args.crash_in_checkpoint))
     try:
@@ -177,7 +182,7 @@ def main(argv=None) -> int:
     except PreemptionRequested as stop:
         print(f"preempted: {stop}", file=sys.stderr, flush=True)
     finally:
-        trainer.write_summary()
+        probe.write_summary()
         for step in undo:
             step()
     return 0

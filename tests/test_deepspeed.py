@@ -20,7 +20,7 @@ from conftest import REPO, tiny_overrides
 from safetensors.torch import load_file
 
 import scale_helpers as helpers
-from tricoclr.trainer import newest_checkpoint
+from tricoclr.checkpoint import newest_checkpoint
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("transformers") is None,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tricoclr.demo import VARIANTS, _slug
+from tricoclr.demo import VARIANTS, slug
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +55,9 @@ def test_quick_demo_writes_the_ablation_and_reuses_finished_work(tmp_path):
     assert rows["InfoNCE"]["modalities"] == "RGB"
     assert rows["TriCoCLR, standardized oracle"]["modalities"] == "RGB+Flow+Audio"
     # Each row's extra overrides reach its training run (the resolved config records them).
-    resolved = yaml.safe_load((out / "runs" / "seed0" / _slug("TriCoCLR, standardized oracle") / "config.yaml").read_text())
+    resolved = yaml.safe_load((out / "runs" / "seed0" / slug("TriCoCLR, standardized oracle") / "config.yaml").read_text())
     assert resolved["method"]["oracle_similarity"] == "standardized"
-    resolved = yaml.safe_load((out / "runs" / "seed0" / _slug("TriCoCLR") / "config.yaml").read_text())
+    resolved = yaml.safe_load((out / "runs" / "seed0" / slug("TriCoCLR") / "config.yaml").read_text())
     assert resolved["method"]["oracle_similarity"] == "cosine_sum"
     assert results["num_test"] > 0 and results["num_train"] > 0
     # The ablation's paired differences: same test videos, so the difference of means is exact.

@@ -28,6 +28,8 @@ from tricoclr.trainer import Trainer
 
 RECALL_KEYS = ["R@1", "R@5", "R@10", "R@20", "R@50"]
 SMALL_DATA = {"clip_frames": 4, "clip_stride": 2, "size": 32, "spectrogram_steps": 32}
+# What a results JSON records: every clip key (CLIP_KEYS), the ones not in SMALL_DATA at their defaults.
+SMALL_CLIP = {**SMALL_DATA, "min_gap_frames": 0, "short_policy": "overlap"}
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def test_retrieval_of_a_random_encoder_writes_json_table_figure_and_projector(tr
                     "--projector", tmp_path / "projector")
     _check_recalls(metrics, num_train=12, num_test=4)
     assert metrics["excluded"] == {"train": 0, "test": 0}
-    assert metrics["data"] == SMALL_DATA and metrics["model"] == "random init"
+    assert metrics["data"] == SMALL_CLIP and metrics["model"] == "random init"
 
     table = out.with_suffix(".md").read_text().splitlines()
     assert table[0].split("|")[1:-1] == [f" {c} " for c in ["model", "RGB", "Flow", "Audio", *RECALL_KEYS,
@@ -171,7 +173,7 @@ def test_retrieval_of_a_trained_encoder_from_the_command_line(trained_rgb, train
     metrics = json.loads(out.read_text())
     _check_recalls(metrics, num_train=12, num_test=4)
     # The clip settings come from the encoder file, not from any config; the row names the run.
-    assert metrics["data"] == SMALL_DATA
+    assert metrics["data"] == SMALL_CLIP
     assert metrics["model"] == "infonce (pretrain-rgb)" and metrics["trained_with"] == ["rgb"]
     assert "| infonce (pretrain-rgb) | ✓ |" in result.stdout
 

@@ -20,7 +20,7 @@ from conftest import REPO, tiny_overrides
 from safetensors.torch import load_file
 
 import scale_helpers as helpers
-from tricoclr.trainer import STAGE_TENSORS, STATE_FILE, newest_checkpoint
+from tricoclr.checkpoint import STAGE_TENSORS, STATE_FILE, newest_checkpoint
 
 STAGES = ["pretrain-rgb", "pretrain-flow", "cycle1-rgb", "cycle1-flow"]
 STEPS = 12

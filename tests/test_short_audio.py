@@ -18,7 +18,7 @@ from message_policy import policy_violations
 from video_factory import make_video, moving_frames, run_prepare, tone
 
 from data_tools.audio import AudioConfig, mel_bin_for_frequency
-from tricoclr import modalities
+from tricoclr.data import modalities
 from tricoclr.data import schema
 from tricoclr.data.sampling import ClipSpec, sample_clip_starts, sample_generator
 from tricoclr.data.store import open_store

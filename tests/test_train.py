@@ -11,9 +11,10 @@ import torch
 from conftest import REPO, tiny_overrides
 
 from tricoclr.config import ConfigError, load_config
-from tricoclr.method import CooperativeStage, StagePlan, build_schedule, momentum_update
+from tricoclr.method import CooperativeStage, InfoNCEStage, StagePlan, build_schedule, build_stage, momentum_update
+from tricoclr.models import build_encoder
 from tricoclr.models.encoder import load_encoder
-from tricoclr.trainer import Trainer, build_encoder
+from tricoclr.trainer import Trainer
 
 
 def test_schedule_reduces_with_the_number_of_modalities():
@@ -44,15 +45,12 @@ def test_oracle_similarity_defaults_to_the_sum_of_cosines_and_is_validated():
 
 def test_standardized_stage_mines_per_sampler_blocks():
     config, encoders = _tiny_encoders()
-    config["method"].update(queue_size=8, oracle_similarity="standardized")
-    stage = CooperativeStage(StagePlan("cycle1-rgb", "rgb", ("flow", "audio"), 1), encoders, config["method"])
+    config = config.replace(method={"queue_size": 8, "oracle_similarity": "standardized"})
+    stage = CooperativeStage(StagePlan("cycle1-rgb", "rgb", ("flow", "audio"), 1), encoders, config.method)
     dims = (encoders["flow"].architecture["embed_dim"], encoders["audio"].architecture["embed_dim"])
     assert stage.oracle_dims == dims and stage.queue.oracle_dim == sum(dims)
     for _ in range(3):  # the last step mines from a full queue
-        batch = _random_batch()
-        key, oracle = stage.keys_and_oracle(batch)
-        loss, stats = stage.loss(encoders["rgb"](batch["rgb.view1"]), key, oracle, batch)
-        stage.stash_for_enqueue(key, oracle, batch)
+        loss, stats = stage.training_step(_random_batch())
         stage.enqueue_pending()
     assert torch.isfinite(loss) and stats["positives_per_sample"] > 1
 
@@ -77,24 +75,20 @@ def _random_batch(batch_size=4):
 
 def test_frozen_samplers_are_bit_identical_after_a_step():
     config, encoders = _tiny_encoders()
-    config["method"]["queue_size"] = 8
-    stage = CooperativeStage(StagePlan("cycle1-rgb", "rgb", ("flow", "audio"), 1), encoders, config["method"])
+    config = config.replace(method={"queue_size": 8})
+    stage = CooperativeStage(StagePlan("cycle1-rgb", "rgb", ("flow", "audio"), 1), encoders, config.method)
     stage.train()
     before = {name: {k: v.clone() for k, v in encoders[name].state_dict().items()} for name in ("flow", "audio")}
     trained_before = {k: v.clone() for k, v in encoders["rgb"].state_dict().items()}
     optimizer = torch.optim.Adam([p for p in encoders["rgb"].parameters()], lr=1e-2)
     for _ in range(3):  # the queue fills (8 entries, batch 4): mining runs on the last step
-        batch = _random_batch()
-        key, oracle = stage.keys_and_oracle(batch)
-        loss, _ = stage.loss(encoders["rgb"](batch["rgb.view1"]), key, oracle, batch)
+        loss, _ = stage.training_step(_random_batch())
         loss.backward()
         for name in ("flow", "audio"):
             assert all(p.grad is None for p in encoders[name].parameters())
         optimizer.step()
         optimizer.zero_grad()
-        momentum_update(stage.momentum_encoder, encoders["rgb"], 0.9)
-        stage.stash_for_enqueue(key, oracle, batch)
-        stage.enqueue_pending()
+        stage.after_optimizer_step(encoders["rgb"], 0, 1)
     assert stage.queue.is_full
     for name in ("flow", "audio"):
         after = encoders[name].state_dict()
@@ -165,3 +159,25 @@ def test_train_py_runs_as_a_plain_script(train_lmdb, tmp_path):
     # The run stops inside its only stage: the latest encoder is saved, the stage snapshot is not.
     assert (out / "checkpoints").is_dir() and (out / "encoders" / "rgb.safetensors").exists()
     assert not (out / "encoders" / "pretrain-rgb").exists()
+
+
+def test_a_stage_that_trains_one_modality_alone_is_an_infonce_stage_that_owns_its_step():
+    config, encoders = _tiny_encoders()
+    config = config.replace(method={"queue_size": 8, "momentum": 0.5, "momentum_final": 0.5})
+    stage = build_stage(StagePlan("pretrain-rgb", "rgb", (), 1), encoders, config.method)
+    assert type(stage) is InfoNCEStage and not hasattr(stage, "samplers")
+    cooperative = build_stage(StagePlan("cycle1-rgb", "rgb", ("flow",), 1), encoders, config.method)
+    assert isinstance(cooperative, CooperativeStage) and list(cooperative.samplers) == ["flow"]
+    batch = _random_batch()
+    momentum_before = [p.clone() for p in stage.momentum_encoder.parameters()]
+    loss, stats = stage.training_step(batch)
+    assert stats["positives_per_sample"] == 1  # InfoNCE: the key only
+    with torch.no_grad():
+        expected_keys = torch.nn.functional.normalize(stage.momentum_encoder(batch["rgb.view2"]).float(), dim=1)
+    loss.backward()
+    torch.optim.SGD(encoders["rgb"].parameters(), lr=0.1).step()
+    stage.after_optimizer_step(encoders["rgb"], stage_step=0, total_steps=1)
+    assert int(stage.queue.num_filled) == 4 and stage.queue.oracle_dim == 0
+    assert torch.allclose(torch.nn.functional.normalize(stage.queue.keys[:4], dim=1), expected_keys, atol=1e-5)
+    for before, after, source in zip(momentum_before, stage.momentum_encoder.parameters(), encoders["rgb"].parameters()):
+        assert torch.allclose(after, 0.5 * before + 0.5 * source.detach(), atol=1e-6)  # the EMA with mu 0.5

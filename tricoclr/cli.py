@@ -7,6 +7,10 @@ import importlib
 import importlib.util
 import sys
 
+import tricoclr.eval.cli as eval_cli
+import tricoclr.eval.export as export_cli
+from tricoclr.config import load_config
+
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (e.g. configs/tiny.yaml); defaults otherwise")
@@ -21,7 +25,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def run_train(args) -> int:
-    from tricoclr.config import load_config
+    # Imported here: the trainer loads Accelerate (and DeepSpeed's hooks), which the other
+    # commands (eval, export) must not pay for at start-up.
     from tricoclr.trainer import PreemptionRequested, Trainer
 
     config = load_config(args.config, args.overrides)
@@ -44,9 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (same as tricoclr/train.py)")
     add_train_arguments(train)
     train.set_defaults(run=run_train)
-    import tricoclr.eval.cli as eval_cli
-    import tricoclr.eval.export as export_cli
-
     commands = {"eval": eval_cli, "export": export_cli}
     # The demo is optional (a trimmed install may leave it out); when present, its errors surface.
     if importlib.util.find_spec("tricoclr.demo") is not None:

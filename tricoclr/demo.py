@@ -31,9 +31,17 @@ from pathlib import Path
 
 import torch
 
-from tricoclr import modalities as registry
+from data_tools.cli import main as data_main
 from tricoclr.config import load_config
+from tricoclr.data import modalities as registry
+from tricoclr.data.store import open_store
 from tricoclr.eval.cli import display_name
+from tricoclr.eval.features import extract_features
+from tricoclr.eval.linear_probe import evaluate_probe, per_item_correct, train_linear_probe
+from tricoclr.eval.report import markdown_table, retrieval_figure
+from tricoclr.eval.retrieval import retrieval_metrics
+from tricoclr.eval.stats import bootstrap_ci
+from tricoclr.models import build_encoder, encoder_fingerprint, load_encoder
 
 VARIANTS = [
     # name, modalities, extra overrides
@@ -48,7 +56,7 @@ VARIANTS = [
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 # What the demo changes in the base config, for training and evaluation alike (measured, see the
-# README's demo section): 32x32 crops of the 64x64 prepared frames (4x cheaper steps, and the tiny
+# docs/demo.md): 32x32 crops of the 64x64 prepared frames (4x cheaper steps, and the tiny
 # CNN learns the synthesized classes faster at this scale: supervised top-1 41 % vs 22 % after the
 # same 190 steps), and CoCLR's self-positive masking in the cooperative stages (without it the
 # key, an easy same-background match after InfoNCE, takes the whole loss and mined positives get
@@ -58,7 +66,7 @@ DEMO_OVERRIDES = ["data.size=32", "method.mask_self_positive=true"]
 PRESETS = {
     # classes, videos per class, seconds, size, seeds, InfoNCE epochs of RGB and of the oracles (flow,
     # audio), epochs of the RGB stage each variant trains, and the queue of that stage (measured,
-    # README: with two oracles the top-k must agree with both, and among the config's 128 entries
+    # docs/demo.md: with two oracles the top-k must agree with both, and among the config's 128 entries
     # too few do — TriCoCLR's positives shared the anchor's motion 82 % of the time, 94 % among 512,
     # CoCLR's 98 % either way; every row's RGB stage gets the same queue)
     "full": dict(classes=10, videos_per_class=60, train_fraction=0.5, seconds=4.0, size=64, seeds=3,
@@ -83,8 +91,6 @@ def _say(text: str) -> None:
 
 
 def _data_cli(argv: list[str]) -> None:
-    from data_tools.cli import main as data_main
-
     code = data_main(argv)
     if code != 0:
         raise SystemExit(f"tricoclr-data {' '.join(argv)} failed with exit code {code}")
@@ -110,6 +116,8 @@ def prepare_data(out: Path, preset: dict, workers: int) -> tuple[Path, Path, Pat
 
 
 def _train(config_path: str, overrides: list[str]) -> None:
+    # Imported here: `tricoclr` builds this module's parser for every command, and the trainer
+    # loads Accelerate, which `tricoclr eval` must not pay for.
     from tricoclr.trainer import Trainer
 
     config = load_config(config_path, DEMO_OVERRIDES + overrides)
@@ -133,7 +141,7 @@ def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args) -> d
     encoders = {}
     queue = [f"method.queue_size={preset['stage_queue_size']}"] if preset["stage_queue_size"] else []
     for name, mods, extra in VARIANTS:
-        run_dir = runs / _slug(name)
+        run_dir = runs / slug(name)
         # Each variant trains RGB only after pre-training: within one cycle the flow and audio stages
         # come after RGB's and could only change the oracles of a later cycle.
         stage = "pretrain-rgb" if mods == ["rgb"] else "cycle1-rgb"
@@ -153,17 +161,11 @@ def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args) -> d
     return encoders
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
 def evaluate(encoder_path, train_store: Path, test_store: Path, args, seed: int) -> dict:
-    from tricoclr.eval.features import extract_features
-    from tricoclr.eval.linear_probe import evaluate_probe, per_item_correct, train_linear_probe
-    from tricoclr.eval.retrieval import retrieval_metrics
-    from tricoclr.models.encoder import encoder_fingerprint, load_encoder
-    from tricoclr.trainer import build_encoder
-
     config = load_config(args.config, DEMO_OVERRIDES)
     if encoder_path == "random":
         torch.manual_seed(seed)
@@ -195,8 +197,6 @@ def _percent_outcomes(results: list[dict], key: str) -> torch.Tensor:
 
 
 def summarise(per_seed: dict[str, list[dict]]) -> list[dict]:
-    from tricoclr.eval.stats import bootstrap_ci
-
     rows = []
     for name, results in per_seed.items():
         row = {"model": name, "modalities": MODALITIES_OF.get(name, "RGB"), "seeds": len(results)}
@@ -227,8 +227,6 @@ def compare(per_seed: dict[str, list[dict]]) -> list[dict]:
     """Paired differences between rows: every row is evaluated on the same test videos (and seeds),
     so the bootstrap resamples test videos once for both and the interval is that of the
     difference, much narrower than comparing the two rows' own intervals."""
-    from tricoclr.eval.stats import bootstrap_ci
-
     comparisons = []
     for first, second in COMPARISONS:
         if first not in per_seed or second not in per_seed:
@@ -245,8 +243,6 @@ def compare(per_seed: dict[str, list[dict]]) -> list[dict]:
 
 
 def comparison_table(comparisons: list[dict]) -> str:
-    from tricoclr.eval.report import markdown_table
-
     rows = [{"difference": f"{c['a']} − {c['b']}", **{k: v for k, v in c.items() if k not in ("a", "b")}}
             for c in comparisons]
     return markdown_table(rows, ["difference", "R@1", "linear_top1"], signed=True).rstrip("\n")
@@ -257,8 +253,6 @@ MODALITIES_OF = {name: "+".join(display_name(mod) for mod in mods) for name, mod
 
 
 def run(args) -> int:
-    from tricoclr.eval.report import markdown_table
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     preset = dict(PRESETS["quick" if args.quick else "full"])
@@ -299,9 +293,6 @@ def run(args) -> int:
 
 def _retrieval_figure(path: Path, result: dict, train_store: Path, num_queries: int = 6) -> None:
     """The paper's Figures 4-6 in miniature: test queries and their top-5 train neighbours."""
-    from tricoclr.data.store import open_store
-    from tricoclr.eval.report import retrieval_figure
-
     train, test = result["train"], result["test"]
     step = max(1, len(test["ids"]) // num_queries)
     queries = list(range(0, len(test["ids"]), step))[:num_queries]

@@ -1,9 +1,9 @@
-"""Positive mining: which queue entries count as positives for each query (DESIGN.md, "The method").
+"""Positive mining: which queue entries count as positives for each query (docs/design.md, "The method").
 
 The oracle of a sample is the concatenation, over the frozen samplers s != m, of f_s(view 2 of s),
 each part L2-normalised; so o·o' is a sum of per-sampler cosines and an entry is mined when the
 samplers agree on it overall, not when any single one does. That sum is the default
-(``cosine_sum``, DESIGN.md). A sampler whose cosines spread wider than the others' then decides the
+(``cosine_sum``, docs/design.md). A sampler whose cosines spread wider than the others' then decides the
 ranking almost alone; ``standardized`` (config ``method.oracle_similarity``) z-scores each
 sampler's cosines over the queue before summing, so every sampler weighs the same.
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-ORACLE_SIMILARITIES = ("cosine_sum", "standardized")
+from tricoclr.config import ORACLE_SIMILARITIES
 
 
 def check_oracle_similarity(mode: str) -> None:
@@ -35,7 +35,7 @@ def oracle_similarity(
 ) -> torch.Tensor:
     """(B, K) float32 similarity of each sample's oracle to each queue entry's, for ranking.
 
-    - ``cosine_sum``: o·o', the sum over samplers of their cosines (DESIGN.md; the default).
+    - ``cosine_sum``: o·o', the sum over samplers of their cosines (the paper's; the default, docs/design.md).
     - ``standardized``: each sampler's block (``block_dims``: the embed dim of each sampler, in the
       order of the oracle's parts) gives a (B, K) matrix of cosines; each row of it is z-scored
       over the K queue entries (mean 0, standard deviation 1; a row with no spread contributes 0),

@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
-from tricoclr import modalities as registry
+from tricoclr.data import modalities as registry
 from tricoclr.data import schema
 from tricoclr.data.location import shard_samples
 from tricoclr.data.sampling import ClipSpec, clip_frame_limit, sample_clip_starts, sample_generator, video_too_short

@@ -1,7 +1,7 @@
 """Temporal sampling: which two clips of a video a training sample uses, and where they lie in
 every modality.
 
-A sample is two clips from different times of the same video (DESIGN.md, "A training sample").
+A sample is two clips from different times of the same video (docs/design.md, "Augmentation").
 Everything here is a pure function of its arguments; all randomness comes from a
 ``torch.Generator`` made by :func:`sample_generator`, whose seed depends only on
 (seed, epoch, video index, view, stream) -- never on rank, worker count or batch size -- so a run
@@ -165,6 +165,17 @@ def _sample_starts_in_spans(spans: list[tuple[int, int]], spec: ClipSpec, genera
     r = rank - (int(cumulative[i - 1]) if i else 0)
     j = r if r < int(near_low[i]) else int(near_high[i]) + r - int(near_low[i])
     return int(starts[i]), int(starts[j])
+
+
+def clip_spec_of(data_cfg) -> ClipSpec:
+    """The ClipSpec of a ``data`` config section (or any mapping with its clip keys)."""
+    return ClipSpec(frames=data_cfg["clip_frames"], stride=data_cfg["clip_stride"],
+                    min_gap_frames=data_cfg["min_gap_frames"], short_policy=data_cfg["short_policy"])
+
+
+def video_too_short(num_frames: int, spec: ClipSpec) -> bool:
+    """True when two clips with the gap between them do not fit in ``num_frames`` frames."""
+    return num_frames < spec.span + spec.min_separation
 
 
 def _distinct_pair(upper: int, generator: torch.Generator) -> tuple[int, int]:

@@ -31,7 +31,7 @@ import numpy as np
 SCHEMA_VERSION = 2
 DEFAULT_CHUNK_FRAMES = 16
 
-# Flow quantisation (DESIGN.md): clip to +-20 px, q = round((v + 20) * 255 / 40).
+# Flow quantisation (docs/schema.md): clip to +-20 px, q = round((v + 20) * 255 / 40).
 FLOW_BOUND = 20.0
 FLOW_ENCODING = "jpeg-gray-xy-stacked"  # x field on top of y field, one 8-bit channel
 

@@ -1,4 +1,4 @@
-"""Per-modality augmentation of one clip (DESIGN.md, "A training sample"; paper, "Data
+"""Per-modality augmentation of one clip (docs/design.md, "Augmentation"; paper, "Data
 Augmentations"), split where it is cheapest:
 
 - Worker side, per clip, on the CPU: the geometric part -- :func:`rgb_geometric`,

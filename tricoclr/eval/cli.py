@@ -32,10 +32,16 @@ from pathlib import Path
 
 import torch
 
-from tricoclr import modalities as registry
-from tricoclr.config import load_config
+from tricoclr.config import CLIP_KEYS, Config, clip_settings, load_config
+from tricoclr.data import modalities as registry
 from tricoclr.data.store import open_store
-from tricoclr.eval.features import EVAL_DATA_KEYS, EvalError, default_cache_dir, extract_features
+from tricoclr.eval.features import EvalError, default_cache_dir, extract_features
+from tricoclr.eval.finetune import run_finetune
+from tricoclr.eval.linear_probe import evaluate_probe, per_item_correct, train_linear_probe
+from tricoclr.eval.report import markdown_table, retrieval_figure, write_projector
+from tricoclr.eval.retrieval import DEFAULT_KS, center_and_normalise, retrieval_metrics
+from tricoclr.eval.stats import confidence_interval
+from tricoclr.models import build_encoder, load_encoder
 
 TASKS = ("retrieval", "linear", "finetune")
 METRIC_COLUMNS = {
@@ -91,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class EvalEncoder:
     encoder: torch.nn.Module
     modality: str
-    config: dict  # data settings as the encoder saw them in training; batch size and lr for fine-tuning
+    config: Config  # data settings as the encoder saw them in training; batch size and lr for fine-tuning
     name: str  # table row
     trained_with: list[str]  # modalities whose information shaped it (table check marks)
 
@@ -121,8 +127,6 @@ def load_eval_encoder(args) -> EvalEncoder:
 
 
 def random_encoder(args) -> EvalEncoder:
-    from tricoclr.trainer import build_encoder
-
     config = load_config(resolve_config(args.config))
     modality = args.modality or "rgb"
     if modality not in registry.MODALITIES:
@@ -133,8 +137,6 @@ def random_encoder(args) -> EvalEncoder:
 
 
 def trained_encoder(args) -> EvalEncoder:
-    from tricoclr.models.encoder import load_encoder
-
     path = Path(args.encoder)
     if not path.is_file():
         raise EvalError(f"encoder {path} not found: pass an encoders/.../<modality>.safetensors file or 'random'")
@@ -146,11 +148,12 @@ def trained_encoder(args) -> EvalEncoder:
     run_config = load_config(run_config_path) if run_config_path else None
     config = load_config(resolve_config(args.config)) if args.config else run_config or load_config()
     if "data" in metadata:  # the clip settings it was trained with win over any config
-        config["data"].update({k: v for k, v in json.loads(metadata["data"]).items() if k in EVAL_DATA_KEYS})
+        saved = json.loads(metadata["data"])  # older encoders lack some keys: those keep the config's
+        config = config.replace(data={k: v for k, v in saved.items() if k in CLIP_KEYS})
     stage = metadata.get("stage")
     # A pre-training stage saw its own modality only; a cooperative stage saw the run's modalities.
     pretraining = run_config is None or (stage or "").startswith("pretrain")
-    trained_with = [modality] if pretraining else list(run_config["modalities"])
+    trained_with = [modality] if pretraining else list(run_config.modalities)
     run_name = run_config_path.parent.name if run_config_path else path.parent.name
     name = f"{run_name} ({stage})" if stage else run_name
     return EvalEncoder(encoder, modality, config, name, trained_with)
@@ -187,8 +190,8 @@ def describe_class_difference(train_names: list[str], test_names: list[str]) -> 
 
 def extract_split(loaded: EvalEncoder, store_path, args, num_classes: int) -> dict:
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    workers = args.workers if args.workers is not None else int(loaded.config["data"]["workers"])
-    result = extract_features(loaded.encoder, loaded.modality, store_path, loaded.config["data"], device=args.device,
+    workers = args.workers if args.workers is not None else loaded.config.data.workers
+    result = extract_features(loaded.encoder, loaded.modality, store_path, loaded.config.data, device=args.device,
                               batch_size=args.batch_size, max_clips=args.max_clips, cache_dir=cache_dir,
                               workers=workers)
     if not result["ids"]:
@@ -217,8 +220,6 @@ def evaluate(args) -> tuple[dict | None, EvalEncoder]:
     class_names = check_label_agreement(train_store, test_store)
     loaded = load_eval_encoder(args)
     if args.task == "finetune":
-        from tricoclr.eval.finetune import run_finetune
-
         return run_finetune(args, loaded, len(class_names)), loaded
     if int(os.environ.get("RANK", "0")) != 0:
         return None, loaded
@@ -233,8 +234,6 @@ def evaluate(args) -> tuple[dict | None, EvalEncoder]:
 
 
 def retrieval(train: dict, test: dict, class_names: list[str], args) -> dict:
-    from tricoclr.eval.retrieval import DEFAULT_KS, center_and_normalise, retrieval_metrics
-
     result = retrieval_metrics(train["features"], train["labels"], test["features"], test["labels"],
                                chance_seed=args.seed)
     neighbours, hits = result.pop("neighbours"), result.pop("hits")
@@ -243,8 +242,6 @@ def retrieval(train: dict, test: dict, class_names: list[str], args) -> dict:
     if args.png:
         write_retrieval_figure(args.png, train, test, neighbours, class_names)
     if args.projector:
-        from tricoclr.eval.report import write_projector
-
         _, test_normalised = center_and_normalise(train["features"], test["features"])
         names = [class_names[int(label)] for label in test["labels"]]
         write_projector(args.projector, test_normalised, names, test["thumbnails"])
@@ -252,8 +249,6 @@ def retrieval(train: dict, test: dict, class_names: list[str], args) -> dict:
 
 
 def linear(train: dict, test: dict, num_classes: int, args) -> dict:
-    from tricoclr.eval.linear_probe import evaluate_probe, per_item_correct, train_linear_probe
-
     # Selection sees the training split only; the test split enters after every choice is made.
     probe = train_linear_probe(train["features"], train["labels"], num_classes, seed=args.seed)
     result = evaluate_probe(probe, test["features"], test["labels"])
@@ -261,14 +256,6 @@ def linear(train: dict, test: dict, num_classes: int, args) -> dict:
     result.update({"top1_ci": confidence_interval(correct[:, 0]), "top5_ci": confidence_interval(correct[:, 1])})
     result.update(selection=probe.selection, num_train=len(train["ids"]), num_test=len(test["ids"]))
     return result
-
-
-def confidence_interval(per_video_hits: torch.Tensor) -> list[float]:
-    """95% percentile-bootstrap interval (percent) over test videos."""
-    from tricoclr.eval.stats import bootstrap_ci
-
-    _, low, high = bootstrap_ci(per_video_hits.float() * 100.0)
-    return [low, high]
 
 
 # ---- outputs ----------------------------------------------------------------------------------
@@ -279,14 +266,12 @@ def display_name(modality: str) -> str:
 
 
 def write_outputs(args, metrics: dict, loaded: EvalEncoder) -> None:
-    from tricoclr.eval.report import markdown_table
-
     trained_with = args.modalities.replace(",", "+").split("+") if args.modalities else loaded.trained_with
     name = args.model_name or loaded.name
     if loaded.modality != "rgb" and not args.model_name:
         name += f" [{loaded.modality} encoder]"
     metrics = {"task": args.task, "model": name, "encoder": args.encoder, "modality": loaded.modality,
-               "trained_with": trained_with, "data": {k: loaded.config["data"][k] for k in EVAL_DATA_KEYS},
+               "trained_with": trained_with, "data": clip_settings(loaded.config.data),
                **metrics}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -307,8 +292,6 @@ def figure_queries(test_labels: torch.Tensor, count: int = FIGURE_QUERIES) -> li
 
 
 def write_retrieval_figure(path, train: dict, test: dict, neighbours: torch.Tensor, class_names: list[str]) -> None:
-    from tricoclr.eval.report import retrieval_figure
-
     queries = figure_queries(test["labels"])
     retrieval_figure(
         [test["thumbnails"][q] for q in queries],

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tricoclr.models.encoder import export_torchvision_s3d_state_dict, load_encoder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", required=True, help="an encoders/.../<modality>.safetensors file (S3D backbone)")
@@ -44,8 +46,6 @@ def check_loads_into_torchvision(state: dict[str, torch.Tensor]) -> None:
 
 
 def run(args) -> int:
-    from tricoclr.models.encoder import export_torchvision_s3d_state_dict, load_encoder
-
     try:
         encoder, metadata = load_encoder(args.encoder)
         state = {k: v.contiguous() for k, v in export_torchvision_s3d_state_dict(encoder).items()}

@@ -32,13 +32,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tricoclr import modalities as registry
-from tricoclr.data.sampling import ClipSpec, clip_frame_limit
+from tricoclr.config import clip_settings
+from tricoclr.data import modalities as registry
+from tricoclr.data.sampling import ClipSpec, clip_frame_limit, clip_spec_of
 from tricoclr.data.store import VideoRecord, open_store
+from tricoclr.eval.retrieval import center_and_normalise
 
 log = logging.getLogger(__name__)
 
-EVAL_DATA_KEYS = ("clip_frames", "clip_stride", "size", "spectrogram_steps")
 # Bump when extraction changes what a cached feature means: older cache files stop matching.
 FEATURE_PROTOCOL = 2
 THUMBNAIL_SIZE = 64
@@ -118,7 +119,7 @@ def middle_thumbnail(record: VideoRecord) -> torch.Tensor:
 def window_clips(record: VideoRecord, modality: str, data_cfg: dict, max_clips: int | None):
     """Yield the raw clip (as the modality reads it) of every evaluation window of one video."""
     entry = registry.get(modality)
-    spec = ClipSpec(frames=data_cfg["clip_frames"], stride=data_cfg["clip_stride"])
+    spec = clip_spec_of(clip_settings(data_cfg))
     num_frames, fps, spans = int(record.meta["frames"]), float(record.meta["fps"]), record.meta.get("spans")
     for start in window_starts(num_frames, spec, max_clips, spans):
         limit = clip_frame_limit(start, num_frames, spans)
@@ -226,7 +227,7 @@ def _extract(encoder, modality, store_path, data_cfg, metas, device, batch_size,
 
 
 def _cache_key(encoder_key: str, modality, store, data_cfg, max_clips) -> str:
-    settings = {k: data_cfg[k] for k in EVAL_DATA_KEYS}
+    settings = clip_settings(data_cfg)
     parts = [FEATURE_PROTOCOL, encoder_key, modality, settings, max_clips, store_fingerprint(store)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -257,8 +258,6 @@ def _write_cache(path: Path, result: dict) -> None:
 
 def leave_one_out_r1(encoder, modality: str, store_path, data_cfg: dict, device="cpu") -> float:
     """Online kNN monitor: R@1 (%) of each labelled video's nearest other video in the store."""
-    from tricoclr.eval.retrieval import center_and_normalise
-
     was_training = encoder.training
     out = extract_features(encoder, modality, store_path, data_cfg, device=device, max_clips=4, require_labels=False)
     encoder.train(was_training)

@@ -30,11 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tricoclr import modalities as registry
+from tricoclr.config import clip_settings
+from tricoclr.data import modalities as registry
 from tricoclr.data.dataset import EpochLoader, StageViews, finish_batch
 from tricoclr.data.store import open_store
-from tricoclr.eval.features import (EVAL_DATA_KEYS, EvalError, check_labelled, store_fingerprint, usable_videos,
+from tricoclr.distributed import convert_to_global_batchnorm
+from tricoclr.eval.features import (EvalError, check_labelled, store_fingerprint, usable_videos,
                                     weights_fingerprint, window_clips)
+from tricoclr.eval.stats import confidence_interval
 
 FINETUNE_WEIGHT_DECAY = 1e-3  # CoCLR's fine-tuning value
 DEFAULT_TEST_CLIPS = 10
@@ -115,9 +118,7 @@ def multi_view_top1(model: nn.Module, modality: str, store_path, data_cfg: dict,
 
 def run_finetune(args, loaded, num_classes: int) -> dict | None:
     """Fine-tune ``loaded.encoder`` on ``args.train``, test on ``args.test``; None on ranks other than 0."""
-    from accelerate import Accelerator
-
-    from tricoclr.distributed import convert_to_global_batchnorm
+    from accelerate import Accelerator  # here, not at the top: `tricoclr eval` retrieval/linear never load it
 
     config, modality = loaded.config, loaded.modality
     data_cfg = dict(config["data"])
@@ -132,7 +133,7 @@ def run_finetune(args, loaded, num_classes: int) -> dict | None:
     identity = {"encoder": weights_fingerprint(loaded.encoder), "train": store_fingerprint(train_store),
                 "modality": modality, "num_classes": num_classes, "seed": args.seed, "batch_size": batch_size,
                 "world_size": accelerator.num_processes, "lr": config["optim"]["lr"],
-                "data": {k: data_cfg[k] for k in EVAL_DATA_KEYS}}
+                "data": clip_settings(data_cfg)}
 
     backbone = loaded.encoder.backbone
     if config["method"]["batchnorm"] == "global":
@@ -161,8 +162,6 @@ def run_finetune(args, loaded, num_classes: int) -> dict | None:
     if accelerator.is_main_process:
         result = multi_view_top1(accelerator.unwrap_model(model), modality, args.test, data_cfg, accelerator.device,
                                  max_clips=args.max_clips or DEFAULT_TEST_CLIPS, batch_size=args.batch_size)
-        from tricoclr.eval.cli import confidence_interval
-
         result["top1_ci"] = confidence_interval(result.pop("hits"))
         result.update(epochs=max(args.finetune_epochs, start_epoch), resumed_from_epoch=start_epoch,
                       num_train=loader.num_videos, checkpoint=str(checkpoint),

@@ -92,3 +92,10 @@ def mean_and_ci_over_seeds(
         "per_seed": [float(v) for v in per_seed],
         "num_seeds": int(per_seed.numel()),
     }
+
+
+def confidence_interval(per_video_hits: torch.Tensor) -> list[float]:
+    """[low, high] 95% percentile-bootstrap interval (percent) of the mean of (N,) per-video hits
+    (0/1) over test videos (:func:`bootstrap_ci`)."""
+    _, low, high = bootstrap_ci(per_video_hits.float() * 100.0)
+    return [low, high]

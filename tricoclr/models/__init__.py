@@ -1,6 +1,7 @@
 """Backbones (a registry of builders) and the encoder: backbone + projection head."""
 
 from .backbones import BACKBONES, build_backbone, register_backbone
+from .build import build_encoder, build_encoders
 from .encoder import (
     Encoder,
     encoder_fingerprint,
@@ -14,6 +15,8 @@ __all__ = [
     "BACKBONES",
     "Encoder",
     "build_backbone",
+    "build_encoder",
+    "build_encoders",
     "encoder_fingerprint",
     "export_torchvision_s3d_state_dict",
     "load_encoder",

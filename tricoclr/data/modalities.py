@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from tricoclr.data import transforms
 from tricoclr.data.sampling import ClipSpec, clip_frame_indices, spectrogram_span
+from tricoclr.data.schema import dequantise_flow
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,6 @@ def _flow_finish(batch, params):
 
 
 def _flow_present(raw, data_cfg):
-    from tricoclr.data.schema import dequantise_flow
-
     _, _, h, w = raw.shape
     side = min(h, w)
     flow = dequantise_flow(_centre_crop_resize(raw, data_cfg["size"]).float())

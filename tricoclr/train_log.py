@@ -1,0 +1,68 @@
+"""What a training run reports: per-step scalars, augmented clips, the online kNN monitor."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from tricoclr.data.dataset import DataStats
+from tricoclr.eval.features import leave_one_out_r1
+
+
+def step_values(plan_name: str, loss: float, lr: float, queue_fill: float, stats: dict, window: dict) -> dict:
+    """TensorBoard scalars of an optimizer step. ``loss``: averaged over ranks and micro-steps;
+    ``window``: seconds waiting for data / computing and samples since the last logged step."""
+    values = {
+        f"loss/{plan_name}": loss,
+        "train/loss": loss,
+        "train/lr": lr,
+        "train/queue_fill": queue_fill,
+        "train/positives_per_sample": stats["positives_per_sample"],
+        "train/broken_records": DataStats.broken_records,
+    }
+    if "mined_precision" in stats:
+        values["train/mined_precision"] = stats["mined_precision"]
+    elapsed = window["wait"] + window["compute"]
+    if elapsed > 0:
+        values["train/samples_per_s"] = window["samples"] / elapsed
+        values["train/data_wait_fraction"] = window["wait"] / elapsed
+    return values
+
+
+def log_augmented_clips(accelerator, plan_name: str, batch: dict, views, step: int) -> None:
+    """An image of a few augmented clips per stage (middle frame of each view), main process."""
+    if not accelerator.is_main_process:
+        return
+    try:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    except (ValueError, KeyError):
+        return
+    for name in views.all:
+        for view in views.views_of(name):
+            tensor = batch[f"{name}.view{view}"][:4].detach().float().cpu()
+            writer.add_images(f"augmented/{plan_name}/{name}.view{view}", _as_image(tensor), step)
+
+
+def _as_image(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) video -> its middle frame; (B, 1, F, T) spectrogram -> flipped upright;
+    two flow channels get a zero third; each image scaled to [0, 1]."""
+    image = tensor[:, :, tensor.shape[2] // 2] if tensor.dim() == 5 else tensor.flip(2)
+    if image.shape[1] == 2:
+        image = torch.cat([image, torch.zeros_like(image[:, :1])], dim=1)
+    low = image.amin(dim=(1, 2, 3), keepdim=True)
+    high = image.amax(dim=(1, 2, 3), keepdim=True)
+    return (image - low) / (high - low).clamp_min(1e-6)
+
+
+def knn_monitor(accelerator, encoder, modality: str, data_cfg, step: int) -> None:
+    """Leave-one-out kNN R@1 of the encoder on ``data.val_path``, logged as monitor/knn_R@1/<m>."""
+    r1 = leave_one_out_r1(encoder, modality, data_cfg["val_path"], data_cfg, device=accelerator.device)
+    encoder.train()
+    accelerator.log({f"monitor/knn_R@1/{modality}": r1}, step=step)
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    # disable=None: no bar when stderr is not a terminal (logs, batch jobs)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False, disable=None)
