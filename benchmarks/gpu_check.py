@@ -40,7 +40,7 @@ NEEDS_DATA = frozenset({"train_bf16_resume", "train_fp16", "deepspeed_zero2", "e
 READY_MARKER = "READY"  # written last into a prepared data folder: its presence means complete
 STAGES = ("pretrain-rgb", "pretrain-flow", "pretrain-audio", "cycle1-rgb", "cycle1-flow", "cycle1-audio")
 # A killed part still reports what it wrote; the parent waits this long beyond the part's own cap.
-KILL_GRACE_S = 20
+KILL_GRACE_S = 10
 
 # Per mode: data sizes, training shapes, benchmark arguments and each part's cap in seconds. GPU shapes
 # are "reduced" for the correctness parts (S3D / ResNet-18 at 16 x 64^2) and the paper's for the two
@@ -708,13 +708,23 @@ def summary_markdown(report: dict) -> str:
              f"{report['seconds']:.0f} s in this run.", "",
              "| part | status | seconds | figures |", "| --- | --- | ---: | --- |"]
     for name, entry in report["parts"].items():
-        figures = ", ".join(f"{k}={format_value(v)}" for k, v in entry["figures"].items()
-                            if not isinstance(v, (dict, list)))
+        figures = ", ".join(f"{k}={format_value(v)}" for k, v in flat_figures(entry["figures"]).items())
         lines.append(f"| {name} | {entry['status']} | {entry['seconds']:.1f} | {figures} |")
     for name, entry in report["parts"].items():
         if entry["status"] != "ok":
             lines += ["", f"**{name}** ({entry['status']}): {entry['error']}", f"log: {entry['log']}"]
     return "\n".join(lines) + "\n"
+
+
+def flat_figures(figures: dict) -> dict:
+    """Scalars, and one level of nested scalars as ``outer.inner`` (lists are left to the JSON)."""
+    flat = {}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items() if not isinstance(v, (dict, list))})
+        elif not isinstance(value, list):
+            flat[key] = value
+    return flat
 
 
 def format_value(value) -> str:
