@@ -41,6 +41,7 @@ READY_MARKER = "READY"  # written last into a prepared data folder: its presence
 STAGES = ("pretrain-rgb", "pretrain-flow", "pretrain-audio", "cycle1-rgb", "cycle1-flow", "cycle1-audio")
 # A killed part still reports what it wrote; the parent waits this long beyond the part's own cap.
 KILL_GRACE_S = 10
+MIN_PART_SECONDS = 15  # under --budget, a part with less time left than this is not started
 
 # Per mode: data sizes, training shapes, benchmark arguments and each part's cap in seconds. GPU shapes
 # are "reduced" for the correctness parts (S3D / ResNet-18 at 16 x 64^2) and the paper's for the two
@@ -765,6 +766,11 @@ def write_report(report: dict, path: Path) -> None:
     path.with_suffix(".md").write_text(summary_markdown(report))
 
 
+def skipped_entry(reason: str) -> dict:
+    return {"status": "skipped", "seconds": 0.0, "timeout_s": 0.0, "returncode": None, "figures": {}, "checks": {},
+            "error": reason, "notes": [], "commands": [], "log": None}
+
+
 def drive(args) -> int:
     import torch
 
@@ -781,9 +787,12 @@ def drive(args) -> int:
               "parts_run": parts, "parts": previous_parts(out, mode) if args.parts else {}, "ok": False}
     for name in parts:
         timeout = MODES[mode]["timeouts"][name] * args.timeout_scale
+        if args.budget is not None:  # what is left of the whole run's budget caps this part too
+            timeout = min(timeout, args.budget - (time.time() - started) - KILL_GRACE_S - 5)
         if name in NEEDS_DATA and report["parts"].get("data", {}).get("status") not in ("ok", None) and "data" in parts:
-            entry = {"status": "skipped", "seconds": 0.0, "figures": {}, "checks": {}, "notes": [], "commands": [],
-                     "error": "the data part failed, so there is no data to run on", "log": None}
+            entry = skipped_entry("the data part did not complete, so there is no data to run on")
+        elif timeout < MIN_PART_SECONDS:
+            entry = skipped_entry(f"not started: {args.budget:.0f} s --budget used up; rerun with --parts {name}")
         else:
             print(f"[gpu_check] {name} (cap {timeout:.0f} s) ...", flush=True)
             entry = run_part(name, mode, work, timeout)
@@ -808,6 +817,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default="out/gpu_check_work",
                         help="data, runs and logs; prepared data here is reused (carry it to skip preparing)")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every part's time cap")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run: parts are capped by what is left, and parts with "
+                             "nothing left are reported as skipped (rerun them with --parts)")
     parser.add_argument("--run-part", choices=PARTS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)

@@ -141,3 +141,11 @@ def test_parts_over_their_time_cap_are_killed_and_reported(tmp_path):
         assert entry["seconds"] < entry["timeout_s"] + gpu_check.KILL_GRACE_S + 15
     assert "time cap" in report["parts"]["gpu_tests"]["error"]
     assert report["parts"]["gpu_tests"]["commands"][0]["returncode"] is None
+
+
+def test_parts_left_without_time_in_the_budget_are_reported_as_skipped(tmp_path):
+    result, report = run_check(tmp_path, "--parts", "gpu_tests,train_step", "--budget", "1")
+    assert result.returncode == 1 and report["ok"] is False
+    for name in ("gpu_tests", "train_step"):
+        assert report["parts"][name]["status"] == "skipped"
+        assert f"--parts {name}" in report["parts"][name]["error"]
