@@ -155,6 +155,9 @@ def kill_tree(pid: int) -> None:
 
 
 def run_command(command: list[str], env: dict, timeout: float, record: Record, label: str | None) -> str:
+    """``command`` in the repository with ``timeout`` seconds; its output (stdout and stderr) is echoed
+    and returned, and it is logged in ``record.commands``. PartError on a non-zero exit or the timeout
+    (the whole process tree is killed then)."""
     start = time.time()
     entry = {"command": [str(c) for c in command], "label": label}
     record.commands.append(entry)
@@ -179,6 +182,7 @@ def run_command(command: list[str], env: dict, timeout: float, record: Record, l
 
 
 def tail(text: str, lines: int) -> str:
+    """The last ``lines`` non-blank lines of ``text``."""
     kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
     return "\n".join(kept)
 
@@ -229,12 +233,13 @@ def launch_variant(ctx: Context, variant: str) -> tuple[list[str], dict]:
     loss scaling) in one process. deepspeed: deepspeed_zero2.yaml in one process, bf16 on a GPU; on CPU
     DeepSpeed runs in fp32 only (tests/test_deepspeed.py)."""
     gpu = ctx.mode == "gpu"
+    plain_env = ctx.env(**({} if gpu else {"ACCELERATE_USE_CPU": "1"}))
     if variant == "bf16":
-        return ["--config_file", "accelerate_configs/single_gpu.yaml"], ctx.env(**({} if gpu else {"ACCELERATE_USE_CPU": "1"}))
+        return ["--config_file", "accelerate_configs/single_gpu.yaml"], plain_env
     one_process = ["--num_machines", "1", "--num_processes", "1", "--main_process_port", str(free_port())]
     if variant == "fp16":
-        return (["--config_file", "accelerate_configs/multinode_v100_fp16.yaml", "--machine_rank", "0", *one_process],
-                ctx.env(**({} if gpu else {"ACCELERATE_USE_CPU": "1"})))
+        return (["--config_file", "accelerate_configs/multinode_v100_fp16.yaml", "--machine_rank", "0",
+                 *one_process], plain_env)
     if variant == "deepspeed":
         launcher = ["--config_file", "accelerate_configs/deepspeed_zero2.yaml", *one_process]
         if gpu:
@@ -444,8 +449,9 @@ def part_train_fp16(ctx: Context) -> None:
     scale = None
     if scaler is not None and scaler.exists():
         scale = float(torch.load(scaler, weights_only=True)["scale"])
+    steps = max(losses, default=0)
     rec.figures.update({"mixed_precision": info.get("mixed_precision"), "world_size": info.get("world_size"),
-                        "steps": max(losses, default=0), "stages": stages_run(out), "final_loss": losses.get(max(losses, default=0)),
+                        "steps": steps, "stages": stages_run(out), "final_loss": losses.get(steps),
                         "checkpoint": checkpoint.name if checkpoint else None, "loss_scale": scale})
     rec.check("fp16", info.get("mixed_precision") == "fp16", str(info.get("mixed_precision")))
     rec.check("every_stage_ran", stages_run(out) == list(STAGES), str(stages_run(out)))
@@ -465,7 +471,8 @@ def part_deepspeed_zero2(ctx: Context) -> None:
     checkpoint = newest_checkpoint_dir(ctx.work / "runs_deepspeed" / "split")
     engine_files = sorted(p.name for p in (checkpoint / "pytorch_model").glob("*")) if checkpoint else []
     ctx.record.figures["engine_checkpoint_files"] = engine_files
-    ctx.record.check("engine_checkpoint_written", any("optim_states" in name for name in engine_files), str(engine_files))
+    ctx.record.check("engine_checkpoint_written", any("optim_states" in name for name in engine_files),
+                     str(engine_files))
 
 
 def eval_config(ctx: Context) -> Path:
@@ -507,8 +514,8 @@ def part_eval(ctx: Context) -> None:
         metrics = json.loads((out / f"{task}.json").read_text())
         rec.figures[task] = {key: metrics.get(key) for key in keys} | {"seconds": round(time.time() - start, 2)}
         rec.check(f"{task}_metrics", finite(metrics.get(key) for key in keys), str(rec.figures[task]))
-    log = (out / "finetune_finetune").rglob("*")
-    rec.figures["finetune"]["checkpoint_files"] = sorted(p.name for p in log if p.is_file())[:10]
+    finetune_dir = out / "finetune_finetune"  # the command's default --output-dir: <json stem>_finetune
+    rec.figures["finetune"]["checkpoint_files"] = sorted(p.name for p in finetune_dir.rglob("*") if p.is_file())[:10]
 
 
 def part_train_step(ctx: Context) -> None:
@@ -569,8 +576,8 @@ def e2e_data(ctx: Context) -> Path:
                      settings["videos"] // classes, "--seconds", settings["seconds"], "--size", settings["size"],
                      "--workers", workers), label="synth e2e")
     ctx.run(data_cli("prepare", folder / "synth" / "videos", "--out", folder / "train", "--format", "lmdb",
-                     "--size", settings["size"], "--flow", "tvl1-torch", "--flow-device", "cuda", "--no-flow-compile", "--workers",
-                     workers, "--no-progress"), label="prepare e2e (tvl1-torch)")
+                     "--size", settings["size"], "--flow", "tvl1-torch", "--flow-device", "cuda", "--no-flow-compile",
+                     "--workers", workers, "--no-progress"), label="prepare e2e (tvl1-torch)")
     figures = {"videos": count_videos(folder / "train"), "prepare_seconds": round(time.time() - start, 2)}
     ctx.record.figures["data"] = figures | {"reused": False}
     (folder / READY_MARKER).write_text(json.dumps(figures))
@@ -595,7 +602,8 @@ def part_train_e2e(ctx: Context) -> None:
                  "max_steps": settings["steps"], "log_every_steps": settings["log_every"],
                  "checkpoint_every_steps": 100000, "keep_checkpoints": 1, "monitor.augment_images": "false"}
     if ctx.mode == "cpu":
-        overrides.update({k: v for k, v in ctx.settings["train"].items() if k not in ("batch_size", "method.queue_size")})
+        shapes = {k: v for k, v in ctx.settings["train"].items() if k not in ("batch_size", "method.queue_size")}
+        overrides.update(shapes)
     launcher, env = launch_variant(ctx, "bf16")
     start = time.time()
     ctx.run(train_command(launcher, [f"{k}={v}" for k, v in overrides.items()], settings["config"]), env,
@@ -608,6 +616,7 @@ def part_train_e2e(ctx: Context) -> None:
 
 
 def e2e_figures(out: Path, settings: dict, workers: int, seconds: float) -> dict:
+    """Throughput of the end-to-end run from its TensorBoard scalars (samples/s over all ranks)."""
     rates = read_scalars(out / "tb", "train/samples_per_s")
     waits = read_scalars(out / "tb", "train/data_wait_fraction")
     steps = sorted(rates)
@@ -622,7 +631,8 @@ def e2e_figures(out: Path, settings: dict, workers: int, seconds: float) -> dict
             "samples_per_s": mean([rates[s][0] for s in steady]),
             "data_wait_fraction": mean([waits[s][0] for s in steady if s in waits]),
             "data_wait_fraction_first_window": waits[steps[0]][0] if steps and steps[0] in waits else None,
-            "wall_samples_per_s": wall, "mined_precision_logged": bool(read_scalars(out / "tb", "train/mined_precision")),
+            "wall_samples_per_s": wall,
+            "mined_precision_logged": bool(read_scalars(out / "tb", "train/mined_precision")),
             "run_seconds": round(seconds, 2), "cpu_count": os.cpu_count()}
 
 
@@ -679,11 +689,13 @@ def run_part(name: str, mode: str, work: Path, timeout: float) -> dict:
     elif returncode != 0 or entry["error"] or not all(entry["checks"].values()):
         entry["status"] = "failed"
         if not entry["error"]:
-            entry["error"] = "; ".join(entry["notes"]) or f"exit status {returncode}: {tail(log.read_text(errors='replace'), 15)}"
+            last_lines = tail(log.read_text(errors="replace"), 15)
+            entry["error"] = "; ".join(entry["notes"]) or f"exit status {returncode}: {last_lines}"
     return entry
 
 
 def machine_info(mode: str) -> dict:
+    """Where the figures come from: interpreter, CPUs and their load, GPU, package versions, commit."""
     import importlib.metadata
 
     import torch
@@ -696,17 +708,21 @@ def machine_info(mode: str) -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     gpu = torch.cuda.get_device_name(0) if mode == "gpu" else None
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    try:  # a copied working tree (a device machine) may have no .git, or no git at all
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "load_average_1min": os.getloadavg()[0], "gpu": gpu, "cuda": torch.version.cuda if mode == "gpu" else None,
             "packages": versions, "git_commit": commit or None}
 
 
 def summary_markdown(report: dict) -> str:
+    machine = report["machine"]
     lines = [f"# GPU check ({report['mode']}): {'all parts passed' if report['ok'] else 'FAILED'}", "",
-             f"Machine: {report['machine'].get('gpu') or 'no GPU'}, {report['machine']['cpu_count']} CPUs, "
-             f"Python {report['machine']['python']}, torch {report['machine']['packages'].get('torch')}; "
-             f"{report['seconds']:.0f} s in this run.", "",
+             (f"Machine: {machine.get('gpu') or 'no GPU'}, {machine['cpu_count']} CPUs, Python {machine['python']}, "
+              f"torch {machine['packages'].get('torch')}; {report['seconds']:.0f} s in this run."), "",
              "| part | status | seconds | figures |", "| --- | --- | ---: | --- |"]
     for name, entry in report["parts"].items():
         figures = ", ".join(f"{k}={format_value(v)}" for k, v in flat_figures(entry["figures"]).items())
@@ -772,6 +788,7 @@ def skipped_entry(reason: str) -> dict:
 
 
 def drive(args) -> int:
+    """Run the selected parts one after the other, rewriting the report after each; 0 if all passed."""
     import torch
 
     mode = args.device if args.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
