@@ -518,11 +518,41 @@ def part_eval(ctx: Context) -> None:
     rec.figures["finetune"]["checkpoint_files"] = sorted(p.name for p in finetune_dir.rglob("*") if p.is_file())[:10]
 
 
+def run_train_step_benchmark(argv: list[str]) -> dict[str, int]:
+    """``benchmarks/train_step.py`` with ``argv``, in this process; {variant: CUDA peak bytes}.
+
+    The benchmark reports no memory itself: when it has a ``measure(variant, ...)`` function (its one
+    variant's timing), that is wrapped to read the CUDA allocator's peak around each call; without it
+    (a later version), no per-variant figure."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", REPO / "benchmarks" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    peaks: dict[str, int] = {}
+    measure = getattr(module, "measure", None)
+    if callable(measure) and torch.cuda.is_available():
+        def measure_with_peak(variant, *args, **kwargs):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            result = measure(variant, *args, **kwargs)
+            peaks[str(variant)] = torch.cuda.max_memory_allocated()
+            return result
+
+        module.measure = measure_with_peak
+    sys.argv = argv
+    code = module.main()
+    if code not in (0, None):
+        raise PartError(f"benchmarks/train_step.py exited with {code}")
+    return peaks
+
+
 def part_train_step(ctx: Context) -> None:
     """benchmarks/train_step.py as its command line runs it (fp32 eager vs the optimized path in one
-    run), in this process so the device's peak memory can be read afterwards."""
+    run), in this process so the device's peak memory can be read for each variant."""
     import resource
-    import runpy
 
     import torch
 
@@ -530,14 +560,10 @@ def part_train_step(ctx: Context) -> None:
     out.unlink(missing_ok=True)
     argv = ["benchmarks/train_step.py", *ctx.settings["train_step"], "--json", str(out)]
     ctx.record.commands.append({"command": [sys.executable, *argv], "label": "train_step (in process)"})
+    ctx.record.save()
     print("$", " ".join(argv), flush=True)
-    sys.argv = argv
     os.chdir(REPO)
-    try:
-        runpy.run_path(str(REPO / "benchmarks" / "train_step.py"), run_name="__main__")
-    except SystemExit as stop:
-        if stop.code not in (0, None):
-            raise PartError(f"benchmarks/train_step.py exited with {stop.code}") from None
+    peaks = run_train_step_benchmark(argv)
     result = json.loads(out.read_text())
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     figures = {"shapes": result.get("shapes"), "batch_size": result.get("batch_size"),
@@ -545,9 +571,8 @@ def part_train_step(ctx: Context) -> None:
                "speedup": result.get("speedup")}
     for variant in ("fp32_eager", "optimized"):
         figures[f"{variant}_samples_per_s"] = result.get(variant, {}).get("samples_per_s")
-        figures[f"{variant}_peak_memory_bytes"] = result.get(variant, {}).get("peak_memory_bytes")  # if it reports it
-    # The benchmark does not report per-variant memory (yet): the process-wide peak over both variants.
-    figures["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+        figures[f"{variant}_peak_memory_bytes"] = result.get(variant, {}).get("peak_memory_bytes", peaks.get(variant))
+    figures["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None  # whole process
     figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if ctx.mode == "gpu":
         figures["target_2x_met"] = bool(figures["speedup"] and figures["speedup"] >= 2.0)
@@ -555,6 +580,13 @@ def part_train_step(ctx: Context) -> None:
     ctx.record.figures.update(figures)
     ctx.record.check("throughputs_measured", finite([figures["fp32_eager_samples_per_s"],
                                                      figures["optimized_samples_per_s"], figures["speedup"]]))
+    if ctx.mode == "gpu":
+        ctx.record.check("peak_memory_measured", positive_number(figures["optimized_peak_memory_bytes"])
+                         or positive_number(figures["peak_memory_bytes"]))
+
+
+def positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def e2e_data(ctx: Context) -> Path:
