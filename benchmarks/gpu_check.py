@@ -56,7 +56,8 @@ MODES = {
                   "method.queue_size": 16},
         "steps_per_stage": 3, "resume_stop_step": 8,
         "e2e": dict(videos=256, seconds=2, size=128, config="configs/k400_paper.yaml", batch_size=32, steps=200,
-                    log_every=10, queue_size=2048),
+                    log_every=10, queue_size=2048,
+                    flow=["--flow", "tvl1-torch", "--flow-device", "cuda", "--no-flow-compile"]),  # OpenCV's defaults
         "train_step": ["--shapes", "paper", "--device", "cuda", "--batch-size", "32", "--seconds", "4"],
         "timeouts": dict(data=240, gpu_tests=300, train_bf16_resume=300, train_fp16=180, deepspeed_zero2=360,
                          eval=240, train_step=240, train_e2e=480),
@@ -608,8 +609,8 @@ def e2e_data(ctx: Context) -> Path:
                      settings["videos"] // classes, "--seconds", settings["seconds"], "--size", settings["size"],
                      "--workers", workers), label="synth e2e")
     ctx.run(data_cli("prepare", folder / "synth" / "videos", "--out", folder / "train", "--format", "lmdb",
-                     "--size", settings["size"], "--flow", "tvl1-torch", "--flow-device", "cuda", "--no-flow-compile",
-                     "--workers", workers, "--no-progress"), label="prepare e2e (tvl1-torch)")
+                     "--size", settings["size"], *settings["flow"], "--workers", workers, "--no-progress"),
+            label="prepare e2e")
     figures = {"videos": count_videos(folder / "train"), "prepare_seconds": round(time.time() - start, 2)}
     ctx.record.figures["data"] = figures | {"reused": False}
     (folder / READY_MARKER).write_text(json.dumps(figures))
