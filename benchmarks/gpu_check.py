@@ -841,7 +841,7 @@ def drive(args) -> int:
             timeout = min(timeout, args.budget - (time.time() - started) - KILL_GRACE_S - 5)
         if name in NEEDS_DATA and report["parts"].get("data", {}).get("status") not in ("ok", None) and "data" in parts:
             entry = skipped_entry("the data part did not complete, so there is no data to run on")
-        elif timeout < MIN_PART_SECONDS:
+        elif args.budget is not None and timeout < MIN_PART_SECONDS:
             entry = skipped_entry(f"not started: {args.budget:.0f} s --budget used up; rerun with --parts {name}")
         else:
             print(f"[gpu_check] {name} (cap {timeout:.0f} s) ...", flush=True)
