@@ -478,15 +478,13 @@ def part_deepspeed_zero2(ctx: Context) -> None:
 
 def eval_config(ctx: Context) -> Path:
     """The tiny config with this mode's backbones and clip shapes (the random encoder's architecture)."""
-    import yaml
-
-    from tricoclr.config import load_config
+    from tricoclr.config import dump_config, load_config
 
     overrides = train_overrides(ctx, small_data(ctx.work), ctx.work / "eval" / "unused")
     config = load_config(REPO / "configs" / "tiny.yaml", overrides)
     path = ctx.work / "eval" / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    dump_config(config, path)
     return path
 
 
