@@ -41,8 +41,8 @@ from video_factory import _write_audio, make_video, moving_frames, run_prepare, 
 
 from data_tools import lists
 from data_tools.audio import AudioConfig, mel_bin_for_frequency
+from data_tools.encode_video import PrepareConfig, process_video
 from data_tools.inspect_data import format_statistics, statistics_from_entries
-from data_tools.prepare import PrepareConfig, process_video
 from tricoclr.data.store import open_store
 
 RED = (255, 0, 0)

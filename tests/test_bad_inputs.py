@@ -21,7 +21,7 @@ from video_factory import (
     truncate,
 )
 
-from data_tools.prepare import run_tasks
+from data_tools.pool import run_tasks
 from tricoclr.data import schema
 from tricoclr.data.store import open_store
 

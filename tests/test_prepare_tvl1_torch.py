@@ -14,6 +14,7 @@ from test_prepare import _run_and_kill
 from video_factory import make_video, moving_frames, prepare_argv, run_prepare
 
 from data_tools import prepare
+from data_tools.encode_video import PrepareConfig
 from data_tools.flow import available_flow_methods, flow_params_meta, is_batched_flow_method
 from tricoclr.data import schema
 from tricoclr.data.store import open_store
@@ -139,7 +140,7 @@ def test_registered_with_opencv_defaults_and_free_device_options(source, batch3,
     assert not is_batched_flow_method("farneback")
     parser = prepare.argparse.ArgumentParser()
     prepare.add_arguments(parser)
-    config = prepare.PrepareConfig.from_args(parser.parse_args(["src", "--out", "o", "--flow", "tvl1-torch"]))
+    config = PrepareConfig.from_args(parser.parse_args(["src", "--out", "o", "--flow", "tvl1-torch"]))
     assert config.tvl1 is None  # CLI defaults: OpenCV's, recorded as such
     recorded = flow_params_meta("tvl1-torch", config.tvl1)
     assert recorded == {k: v for k, v in dataclasses.asdict(TVL1Params()).items()
