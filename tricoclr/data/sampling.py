@@ -173,11 +173,6 @@ def clip_spec_of(data_cfg) -> ClipSpec:
                     min_gap_frames=data_cfg["min_gap_frames"], short_policy=data_cfg["short_policy"])
 
 
-def video_too_short(num_frames: int, spec: ClipSpec) -> bool:
-    """True when two clips with the gap between them do not fit in ``num_frames`` frames."""
-    return num_frames < spec.span + spec.min_separation
-
-
 def _distinct_pair(upper: int, generator: torch.Generator) -> tuple[int, int]:
     """A uniformly random ordered pair of distinct integers in ``[0, upper)`` (upper >= 2)."""
     first = int(torch.randint(upper, (1,), generator=generator))
