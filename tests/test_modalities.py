@@ -118,3 +118,11 @@ def test_an_rgbdiff_encoder_is_evaluated_and_exported(train_lmdb, test_lmdb, tmp
     save_encoder(Encoder("s3d", registry.get("rgbdiff").in_channels), s3d_file, modality="rgbdiff")
     assert main(["export", "--encoder", str(s3d_file), "--out", str(tmp_path / "export.safetensors")]) == 0
     assert (tmp_path / "export.safetensors").exists()
+
+
+def test_a_record_reads_an_array_part_by_name(train_lmdb):
+    record = next(open_store(train_lmdb).iter_records())
+    spectrogram = record.array("audio")  # any stored array part; audio is the built-in one
+    assert torch.equal(torch.from_numpy(spectrogram.astype("float32")), record.spectrogram())
+    with pytest.raises(KeyError, match="no 'depth' part"):
+        record.array("depth")
