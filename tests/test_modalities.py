@@ -114,6 +114,14 @@ def test_an_rgbdiff_encoder_is_evaluated_and_exported(train_lmdb, test_lmdb, tmp
     metrics = json.loads(out.read_text())
     assert metrics["modality"] == "rgbdiff" and metrics["num_test"] == 4 and 0 <= metrics["R@1"] <= 100
     assert "[rgbdiff encoder]" in out.with_suffix(".md").read_text()
+    common = ["--encoder", str(encoder_file), "--train", str(train_lmdb), "--test", str(test_lmdb), "--workers", "0",
+              "--modality", "rgbdiff"]
+    assert main(["eval", "linear", *common, "--no-cache", "--json", str(tmp_path / "linear.json")]) == 0
+    assert main(["eval", "finetune", *common, "--json", str(tmp_path / "finetune.json"), "--finetune-epochs", "1",
+                 "--finetune-batch-size", "4", "--output-dir", str(tmp_path / "finetune"), "--max-clips", "2"]) == 0
+    for task in ("linear", "finetune"):
+        metrics = json.loads((tmp_path / f"{task}.json").read_text())
+        assert metrics["modality"] == "rgbdiff" and 0 <= metrics["top1"] <= 100 and metrics["num_test"] == 4
     s3d_file = tmp_path / "s3d_rgbdiff.safetensors"
     save_encoder(Encoder("s3d", registry.get("rgbdiff").in_channels), s3d_file, modality="rgbdiff")
     assert main(["export", "--encoder", str(s3d_file), "--out", str(tmp_path / "export.safetensors")]) == 0
@@ -126,3 +134,16 @@ def test_a_record_reads_an_array_part_by_name(train_lmdb):
     assert torch.equal(torch.from_numpy(spectrogram.astype("float32")), record.spectrogram())
     with pytest.raises(KeyError, match="no 'depth' part"):
         record.array("depth")
+
+
+def test_every_built_in_modality_is_drawn_as_colour_images_in_unit_range():
+    batches = {"rgb": torch.rand(2, 3, 4, 8, 8), "flow": torch.randn(2, 2, 4, 8, 8),
+               "audio": torch.randn(2, 1, 16, 32), "rgbdiff": torch.randn(2, 3, 3, 8, 8)}
+    for name, batch in batches.items():
+        images = registry.get(name).draw(batch)
+        assert images.shape[:2] == (2, 3) and images.dim() == 4, name
+        assert float(images.min()) >= 0 and float(images.max()) <= 1, name
+    # audio: upright (low frequencies, row 0 of the spectrogram, at the bottom of the image)
+    spectrogram = torch.zeros(1, 1, 4, 5)
+    spectrogram[0, 0, 0] = 1
+    assert torch.equal(registry.get("audio").draw(spectrogram)[0, :, -1], torch.ones(3, 5))
