@@ -1,8 +1,9 @@
 """What the demo's frozen oracles mine: how often the top-k share the anchor's motion, sound, class.
 
 A diagnostic, not part of the pipeline. It reads a finished demo folder (``tricoclr demo --out
-DIR``): the prepared train store and, per seed, the InfoNCE-pre-trained flow and audio encoders
-that the cooperative RGB stages use as oracles. Each train video is embedded by each oracle
+DIR``) or a finished ``benchmarks/rgbdiff_oracle.py --out DIR`` folder: the prepared train store
+and, per seed, the InfoNCE-pre-trained oracle encoders the folder holds (the demo: flow and audio;
+the rgbdiff benchmark: flow and rgbdiff, RGB difference's top-k sharing the anchor's motion). Each train video is embedded by each oracle
 (projection-head output, the vector the oracle concatenates, averaged over the video's evaluation
 windows and L2-normalised); then every video is an anchor against all the other train videos as
 the "queue", and ``tricoclr.mining.mine_positives`` picks its top-k with each oracle alone and with
@@ -11,6 +12,7 @@ videos whose class shares the anchor's motion / sound / class (from ``data_tools
 table). Also printed: the spread of each oracle's cosines (mean +- standard deviation over pairs).
 
     python benchmarks/oracle_agreement.py --demo-out demo_out [--level clip]
+    python benchmarks/oracle_agreement.py --demo-out rgbdiff_out      # flow vs rgbdiff oracles
 
 Video level by default; ``--level clip`` makes every evaluation window its own entry (the queue
 holds clips, not videos), still un-augmented. Not the training queue's augmented clips: it measures the oracles, not a training run
@@ -39,16 +41,27 @@ from tricoclr.eval.features import present_clips  # noqa: E402
 from tricoclr.mining import mine_positives  # noqa: E402
 from tricoclr.models.encoder import load_encoder  # noqa: E402
 
-ORACLES = ("flow", "audio")
+ORACLES = ("flow", "audio", "rgbdiff")  # those whose pre-trained encoders the folder holds are measured
 
 
-def read_clips(store_path: Path, data_cfg: dict) -> tuple[list[str], torch.Tensor, dict[str, list[torch.Tensor]]]:
+def oracle_encoder_path(out: Path, seed: int, modality: str) -> Path:
+    """The InfoNCE-pre-trained oracle: the demo's layout (flow and audio pre-trained in one run), or
+    benchmarks/rgbdiff_oracle.py's (one run per modality: flow and rgbdiff)."""
+    runs = out / "runs" / f"seed{seed}"
+    for run in ("pretrain_oracles", f"pretrain_{modality}"):
+        path = runs / run / "encoders" / f"pretrain-{modality}" / f"{modality}.safetensors"
+        if path.exists():
+            return path
+    return runs / "pretrain_oracles" / "encoders" / f"pretrain-{modality}" / f"{modality}.safetensors"
+
+
+def read_clips(store_path: Path, data_cfg: dict, oracles) -> tuple[list[str], torch.Tensor, dict[str, list[torch.Tensor]]]:
     store = open_store(store_path)
-    ids, labels, clips = [], [], {m: [] for m in ORACLES}
+    ids, labels, clips = [], [], {m: [] for m in oracles}
     for record in store.iter_records():
         ids.append(record.id)
         labels.append(int(record.meta["label_index"]))
-        for modality in ORACLES:
+        for modality in oracles:
             clips[modality].append(present_clips(record, modality, data_cfg, None))
     return ids, torch.tensor(labels), clips
 
@@ -118,10 +131,13 @@ def main() -> None:
     started = time.time()
     out = Path(args.demo_out)
     data_cfg = load_config(DEFAULT_CONFIG, DEMO_OVERRIDES)["data"]
-    ids, labels, clips = read_clips(out / "prepared" / "train", data_cfg)
-    windows = torch.tensor([len(c) for c in clips["flow"]])
-    if args.level == "clip" and not torch.equal(windows, torch.tensor([len(c) for c in clips["audio"]])):
-        raise SystemExit("flow and audio have different window counts per video: use --level video")
+    oracles = [m for m in ORACLES if oracle_encoder_path(out, 0, m).exists()]
+    if not oracles:
+        raise SystemExit(f"no pre-trained oracle encoders under {out / 'runs' / 'seed0'}")
+    ids, labels, clips = read_clips(out / "prepared" / "train", data_cfg, oracles)
+    windows = torch.tensor([len(c) for c in clips[oracles[0]]])
+    if args.level == "clip" and any(not torch.equal(windows, torch.tensor([len(c) for c in clips[m]])) for m in oracles):
+        raise SystemExit(f"{', '.join(oracles)} have different window counts per video: use --level video")
     video_ids = torch.arange(len(ids)) if args.level == "video" else torch.arange(len(ids)).repeat_interleave(windows)
     entry_labels = labels[video_ids]
     table = torch.tensor(synth.factor_indices(int(labels.max()) + 1))
@@ -129,20 +145,17 @@ def main() -> None:
     print(f"{len(ids)} train videos ({len(video_ids)} {args.level} entries) read in {time.time() - started:.0f} s; "
           f"top-{args.topk} among {args.queue or 'all'} entries of other videos; agreement % (motion / sound / class)", flush=True)
     for seed in range(args.seeds):
-        encoders = {m: load_encoder(out / "runs" / f"seed{seed}" / "pretrain_oracles" / "encoders" / f"pretrain-{m}" / f"{m}.safetensors")[0]
-                    for m in ORACLES}
-        parts = {m: embed(encoders[m], m, clips[m], args.level) for m in ORACLES}
+        encoders = {m: load_encoder(oracle_encoder_path(out, seed, m))[0] for m in oracles}
+        parts = {m: embed(encoders[m], m, clips[m], args.level) for m in oracles}
         off_diagonal = video_ids[:, None] != video_ids[None, :]
-        spreads = {m: (parts[m] @ parts[m].t())[off_diagonal] for m in ORACLES}
+        spreads = {m: (parts[m] @ parts[m].t())[off_diagonal] for m in oracles}
         print(f"seed {seed}: cosine " + ", ".join(f"{m} {c.mean():.2f} +- {c.std():.2f}" for m, c in spreads.items()))
-        both = torch.cat([parts[m] for m in ORACLES], dim=1)
-        dims = tuple(parts[m].shape[1] for m in ORACLES)
-        runs = {
-            "flow alone": (parts["flow"], "cosine_sum", None),
-            "audio alone": (parts["audio"], "cosine_sum", None),
-            "flow+audio, cosine_sum": (both, "cosine_sum", dims),
-            "flow+audio, standardized": (both, "standardized", dims),
-        }
+        runs = {f"{m} alone": (parts[m], "cosine_sum", None) for m in oracles}
+        if "flow" in parts and "audio" in parts:
+            both = torch.cat([parts["flow"], parts["audio"]], dim=1)
+            dims = (parts["flow"].shape[1], parts["audio"].shape[1])
+            runs["flow+audio, cosine_sum"] = (both, "cosine_sum", dims)
+            runs["flow+audio, standardized"] = (both, "standardized", dims)
         for name, (oracle, similarity, oracle_dims) in runs.items():
             scores = mine_and_score(oracle, video_ids, keys, args.topk, args.queue, similarity, oracle_dims)
             print(f"  {name:26s} " + " / ".join(f"{scores[k]:5.1f}" for k in ("motion", "sound", "class")), flush=True)

@@ -137,9 +137,9 @@ def test_retrieval_of_a_random_encoder_writes_json_table_figure_and_projector(tr
     assert metrics["data"] == SMALL_CLIP and metrics["model"] == "random init"
 
     table = out.with_suffix(".md").read_text().splitlines()
-    assert table[0].split("|")[1:-1] == [f" {c} " for c in ["model", "RGB", "Flow", "Audio", *RECALL_KEYS,
-                                                              "chance_R@1"]]
-    assert table[2].startswith("| random init | ✓ |  |  | ") and len(table) == 3
+    assert table[0].split("|")[1:-1] == [f" {c} " for c in ["model", "RGB", "Flow", "Audio", "RGBDiff",
+                                                              *RECALL_KEYS, "chance_R@1"]]
+    assert table[2].startswith("| random init | ✓ |  |  |  | ") and len(table) == 3
 
     # One row per test class (4), a query and its 5 neighbours per row: the report's documented size.
     expected = retrieval_figure([torch.zeros(3, 8, 8)] * 4, [[torch.zeros(3, 8, 8)] * 5] * 4, [0] * 4,

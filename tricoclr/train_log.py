@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from tqdm.auto import tqdm
 
+from tricoclr.data import modalities as registry
 from tricoclr.data.dataset import DataStats
 from tricoclr.eval.features import leave_one_out_r1
 
@@ -40,18 +40,8 @@ def log_augmented_clips(accelerator, plan_name: str, batch: dict, views, step: i
     for name in views.all:
         for view in views.views_of(name):
             tensor = batch[f"{name}.view{view}"][:4].detach().float().cpu()
-            writer.add_images(f"augmented/{plan_name}/{name}.view{view}", _as_image(tensor), step)
-
-
-def _as_image(tensor: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, H, W) video -> its middle frame; (B, 1, F, T) spectrogram -> flipped upright;
-    two flow channels get a zero third; each image scaled to [0, 1]."""
-    image = tensor[:, :, tensor.shape[2] // 2] if tensor.dim() == 5 else tensor.flip(2)
-    if image.shape[1] == 2:
-        image = torch.cat([image, torch.zeros_like(image[:, :1])], dim=1)
-    low = image.amin(dim=(1, 2, 3), keepdim=True)
-    high = image.amax(dim=(1, 2, 3), keepdim=True)
-    return (image - low) / (high - low).clamp_min(1e-6)
+            # the registry entry says how the modality is drawn: (B, 3, H, W) in [0, 1]
+            writer.add_images(f"augmented/{plan_name}/{name}.view{view}", registry.get(name).draw(tensor), step)
 
 
 def knn_monitor(accelerator, encoder, modality: str, data_cfg, step: int) -> None:

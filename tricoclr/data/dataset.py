@@ -110,14 +110,18 @@ def build_sample(record, video_index: int, epoch: int, seed: int, views: StageVi
         "video_id": meta["id"],
         "label": torch.tensor(-1 if label is None else int(label), dtype=torch.long),
     }
+    worker_clips = {}  # (clip source, view) -> augmented clip: a derived modality reuses its source's
     for name in views.all:
         modality = registry.get(name)
         for view in views.views_of(name):
             start = starts[view - 1]
             clip = registry.ClipRequest(start, spec, float(meta["fps"]), clip_frame_limit(start, num_frames, spans))
-            raw = modality.read(record, clip, data_cfg)
-            generator = sample_generator(seed, epoch, video_index, view, name)
-            augmented = modality.augment(raw, generator, data_cfg)
+            if (modality.clip_source, view) not in worker_clips:
+                source = registry.get(modality.clip_source)
+                raw = source.read(record, clip, data_cfg)
+                generator = sample_generator(seed, epoch, video_index, view, source.name)
+                worker_clips[source.name, view] = source.augment(raw, generator, data_cfg)
+            augmented = worker_clips[modality.clip_source, view]
             if isinstance(augmented, tuple):  # the worker's geometry decided the device-side parameters
                 sample[f"{name}.view{view}"], sample[f"{name}.view{view}.params"] = augmented
             else:
@@ -447,7 +451,7 @@ class WebDatasetPairStream(IterableDataset):
         if not self.shards:
             raise ValueError(f"no complete shards in {self.store.root}")
         self.shard_counts = self._usable_per_shard(metas)
-        self.wanted_modalities = {schema.META_PART, *views.all}
+        self.wanted_modalities = {schema.META_PART, *registry.stored_parts_of(views.all)}
         self.plan = make_plan(sum(self.shard_counts.values()), batch_size, world_size, self.num_workers)
         # (epoch, start_batch), shared with the DataLoader workers: they persist across epochs
         # and keep their own copy of this object, so a plain attribute would never reach them.

@@ -1,17 +1,29 @@
-"""The modality registry: everything that differs between RGB, flow and audio lives here.
+"""The modality registry: the one place a modality lives.
 
-The method, the trainer and the evaluation never name a modality in their logic; they look it up
-here. Adding a fourth modality (e.g. text) means one new ``Modality`` entry (plus its extractor in
-``data_tools`` and, if needed, a backbone in ``tricoclr.models.backbones``).
+Every other module of ``tricoclr`` acts on what an entry declares and never branches on a
+modality's name, tensor rank or channel count (``tests/test_structure.py`` walks the code and
+checks it). An entry declares, as typed fields:
 
-An entry says how to read one clip of the modality from a prepared record, how to augment it on
-the loader workers (geometric part, deterministic from a generator), how to finish it on the
-training device (photometric part, batched), and how to present it for evaluation (no randomness).
+- where its clips come from: the stored parts it reads (``stored_parts``, written by
+  ``tricoclr-data prepare``) or the modality it is derived from (``derived_from``: no storage);
+- its ``layout`` ("video": (C, T, H, W) clips; "spectrogram": (C, F, T)-like slices);
+- how a clip is read (``read``), augmented on the loader workers (``augment``, geometric,
+  deterministic from a generator), finished on the training device (``sample_device_params``,
+  ``finish_on_device``, batched) and presented for evaluation (``present``, ``eval_views``,
+  ``finish_eval``: no randomness);
+- its encoder: ``default_backbone``, ``in_channels`` and ``backbone_options`` (model config ->
+  extra options of the backbone builder);
+- how it is drawn: ``draw`` (a batch -> (B, 3, H, W) images in [0, 1], TensorBoard) and
+  ``thumbnail`` (a record -> (3, 64, 64) uint8, the retrieval figure and contact sheets);
+- its ``display_name`` (tables, figures).
+
+A new modality is one ``register(Modality(...))`` call, from inside or outside the package
+(docs/adding_a_modality.md; ``tests/test_modality_outside.py`` adds one from a test file).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,6 +32,11 @@ import torch.nn.functional as F
 from tricoclr.data import transforms
 from tricoclr.data.sampling import ClipSpec, clip_frame_indices, spectrogram_span
 from tricoclr.data.schema import dequantise_flow
+
+LAYOUTS = ("video", "spectrogram")
+# The encoder evaluation reports unless told otherwise: the paper evaluates the RGB encoder.
+DEFAULT_EVAL_MODALITY = "rgb"
+THUMBNAIL_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -32,25 +49,122 @@ class ClipRequest:
     num_frames: int  # frames the clip may read: the video's, or the end of its span (meta spans)
 
 
+def _identity_finish(batch, params):
+    return batch
+
+
+def _always(meta: dict) -> bool:
+    return True
+
+
+def _no_backbone_options(model_cfg, backbone: str):
+    return None
+
+
+def _single_view(raw):
+    return [raw]
+
+
+def square_crops(frames: torch.Tensor) -> list[torch.Tensor]:
+    """(T,C,H,W) -> three (T,C,S,S) squares, S the shorter side: start, centre and end of the longer
+    (the evaluation windows of video modalities)."""
+    _, _, h, w = frames.shape
+    side = min(h, w)
+    crops = []
+    for fraction in (0.0, 0.5, 1.0):
+        top, left = int(round((h - side) * fraction)), int(round((w - side) * fraction))
+        crops.append(frames[:, :, top : top + side, left : left + side])
+    return crops
+
+
+def _scaled_to_unit(image: torch.Tensor) -> torch.Tensor:
+    low = image.amin(dim=(1, 2, 3), keepdim=True)
+    high = image.amax(dim=(1, 2, 3), keepdim=True)
+    return (image - low) / (high - low).clamp_min(1e-6)
+
+
+def draw_video_frames(batch: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) -> the middle frames (B, 3, H, W), each scaled to [0, 1]."""
+    return _scaled_to_unit(batch[:, :, batch.shape[2] // 2].float())
+
+
+def draw_vector_field(batch: torch.Tensor) -> torch.Tensor:
+    """(B, 2, T, H, W) flow -> the middle fields as (x, y, 0) colour images (B, 3, H, W) in [0, 1]."""
+    image = batch[:, :, batch.shape[2] // 2].float()
+    return _scaled_to_unit(torch.cat([image, torch.zeros_like(image[:, :1])], dim=1))
+
+
+def draw_spectrogram(batch: torch.Tensor) -> torch.Tensor:
+    """(B, 1, F, T) -> upright grey images (B, 3, F, T) in [0, 1] (low frequencies at the bottom)."""
+    return _scaled_to_unit(batch.float().flip(2)).expand(-1, 3, -1, -1)
+
+
+def middle_rgb_thumbnail(record) -> torch.Tensor:
+    """(3, 64, 64) uint8: the centre square of the video's middle stored RGB frame."""
+    frame = record.frames("rgb", int(record.meta["frames"]) // 2, 1)[0]
+    _, h, w = frame.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = frame[None, :, top : top + side, left : left + side].float()
+    small = F.interpolate(square, size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="bilinear",
+                          align_corners=False, antialias=True)
+    return small[0].round().clamp(0, 255).to(torch.uint8)
+
+
 @dataclass(frozen=True)
 class Modality:
+    """One modality, as data and small functions (see the module docstring for each field's role).
+
+    Raises ``ValueError`` at construction for an unknown layout, a modality that both reads stored
+    parts and is derived, or one that does neither.
+    """
+
     name: str
-    in_channels: int
-    default_backbone: str
-    # record, clip request, data config -> raw clip (uint8 frames or a float spectrogram slice)
+    layout: str  # "video" (C,T,H,W) or "spectrogram" (C,F,T)
+    in_channels: int  # of the network-layout tensor the encoder sees
+    default_backbone: str  # a name in tricoclr.models.backbones (or a torchvision model)
+    # record, clip request, data config -> raw clip (uint8 frames, a float spectrogram slice...)
     read: Callable
-    # raw clip, generator, data config -> network-layout tensor ((C,T,H,W) video, (1,F,T) audio),
-    # or (tensor, per-clip parameters for finish_on_device) when the geometry decides them
+    # raw clip, generator, data config -> network-layout tensor, or (tensor, per-clip parameters
+    # for finish_on_device) when the geometry decides them
     augment: Callable
     # raw clip, data config -> network-layout tensor with no randomness (evaluation)
     present: Callable
+    stored_parts: tuple[str, ...] = ()  # store parts read ("rgb", "flow", "audio"; schema.md)
+    derived_from: str | None = None  # read and augment on the workers as this modality's clip
+    display_name: str = ""  # tables and figures; defaults to the name capitalised
     # meta -> whether this video can serve the modality (e.g. it has audible audio)
-    available: Callable = lambda meta: True
+    available: Callable = _always
     # per-clip parameters for the device-side part, drawn on the worker (None: nothing on device)
     sample_device_params: Callable | None = None
     # batched device-side finish: (batch tensor, batched params or None) -> float tensor
-    finish_on_device: Callable = lambda batch, params: batch
-    extras: dict = field(default_factory=dict)
+    finish_on_device: Callable = _identity_finish
+    # batched device-side finish without randomness (evaluation): (batch, None) -> float tensor
+    finish_eval: Callable = _identity_finish
+    # raw clip -> the list of raw windows evaluated per clip (video: three square crops)
+    eval_views: Callable = _single_view
+    # (model config, backbone name) -> extra keyword options of the backbone builder, or None
+    backbone_options: Callable = _no_backbone_options
+    # a batch of network-layout clips -> (B, 3, H, W) float images in [0, 1] (TensorBoard)
+    draw: Callable = draw_video_frames
+    # a store record -> (3, 64, 64) uint8 image (retrieval figure, contact sheet)
+    thumbnail: Callable = middle_rgb_thumbnail
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"modality '{self.name}': layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if bool(self.stored_parts) == bool(self.derived_from):
+            raise ValueError(f"modality '{self.name}' must either read stored parts or be derived from "
+                             f"another modality (stored_parts={self.stored_parts!r}, derived_from={self.derived_from!r})")
+        if not self.display_name:
+            object.__setattr__(self, "display_name", self.name.capitalize())
+        if self.display_name.lower() != self.name.lower():  # tables parse display names back
+            raise ValueError(f"modality '{self.name}': display name {self.display_name!r} must spell the name")
+
+    @property
+    def clip_source(self) -> str:
+        """The modality whose worker-side clip this one starts from (itself unless derived)."""
+        return self.derived_from or self.name
 
 
 # ---- video modalities (rgb, flow) --------------------------------------------------------------
@@ -152,63 +266,131 @@ def _audio_present(raw, data_cfg):
     return fitted  # (1, F, steps)
 
 
+def _rgbdiff_finish(batch, params):
+    """(B, 3, T, H, W) uint8 crops -> (B, 3, T-1, H, W) float consecutive-frame differences in
+    [-1, 1] (full scale = 255). Computed from the geometric crop and flip, before any photometric
+    jitter: the differences then carry motion, not colour noise (docs/adding_a_modality.md)."""
+    frames = batch.float() / 255
+    return frames[:, :, 1:] - frames[:, :, :-1]
+
+
+def _flow_backbone_options(model_cfg, backbone: str):
+    """S3D's 3-channel stem takes flow's 2 channels as ``model.flow_stem`` says."""
+    return {"stem": model_cfg.flow_stem} if backbone == "s3d" else None
+
+
 MODALITIES: dict[str, Modality] = {}
 
 
 def register(modality: Modality) -> Modality:
+    """Add a modality to the registry (from inside or outside the package); returns it.
+
+    Raises ``ValueError`` if the name is taken or it is derived from an unregistered modality.
+    """
     if modality.name in MODALITIES:
         raise ValueError(f"modality '{modality.name}' is registered twice")
+    if modality.derived_from and modality.derived_from not in MODALITIES:
+        raise ValueError(f"modality '{modality.name}' is derived from unregistered '{modality.derived_from}'")
     MODALITIES[modality.name] = modality
     return modality
+
+
+def unregister(name: str) -> None:
+    """Remove a modality added by ``register`` (tests, plugins); built-ins stay."""
+    if name in BUILT_IN:
+        raise ValueError(f"modality '{name}' is built in and cannot be removed")
+    MODALITIES.pop(name, None)
 
 
 register(
     Modality(
         name="rgb",
+        layout="video",
         in_channels=3,
         default_backbone="s3d",
+        stored_parts=("rgb",),
+        display_name="RGB",
         read=_read_video("rgb"),
         augment=_rgb_augment,
         present=_rgb_present,
         sample_device_params=transforms.sample_photometric_params,
         finish_on_device=_rgb_finish,
-        extras={"finish_eval": _rgb_finish_eval},
+        finish_eval=_rgb_finish_eval,
+        eval_views=square_crops,
     )
 )
 register(
     Modality(
         name="flow",
+        layout="video",
         in_channels=2,
         default_backbone="s3d",
+        stored_parts=("flow",),
+        display_name="Flow",
         read=_read_video("flow"),
         augment=_flow_augment,
         present=_flow_present,
         available=_flow_available,
         finish_on_device=_flow_finish,
+        eval_views=square_crops,
+        backbone_options=_flow_backbone_options,
+        draw=draw_vector_field,
     )
 )
 register(
     Modality(
         name="audio",
+        layout="spectrogram",
         in_channels=1,
         default_backbone="resnet18",
+        stored_parts=("audio",),
+        display_name="Audio",
         read=_read_spectrogram,
         augment=_audio_augment,
         present=_audio_present,
         available=_audio_available,
+        draw=draw_spectrogram,
     )
 )
+# Residual frames: derived from the RGB clip (no storage, no preparation step). On the workers it
+# is the same crop and flip as the view's RGB clip (the same random stream); the differences are
+# taken on the device, before photometric jitter.
+register(
+    Modality(
+        name="rgbdiff",
+        layout="video",
+        in_channels=3,
+        default_backbone="s3d",
+        derived_from="rgb",
+        display_name="RGBDiff",
+        read=_read_video("rgb"),
+        augment=_rgb_augment,
+        present=_rgb_present,
+        finish_on_device=_rgbdiff_finish,
+        finish_eval=_rgbdiff_finish,
+        eval_views=square_crops,
+    )
+)
+BUILT_IN = frozenset(MODALITIES)
 
 
 def get(name: str) -> Modality:
+    """The registered modality ``name``; ``KeyError`` naming the registered ones otherwise."""
     try:
         return MODALITIES[name]
     except KeyError:
         raise KeyError(f"unknown modality '{name}'; registered: {sorted(MODALITIES)}") from None
 
 
+def stored_parts_of(names) -> set[str]:
+    """The store parts the modalities ``names`` read, derived ones through their source."""
+    parts: set[str] = set()
+    for name in names:
+        modality = get(name)
+        parts.update(modality.stored_parts or stored_parts_of([modality.derived_from]))
+    return parts
+
+
 def finish_for_eval(name: str, batch: torch.Tensor) -> torch.Tensor:
-    """Device-side finish without randomness (evaluation): normalisation only."""
-    modality = get(name)
-    finish = modality.extras.get("finish_eval")
-    return finish(batch, None) if finish else batch
+    """Device-side finish without randomness (evaluation), e.g. normalisation only."""
+    return get(name).finish_eval(batch, None)

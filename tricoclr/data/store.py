@@ -200,6 +200,15 @@ class VideoRecord:
             out = torch.cat([out, torch.full((out.shape[0], num_steps - out.shape[1]), silence)], dim=1)
         return out
 
+    def array(self, part: str) -> np.ndarray:
+        """The numpy array stored as part ``part`` (written with ``schema.encode_array``): the
+        reader of a stored modality that keeps one array per video (docs/adding_a_modality.md).
+        Raises KeyError naming the video and part when the record lacks it."""
+        (blob,) = self._fetch([part])
+        if blob is None:
+            raise KeyError(f"{self.id}: no '{part}' part in the store")
+        return schema.decode_array(blob)
+
 
 def _decode_jpeg(data: memoryview) -> torch.Tensor:
     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))

@@ -128,7 +128,7 @@ def load_eval_encoder(args) -> EvalEncoder:
 
 def random_encoder(args) -> EvalEncoder:
     config = load_config(resolve_config(args.config))
-    modality = args.modality or "rgb"
+    modality = args.modality or registry.DEFAULT_EVAL_MODALITY
     if modality not in registry.MODALITIES:
         raise EvalError(f"unknown modality {modality!r}; registered: {sorted(registry.MODALITIES)}")
     torch.manual_seed(args.seed)
@@ -262,13 +262,14 @@ def linear(train: dict, test: dict, num_classes: int, args) -> dict:
 
 
 def display_name(modality: str) -> str:
-    return {"rgb": "RGB"}.get(modality, modality.capitalize())
+    """The modality's name in tables and figures (the registry's ``display_name``)."""
+    return registry.get(modality).display_name
 
 
 def write_outputs(args, metrics: dict, loaded: EvalEncoder) -> None:
     trained_with = args.modalities.replace(",", "+").split("+") if args.modalities else loaded.trained_with
     name = args.model_name or loaded.name
-    if loaded.modality != "rgb" and not args.model_name:
+    if loaded.modality != registry.DEFAULT_EVAL_MODALITY and not args.model_name:
         name += f" [{loaded.modality} encoder]"
     metrics = {"task": args.task, "model": name, "encoder": args.encoder, "modality": loaded.modality,
                "trained_with": trained_with, "data": clip_settings(loaded.config.data),

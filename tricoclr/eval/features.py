@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 
 # Bump when extraction changes what a cached feature means: older cache files stop matching.
 FEATURE_PROTOCOL = 2
-THUMBNAIL_SIZE = 64
 
 
 class EvalError(ValueError):
@@ -104,18 +102,6 @@ def check_labelled(metas: list[dict], store_root) -> None:
         )
 
 
-def middle_thumbnail(record: VideoRecord) -> torch.Tensor:
-    """(3, 64, 64) uint8: the centre square of the video's middle RGB frame (whatever the modality)."""
-    frame = record.frames("rgb", int(record.meta["frames"]) // 2, 1)[0]
-    _, h, w = frame.shape
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = frame[None, :, top : top + side, left : left + side].float()
-    small = F.interpolate(square, size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="bilinear",
-                          align_corners=False, antialias=True)
-    return small[0].round().clamp(0, 255).to(torch.uint8)
-
-
 def window_clips(record: VideoRecord, modality: str, data_cfg: dict, max_clips: int | None):
     """Yield the raw clip (as the modality reads it) of every evaluation window of one video."""
     entry = registry.get(modality)
@@ -158,7 +144,7 @@ class VideoClips(IterableDataset):
                     "id": record.id,
                     "label": int(record.meta["label_index"]),
                     "clips": present_clips(record, self.modality, self.data_cfg, self.max_clips),
-                    "thumbnail": middle_thumbnail(record),
+                    "thumbnail": registry.get(self.modality).thumbnail(record),
                 }
             except (KeyError, ValueError, IndexError, RuntimeError, OSError) as error:
                 yield {"id": record.id, "error": f"{type(error).__name__}: {error}"}

@@ -62,25 +62,14 @@ class Classifier(nn.Module):
 # ---- testing ----------------------------------------------------------------------------------
 
 
-def square_crops(frames: torch.Tensor) -> list[torch.Tensor]:
-    """(T,C,H,W) -> three (T,C,S,S) squares, S the shorter side: start, centre and end of the longer."""
-    _, _, h, w = frames.shape
-    side = min(h, w)
-    crops = []
-    for fraction in (0.0, 0.5, 1.0):
-        top, left = int(round((h - side) * fraction)), int(round((w - side) * fraction))
-        crops.append(frames[:, :, top : top + side, left : left + side])
-    return crops
-
-
 def test_views(record, modality: str, data_cfg: dict, max_clips: int) -> torch.Tensor:
     """Every clip x crop of one video, presented for the network (video: 3 crops; audio: 1 view)."""
     entry = registry.get(modality)
     views = []
     for raw in window_clips(record, modality, data_cfg, max_clips):
-        # present() resizes each square and, for flow, scales the vectors with it.
-        crops = square_crops(raw) if raw.dim() == 4 else [raw]
-        views.extend(entry.present(crop, data_cfg) for crop in crops)
+        # The entry's evaluation windows (video: three squares); present() resizes each and,
+        # for flow, scales the vectors with it.
+        views.extend(entry.present(crop, data_cfg) for crop in entry.eval_views(raw))
     return torch.stack(views)
 
 

@@ -12,12 +12,13 @@ from .encoder import Encoder
 
 
 def build_encoder(config: Config, modality: str) -> Encoder:
-    """The encoder of ``modality`` (``model.backbones``, ``model.embed_dim``; the flow S3D's stem
-    per ``model.flow_stem``), with global batch norm when ``method.batchnorm=global``. Weights
-    come from torch's global generator: seed it first for reproducible initial weights."""
+    """The encoder of ``modality`` (``model.backbones``, ``model.embed_dim``; backbone options as
+    the registry entry derives them from the model config, e.g. flow's S3D stem per
+    ``model.flow_stem``), with global batch norm when ``method.batchnorm=global``. Weights come
+    from torch's global generator: seed it first for reproducible initial weights."""
     spec = registry.get(modality)
     backbone = config.model.backbones[modality]
-    options = {"stem": config.model.flow_stem} if spec.in_channels == 2 and backbone == "s3d" else None
+    options = spec.backbone_options(config.model, backbone)
     encoder = Encoder(backbone, spec.in_channels, embed_dim=config.model.embed_dim, backbone_options=options)
     if config.method.batchnorm == "global":
         convert_to_global_batchnorm(encoder)
