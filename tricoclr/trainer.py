@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tricoclr import modalities as registry
+from tricoclr import preemption
 from tricoclr.config import DEFAULTS, ConfigError, dump_config
 from tricoclr.data.dataset import DataStats, EpochLoader, StageViews, finish_batch
 from tricoclr.data.sampling import sample_generator
@@ -149,7 +149,6 @@ class Trainer:
         self.schedule = build_schedule(config)
         self.encoders: dict[str, Encoder] = {}
         self.global_step = 0
-        self._preempt_signal = False
         self.history: list[dict] = []
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -213,15 +212,9 @@ class Trainer:
                 log.warning("no saved %s encoder in %s: starting it from random weights", name, path.parent)
 
     def _install_signal_handler(self) -> None:
-        def request_save(signum, frame):
-            self._preempt_signal = True
-            log.warning("signal %d received: checkpoint at the next optimizer step, then exit", signum)
-
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(sig, request_save)
-            except ValueError:  # not the main thread (e.g. inside a notebook worker)
-                pass
+        # The training entry point installed them at import already; again here for runs that
+        # build a Trainer directly. The flag is read with preemption.requested() at every micro-step.
+        preemption.install()
 
     # ---- the schedule -----------------------------------------------------------------------
 
@@ -390,7 +383,7 @@ class Trainer:
                     flags = acc.reduce(torch.stack([
                         (~finite).float(),
                         torch.where(finite, loss.detach().float(), torch.zeros_like(loss, dtype=torch.float32)),
-                        torch.tensor(float(self._preempt_signal), device=loss.device),
+                        torch.tensor(float(preemption.requested()), device=loss.device),
                     ]), "sum").tolist()
                     step_bad = step_bad or flags[0] > 0
                     if not step_bad:
@@ -433,6 +426,8 @@ class Trainer:
                     if finished and not stage_complete and self.is_main:
                         self._save_latest_encoder(plan)  # the run ends inside this stage
                     if preempt:
+                        log.warning("preemption requested (SIGUSR1/SIGTERM or %s): checkpoint written at step %d, "
+                                    "exiting", preemption.REQUEST_FILE_ENV, self.global_step)
                         if self.is_main:
                             write_text_atomic(self.output_dir / PREEMPTED_MARKER, f"{self.global_step}\n")
                         acc.wait_for_everyone()
