@@ -37,7 +37,9 @@ echo "node $machine_rank: $processes process(es), accelerate config $config_file
 
 (
   trap '' USR1 TERM
-  export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+  # torchrun's agent (accelerate's multi-process launcher) handles these by stopping its workers:
+  # leave SIGTERM out (PET_ variable: torch's launcher option; the other: older versions).
+  export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
   exec accelerate launch --config_file "$config_file" \
     --num_machines "$num_machines" --machine_rank "$machine_rank" \
     --num_processes $((num_machines * processes)) \
