@@ -114,9 +114,10 @@ class Cluster:
         return dict(re.findall(r"(\w+)=(\S*)", line))
 
     def wait_for_end(self, job_id: int, timeout: float, max_restarts: int = 4, on_poll=None) -> dict:
-        """Poll until the job has ended (not PENDING/RUNNING/...): a requeued job's wait for its
-        begin time is cut short (``scontrol update StartTime=now``); more than ``max_restarts``
-        requeues, or ``timeout`` seconds, cancel it and fail."""
+        """Poll until the job has ended (not PENDING/RUNNING/...); more than ``max_restarts``
+        requeues, or ``timeout`` seconds, cancel it and fail. (A requeued job is not released
+        with ``scontrol update StartTime=now``: started before its old credential expired, it is
+        killed at once, "Job credential revoked"; the short ``cred_expire`` is the way.)"""
         deadline = time.monotonic() + timeout
         while True:
             info = self.job(job_id)
@@ -128,8 +129,6 @@ class Cluster:
                 self.command("scancel", str(job_id), check=False)
                 raise AssertionError(f"job {job_id} still {info['JobState']} after {info.get('Restarts')} requeues "
                                      f"(limit {max_restarts}) or {timeout} s:\n{self.log_tail()}")
-            if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-                self.command("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
             time.sleep(0.5)
 
     def wait_for_state(self, job_id: int, state: str, timeout: float) -> dict:
@@ -148,7 +147,15 @@ class Cluster:
         return "\n".join(tails)
 
     def stop(self) -> None:
-        """SIGTERM to each daemon by PID (slurmd first), SIGKILL after 15 s."""
+        """Cancel the jobs still there (a job left running would outlive slurmd in its
+        slurmstepd), then SIGTERM each daemon by PID (slurmd first), SIGKILL after 15 s."""
+        if all(p.poll() is None for p in self.processes.values()):
+            jobs = self.command("squeue", "-h", "-o", "%A", check=False).split()
+            if jobs:
+                self.command("scancel", *jobs, check=False)
+                deadline = time.monotonic() + 45  # KillWait is 30 s
+                while self.command("squeue", "-h", "-o", "%A", check=False).split() and time.monotonic() < deadline:
+                    time.sleep(0.5)
         for name in reversed(DAEMONS):
             process = self.processes.get(name)
             if process is None or process.poll() is not None:
