@@ -103,10 +103,15 @@ def test_warnings_at_start_up_and_to_every_process_of_the_step_requeue_and_resum
                        "configs/tiny.yaml", *overrides(train_lmdb, out), cwd=REPO, env=job_env(slurm))
     output = tmp_path / f"job-{job}.out"
     slurm.wait_for_state(job, "RUNNING", timeout=60)
-    deadline = time.monotonic() + 30
-    while not _scancel(slurm, job, "--batch"):  # the batch step exists a moment after RUNNING
-        assert time.monotonic() < deadline, "could not signal the batch shell"
-        time.sleep(0.05)
+    # A signal sent before slurmd has started the batch shell is dropped by SLURM (scancel still
+    # succeeds): wait for the shell (slurmstepd opens its output file just before), then give
+    # bash a moment to reach its first command, the trap; python has not started yet.
+    deadline = time.monotonic() + 60
+    while not output.exists():
+        assert time.monotonic() < deadline, "the batch shell did not start"
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert _scancel(slurm, job, "--batch")
     signalled_step = []
 
     def signal_the_running_step(info):
