@@ -1,7 +1,8 @@
 """The SLURM scripts, run without SLURM: syntax and lint, the preemption path of the single-node
-batch script (SIGUSR1 to the batch shell -> node_launch.sh -> the trainer checkpoints and writes
-PREEMPTED -> requeue_or_finish.sh calls ``scontrol requeue``; the same command then resumes and
-finishes exactly like an uninterrupted run), and the data-preparation array job.
+batch script (SIGUSR1 to the batch shell -> its trap touches TRICOCLR_PREEMPT_FILE -> the trainer
+checkpoints and writes PREEMPTED -> requeue_or_finish.sh calls ``scontrol requeue``; the same
+command then resumes and finishes exactly like an uninterrupted run), and the data-preparation
+array job. The same scripts under a real SLURM: ``test_slurm_cluster.py``.
 
 ``scontrol`` is a stand-in on PATH that logs its arguments; everything else is the real thing
 (``accelerate launch`` on one CPU process).
