@@ -1,7 +1,8 @@
 """The SLURM scripts, run without SLURM: syntax and lint, the preemption path of the single-node
-batch script (SIGUSR1 to the batch shell -> node_launch.sh -> the trainer checkpoints and writes
-PREEMPTED -> requeue_or_finish.sh calls ``scontrol requeue``; the same command then resumes and
-finishes exactly like an uninterrupted run), and the data-preparation array job.
+batch script (SIGUSR1 to the batch shell -> its trap touches TRICOCLR_PREEMPT_FILE -> the trainer
+checkpoints and writes PREEMPTED -> requeue_or_finish.sh calls ``scontrol requeue``; the same
+command then resumes and finishes exactly like an uninterrupted run), and the data-preparation
+array job. The same scripts under a real SLURM: ``test_slurm_cluster.py``.
 
 ``scontrol`` is a stand-in on PATH that logs its arguments; everything else is the real thing
 (``accelerate launch`` on one CPU process).
@@ -29,7 +30,7 @@ SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + sorted((REPO / "slurm").glob("
 
 
 def test_scripts_parse_and_pass_shellcheck():
-    assert len(SCRIPTS) == 5
+    assert len(SCRIPTS) == 6
     for script in SCRIPTS:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
@@ -75,7 +76,8 @@ def test_sigusr1_to_the_batch_script_checkpoints_requeues_and_the_requeued_job_r
         if job.poll() is None:
             job.kill()
     assert job.returncode == 0, output[-3000:]
-    assert "SIGUSR1 received" in output and "requeueing job 4242" in output
+    assert "preemption requested" in output and "requeueing job 4242" in output
+    assert "launcher exited with status 0" in output
     assert log.read_text().split("\n")[0] == "requeue 4242"
     assert not (out / "PREEMPTED").exists()  # consumed by requeue_or_finish.sh
     preempted_at = newest_checkpoint(out)
@@ -108,7 +110,8 @@ def test_the_array_job_prepares_disjoint_parts_that_read_as_one_store(synth_data
     video_list.write_text("\n".join(listed) + "\n")
     tasks = []
     for task in (0, 1):  # the two array tasks run side by side, as SLURM would
-        env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_COUNT="2", SLURM_CPUS_PER_TASK="1",
+        env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_MIN="0",
+                   SLURM_ARRAY_TASK_MAX="1", SLURM_CPUS_PER_TASK="1",
                    SLURM_SUBMIT_DIR=str(REPO), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
         tasks.append(subprocess.Popen(
             ["bash", "slurm/prepare_array.sbatch", str(synth_dataset / "videos"), str(out), "--format", "lmdb",

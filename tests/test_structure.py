@@ -15,17 +15,13 @@ MAX_FUNCTION_LINES = 80
 # At most three functions may be longer, each saying why in its docstring with this phrase.
 JUSTIFIED_PHRASE = "Longer than 80 lines because"
 MAX_JUSTIFIED = 3
-# TEMPORARY: data_tools/prepare.py is being split by concept (issue 14, item 5); a long function of
-# it may be listed here, as (path, function name), until then. This list must end up empty (it is
-# empty now: none of its functions is over the limit at this commit).
-TEMPORARY_LONG_FUNCTIONS: set[tuple[str, str]] = set()
 
 # The stack, bottom first: a module may import its own layer (without cycles) and layers below.
 # config sits above tricoclr.data because it checks modality names against the data layer's
 # registry; the evaluation library sits below training because the online kNN monitor measures
 # with the evaluation's feature extraction (so monitor and evaluation agree).
 LAYERS = [
-    ("utilities", ("tricoclr.durable", "tricoclr.distributed", "tricoclr.ops")),
+    ("utilities", ("tricoclr.durable", "tricoclr.distributed", "tricoclr.ops", "tricoclr.preemption")),
     ("data", ("tricoclr.data",)),
     ("data_tools", ("data_tools",)),
     ("config", ("tricoclr.config",)),
@@ -120,7 +116,7 @@ def test_no_function_is_longer_than_80_lines():
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             length = node.end_lineno - node.lineno + 1
-            if length <= MAX_FUNCTION_LINES or (relative, node.name) in TEMPORARY_LONG_FUNCTIONS:
+            if length <= MAX_FUNCTION_LINES:
                 continue
             if JUSTIFIED_PHRASE in (ast.get_docstring(node) or ""):
                 justified.append(f"{relative}:{node.name}")
@@ -128,17 +124,6 @@ def test_no_function_is_longer_than_80_lines():
                 too_long.append(f"{relative}:{node.lineno} {node.name} ({length} lines)")
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines: {too_long}"
     assert len(justified) <= MAX_JUSTIFIED, f"more than {MAX_JUSTIFIED} justified long functions: {justified}"
-
-
-def test_the_temporary_allow_list_names_only_long_functions_that_exist():
-    # An entry must be removed once its function is split (so the list empties, not rots).
-    lengths = {}
-    for relative in {path for path, _ in TEMPORARY_LONG_FUNCTIONS}:
-        for node in ast.walk(ast.parse((REPO / relative).read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lengths[(relative, node.name)] = node.end_lineno - node.lineno + 1
-    stale = [entry for entry in TEMPORARY_LONG_FUNCTIONS if lengths.get(entry, 0) <= MAX_FUNCTION_LINES]
-    assert not stale, f"remove from TEMPORARY_LONG_FUNCTIONS (no longer long, or gone): {stale}"
 
 
 def test_the_import_graph_has_no_cycles():

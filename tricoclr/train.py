@@ -14,6 +14,12 @@ if __package__ in (None, ""):
     sys.path = [p for p in sys.path if p != here]
     sys.path.insert(0, str(Path(here).parent))
 
+# Preemption handlers first, before the seconds of importing torch: a SLURM warning that arrives
+# during start-up must ask for a checkpoint, not kill the process (SIGUSR1's default action).
+from tricoclr import preemption  # noqa: E402
+
+preemption.install()
+
 from tricoclr.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from tricoclr import checkpoint, train_log
+from tricoclr import checkpoint, preemption, train_log
 from tricoclr.backend import Backend, make_accelerator
 from tricoclr.checkpoint import PreemptionRequested, StagePosition, newest_checkpoint  # noqa: F401 (API)
 from tricoclr.config import Config
@@ -49,7 +48,6 @@ class Trainer:
         self.encoders: dict[str, torch.nn.Module] = {}
         self.global_step = 0
         self.history: list[dict] = []
-        self._preempt_signal = False
 
     @property
     def is_main(self) -> bool:
@@ -99,15 +97,9 @@ class Trainer:
         return ckpt, resume_state
 
     def _install_signal_handler(self) -> None:
-        def request_save(signum, frame):
-            self._preempt_signal = True
-            log.warning("signal %d received: checkpoint at the next optimizer step, then exit", signum)
-
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(sig, request_save)
-            except ValueError:  # not the main thread (e.g. inside a notebook worker)
-                pass
+        # The training entry point installed them at import already; again here for runs that
+        # build a Trainer directly. The flag is read with preemption.requested() at every micro-step.
+        preemption.install()
 
     def _budget_left(self) -> int | None:
         return None if self.config.max_steps is None else max(0, self.config.max_steps - self.global_step)
@@ -204,7 +196,7 @@ class Trainer:
             flags = acc.reduce(torch.stack([
                 (~finite).float(),
                 torch.where(finite, loss.detach().float(), torch.zeros_like(loss, dtype=torch.float32)),
-                torch.tensor(float(self._preempt_signal), device=loss.device),
+                torch.tensor(float(preemption.requested()), device=loss.device),
             ]), "sum").tolist()
             bad = flags[0] > 0 or any(b for b, _ in micro_steps)
             if not bad:
@@ -264,6 +256,8 @@ class Trainer:
         if finished and not stage_complete and self.is_main:  # the run ends inside this stage
             checkpoint.save_trained_encoder(cfg, run.plan, run.encoder, self.global_step, snapshot=False)
         if preempt:
+            log.warning("preemption requested (SIGUSR1/SIGTERM or %s): checkpoint written at step %d, exiting",
+                        preemption.REQUEST_FILE_ENV, self.global_step)
             checkpoint.mark_preempted(self.accelerator, self.output_dir, self.global_step)
             raise PreemptionRequested(f"checkpoint written at step {self.global_step}")
         if epoch_end and not finished and cfg.data.val_path and cfg.monitor.knn_every_epochs:
