@@ -102,6 +102,7 @@ class VideoRecord:
     def __init__(self, meta: dict, fetch: Callable[[list[str]], list[bytes | None]]):
         self.meta = meta
         self._fetch = fetch
+        self._spectrogram = None  # decoded once per record: both views of a sample slice it
 
     @property
     def id(self) -> str:
@@ -198,10 +199,12 @@ class VideoRecord:
         if not self.meta.get("has_audio"):
             silent = " (its audio is silent)" if self.meta.get("audio_silent") else ""
             raise ValueError(f"{self.id}: no audio{silent}; stages using audio skip such videos (docs/schema.md)")
-        (blob,) = self._fetch([schema.AUDIO_PART])
-        if blob is None:
-            raise KeyError(f"{self.id}: audio record missing from the store")
-        spec = schema.decode_array(blob)
+        if self._spectrogram is None:
+            (blob,) = self._fetch([schema.AUDIO_PART])
+            if blob is None:
+                raise KeyError(f"{self.id}: audio record missing from the store")
+            self._spectrogram = schema.decode_array(blob)
+        spec = self._spectrogram
         steps = spec.shape[1]
         num_steps = steps - start_step if num_steps is None else num_steps
         if start_step < 0 or start_step >= steps or num_steps < 0:
