@@ -125,8 +125,8 @@ def rgb_resized_crop_flip(clip: torch.Tensor, box: CropFlip, size: int = 128) ->
     """Crop ``box`` out of every frame of a (T, C, H, W) clip, resize to size x size, flip.
 
     uint8 RGB is resized channels-last (the layout ``VideoRecord.frames_at`` returns; other
-    layouts are converted first): the same values as any layout, 2-3x faster. The result has
-    the input's memory layout.
+    layouts are converted first): the same values as any layout, 2-3x faster, and the result
+    is channels-last too (``.contiguous()`` if you need the usual layout).
     """
     if _resizes_fastest_channels_last(clip):
         clip = clip.contiguous(memory_format=torch.channels_last)
