@@ -78,13 +78,34 @@ def data_config(workers: int, frames: int, size: int) -> dict:
 # ---- timing ---------------------------------------------------------------------------------------
 
 
-def time_batches(batches, seconds: float) -> float:
-    """Samples per second of an endless batch iterator, after the first batch (worker start-up)."""
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's live child processes (the loader workers),
+    from /proc (Linux); 0 where /proc is missing."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
+
+
+def time_batches(batches, seconds: float) -> dict:
+    """Samples per second of an endless batch iterator, after the first batch (worker start-up),
+    and the CPU milliseconds per sample spent meanwhile by the workers and by this process (on a
+    shared machine the steadier numbers: what dedicated cores would need)."""
     next(batches)
     samples, started = 0, time.perf_counter()
+    workers_cpu, main_cpu = children_cpu_seconds(), time.process_time()
     while time.perf_counter() - started < seconds:
         samples += len(next(batches)["video_index"])
-    return samples / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    return {"samples_per_s": samples / elapsed,
+            "worker_cpu_ms_per_sample": 1000.0 * (children_cpu_seconds() - workers_cpu) / samples,
+            "main_cpu_ms_per_sample": 1000.0 * (time.process_time() - main_cpu) / samples}
 
 
 def pipeline_batches(path: Path, cfg: dict, batch_size: int):
@@ -213,15 +234,22 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     torch.set_num_threads(1)  # one core per worker, like the DataLoader's workers
-    baseline_seconds = args.baseline_seconds or args.seconds
-    per_s = time_batches(pipeline_batches(path, cfg, args.batch_size), args.seconds)
+    baseline_seconds = args.seconds if args.baseline_seconds is None else args.baseline_seconds
+    pipeline = time_batches(pipeline_batches(path, cfg, args.batch_size), args.seconds)
+    per_s = pipeline["samples_per_s"]
     gc.collect()  # stop each loader's workers before the next measurement
-    baseline = time_batches(naive_batches(path, cfg, args.batch_size), baseline_seconds)
-    gc.collect()
-    naive_cpu_ms = measure_in_process(path, lambda record, i: naive_sample(record, i, cfg), baseline_seconds)
+    baseline = 0.0
+    if baseline_seconds > 0:
+        baseline = time_batches(naive_batches(path, cfg, args.batch_size), baseline_seconds)["samples_per_s"]
+        gc.collect()
+    naive_cpu_ms = None
+    if baseline_seconds > 0:
+        naive_cpu_ms = measure_in_process(path, lambda record, i: naive_sample(record, i, cfg), baseline_seconds)
     cpu_ms = measure_in_process(path, lambda record, i: build_sample(record, i, 0, 0, ALL_VIEWS, cfg), args.seconds)
     torch.set_num_threads(os.cpu_count() or 1)  # the device side gets the whole machine
-    device_aug = measure_device_aug(device, args.batch_size, args.clip_frames, args.size, args.device_seconds)
+    device_aug = None
+    if args.device_seconds > 0:
+        device_aug = measure_device_aug(device, args.batch_size, args.clip_frames, args.size, args.device_seconds)
 
     workers = max(1, args.workers)  # 0 workers: the main process is the one worker
     return {
@@ -230,12 +258,18 @@ def run(args) -> dict:
         "samples_per_s": per_s,
         "samples_per_s_per_worker": per_s / workers,
         "mean_ms_per_sample": 1000.0 * workers / per_s,  # worker time per sample
+        # CPU time of the loader's workers and of the main process during the timed window:
+        # what one dedicated core per worker would deliver, whatever else the machine runs.
+        "worker_cpu_ms_per_sample": pipeline["worker_cpu_ms_per_sample"] if args.workers else None,
+        "worker_cpu_samples_per_s": (1000.0 / pipeline["worker_cpu_ms_per_sample"]
+                                     if args.workers and pipeline["worker_cpu_ms_per_sample"] > 0 else None),
+        "main_cpu_ms_per_sample": pipeline["main_cpu_ms_per_sample"],
         "baseline_samples_per_s_per_worker": baseline / workers,
-        "speedup_per_worker": per_s / baseline,
+        "speedup_per_worker": per_s / baseline if baseline else None,
         # In one process, CPU time: what one dedicated core does, whatever else the machine runs.
         "cpu_ms_per_sample": cpu_ms,
         "baseline_cpu_ms_per_sample": naive_cpu_ms,
-        "cpu_speedup": naive_cpu_ms / cpu_ms,
+        "cpu_speedup": naive_cpu_ms / cpu_ms if naive_cpu_ms else None,
         "device_aug_samples_per_s": device_aug,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "clip_frames": args.clip_frames,
@@ -258,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=STORES, default="lmdb")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to time the loader")
-    parser.add_argument("--baseline-seconds", type=float, help="how long to time the naive loader (default --seconds)")
-    parser.add_argument("--device-seconds", type=float, default=5.0, help="how long to time the device side")
+    parser.add_argument("--baseline-seconds", type=float,
+                        help="how long to time the naive loader (default --seconds; 0: skip it)")
+    parser.add_argument("--device-seconds", type=float, default=5.0, help="how long to time the device side (0: skip it)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--clip-frames", type=int, default=30)
     parser.add_argument("--size", type=int, default=128)

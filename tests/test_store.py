@@ -170,3 +170,52 @@ def test_webdataset_store(wds_out, lmdb_out):
         frames = record.meta["frames"]
         assert torch.equal(record.frames("rgb", 3, 9), lmdb_store.record(record.id).frames("rgb", 3, 9))
         assert record.frames("flow", 0, frames).shape[1] == 2
+
+
+def _reference_frames(record, modality: str, indices: list[int]) -> torch.Tensor:
+    """Frames decoded one by one and stacked contiguously, flow fields cut at the recorded
+    offset: the straightforward reading that ``frames_at``'s layout tricks must equal."""
+    from torchvision.io import decode_jpeg
+
+    meta, chunk = record.meta, record.meta["chunk_frames"]
+    images = []
+    for index in indices:
+        (blob,) = record._fetch([schema.chunk_key(modality, index // chunk)])
+        jpeg = schema.unpack_frames(blob)[index % chunk]
+        image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
+        if modality == "flow":
+            h, y = meta["height"], meta["flow_y_offset"]
+            image = torch.cat([image[:, :h], image[:, y : y + h]])
+        images.append(image.contiguous())
+    return torch.stack(images)
+
+
+@pytest.mark.parametrize("source_name", ["Fall/tall.mp4", "Move/a.mp4"])
+def test_frames_at_equals_frame_by_frame_decoding(lmdb_out, source_name):
+    """Channels-last RGB and flow viewed inside the stacked images (84 rows: y field at row 88)
+    hold exactly the values of decoding frame by frame; strided, unsorted and repeated indices
+    and clips across chunks included."""
+    store = open_store(lmdb_out)
+    record = store.record(_by_source(store, source_name)["id"])
+    frames = record.meta["frames"]
+    for indices in ([0, 2, 4, 6, 8, 10, 12], [frames - 1, 3, 3, 9, 17], list(range(5, 21)), [7]):
+        for modality in ("rgb", "flow"):
+            clip = record.frames_at(modality, indices)
+            assert clip.dtype == torch.uint8 and clip.shape[:2] == (len(indices), 3 if modality == "rgb" else 2)
+            assert torch.equal(clip, _reference_frames(record, modality, indices)), (modality, indices)
+    assert record.frames_at("rgb", []).shape == (0, 3, record.meta["height"], record.meta["width"])
+
+
+def test_a_frame_of_the_wrong_size_is_named(lmdb_out, tmp_path):
+    """A chunk whose JPEGs do not have the meta's size: a ValueError naming video, frame and sizes."""
+    from torchvision.io import encode_jpeg
+
+    from tricoclr.data.store import VideoRecord
+
+    store = open_store(lmdb_out)
+    meta = dict(_by_source(store, "Move/a.mp4"))
+    small = bytes(encode_jpeg(torch.zeros((3, 16, 16), dtype=torch.uint8)).numpy())
+    blob = schema.pack_frames([small] * meta["chunk_frames"])
+    record = VideoRecord(meta, lambda parts: [blob for _ in parts])
+    with pytest.raises(ValueError, match=r"rgb frame 2 decodes to \(3, 16, 16\), the meta says \(3, 48, 48\)"):
+        record.frames_at("rgb", [2, 3])

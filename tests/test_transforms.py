@@ -14,10 +14,12 @@ from tricoclr.data.transforms import (
     CropFlip,
     apply_photometric,
     default_blur_kernel_size,
+    flow_crop_quantised,
     flow_geometric,
     flow_resized_crop_flip,
     normalise_flow,
     rgb_geometric,
+    rgb_resized_crop_flip,
     sample_crop_flip,
     sample_photometric_params,
     sample_time_warp,
@@ -88,6 +90,31 @@ def test_modality_streams_do_not_share_randomness_but_rgb_and_flow_share_the_sam
     assert torch.equal(via_generator, flow_resized_crop_flip(flow, rgb_box, size=24))
     boxes = [sample_crop_flip(sample_generator(0, 0, i, 1, stream), 40, 56) for i in range(10) for stream in ("rgb", "flow")]
     assert len(set(boxes)) > 15
+
+
+def _reference_resized_crop_flip(clip: torch.Tensor, box: CropFlip, size: int) -> torch.Tensor:
+    """The plain composition on a contiguous clip: what the layout-aware fast paths must equal."""
+    out = tvf.resized_crop(clip.contiguous(), box.top, box.left, box.height, box.width, [size, size], antialias=True)
+    return tvf.horizontal_flip(out) if box.flip else out
+
+
+@pytest.mark.parametrize("frames", [1, 7, 30])
+def test_resized_crops_equal_the_plain_composition_bit_for_bit(frames):
+    """RGB resized channels-last and flow resized as interleaved frame pairs give exactly the
+    values of torchvision's resized_crop on the contiguous clip: zoom in and out, crops the
+    output's size (no resize), flips, odd frame counts, and a channels-last input."""
+    h, w, size = 50, 66, 40
+    rgb, flow = random_uint8(frames, 3, h, w, seed=frames), random_uint8(frames, 2, h, w, seed=frames + 1)
+    boxes = [sample_crop_flip(sample_generator(3, 0, i, 1, "rgb"), h, w) for i in range(12)]
+    boxes += [CropFlip(0, 0, h, w, True), CropFlip(5, 9, size, size, False), CropFlip(2, 1, size, size, True)]
+    for box in boxes:
+        expected_rgb = _reference_resized_crop_flip(rgb, box, size)
+        assert torch.equal(rgb_resized_crop_flip(rgb, box, size), expected_rgb), box
+        channels_last = rgb.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(rgb_resized_crop_flip(channels_last, box, size), expected_rgb), box
+        quantised, _, _ = flow_crop_quantised(flow, box, size)
+        assert quantised.is_contiguous() and quantised.shape == (2, frames, size, size)
+        assert torch.equal(quantised, _reference_resized_crop_flip(flow, box, size).permute(1, 0, 2, 3)), box
 
 
 # ---- flow geometric -------------------------------------------------------------------------

@@ -152,18 +152,24 @@ def pack_frames(frames: list[bytes]) -> bytes:
 def unpack_frames(blob: bytes | memoryview) -> list[memoryview]:
     """Inverse of pack_frames; returns zero-copy views of each JPEG."""
     view = memoryview(blob)
+    return [view[start:end] for start, end in frame_spans(view)]
+
+
+def frame_spans(blob: bytes | memoryview) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of each JPEG in a pack_frames blob, checked against its length."""
+    view = memoryview(blob)
     if bytes(view[:4]) != _MAGIC:
         raise ValueError("not a TriCoCLR frame pack (bad magic)")
     (count,) = struct.unpack_from("<I", view, 4)
     lengths = struct.unpack_from(f"<{count}I", view, 8)
     offset = 8 + 4 * count
-    out = []
+    spans = []
     for n in lengths:
-        out.append(view[offset : offset + n])
+        spans.append((offset, offset + n))
         offset += n
     if offset != len(view):
         raise ValueError(f"frame pack length mismatch: header says {offset} bytes, blob has {len(view)}")
-    return out
+    return spans
 
 
 # ---- arrays and meta ------------------------------------------------------------------------

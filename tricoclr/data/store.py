@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from torchvision.io import decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from tricoclr.data import schema
 from tricoclr.data.location import RemotePart, expand_braces, is_url, shard_samples
@@ -102,6 +102,7 @@ class VideoRecord:
     def __init__(self, meta: dict, fetch: Callable[[list[str]], list[bytes | None]]):
         self.meta = meta
         self._fetch = fetch
+        self._spectrogram = None  # decoded once per record: both views of a sample slice it
 
     @property
     def id(self) -> str:
@@ -110,57 +111,76 @@ class VideoRecord:
     def frames(self, modality: str, start: int, count: int) -> torch.Tensor:
         """uint8 (count, C, H, W) frames [start, start + count): rgb C=3, flow C=2 (x, y).
 
-        Flow values are quantised (schema.dequantise_flow gives pixels).
+        Flow values are quantised (schema.dequantise_flow gives pixels). Memory layout as
+        ``frames_at``.
         """
         total = self._frame_count(modality)
         if start < 0 or count < 0 or start + count > total:
             raise IndexError(f"{self.id}: {modality} frames [{start}, {start + count}) outside [0, {total})")
-        chunk_frames = self.meta["chunk_frames"]
-        chunks = list(schema.chunks_for_span(start, count, chunk_frames))
-        blobs = self._fetch([schema.chunk_key(modality, c) for c in chunks])
-        images = []
-        for chunk, blob in zip(chunks, blobs):
-            if blob is None:
-                raise KeyError(f"{self.id}: chunk {schema.chunk_key(modality, chunk)} missing from the store")
-            jpegs = schema.unpack_frames(blob)
-            first = chunk * chunk_frames
-            lo, hi = max(start - first, 0), min(start + count - first, len(jpegs))
-            images.extend(_decode_jpeg(j) for j in jpegs[lo:hi])
-        if modality == "flow":
-            images = [self._split_flow(img) for img in images]
-        if not images:
-            channels = 2 if modality == "flow" else 3
-            return torch.empty((0, channels, self.meta["height"], self.meta["width"]), dtype=torch.uint8)
-        return torch.stack(images)
+        return self.frames_at(modality, list(range(start, start + count)))
 
     def frames_at(self, modality: str, indices: list[int]) -> torch.Tensor:
         """uint8 (len(indices), C, H, W): the given frames (any order, repeats allowed).
 
         Decodes each distinct frame once and only those (a strided clip skips the frames in
-        between), into one preallocated tensor.
+        between). The result keeps the decoder's memory layout, which saves a copy per frame
+        and suits the resize that follows: RGB is channels-last (``torch.channels_last``: the
+        pixel-interleaved rows libjpeg writes), flow a view of the stacked greyscale images
+        (x rows above y rows; contiguous when H is a multiple of 8). Values do not depend on
+        the layout; ``.contiguous()`` gives the usual one. ValueError if a frame does not
+        decode to the meta's size.
         """
         total = self._frame_count(modality)
         if any(i < 0 or i >= total for i in indices):
             raise IndexError(f"{self.id}: {modality} frame indices outside [0, {total})")
         distinct = sorted(set(indices))
-        chunk_frames = self.meta["chunk_frames"]
-        chunks = sorted({i // chunk_frames for i in distinct})
-        blobs = dict(zip(chunks, self._fetch([schema.chunk_key(modality, c) for c in chunks])))
-        channels = 2 if modality == "flow" else 3
-        out = torch.empty((len(distinct), channels, self.meta["height"], self.meta["width"]), dtype=torch.uint8)
-        unpacked: dict[int, list] = {}
-        for slot, index in enumerate(distinct):
-            chunk = index // chunk_frames
-            if blobs[chunk] is None:
-                raise KeyError(f"{self.id}: chunk {schema.chunk_key(modality, chunk)} missing from the store")
-            if chunk not in unpacked:
-                unpacked[chunk] = schema.unpack_frames(blobs[chunk])
-            image = _decode_jpeg(unpacked[chunk][index - chunk * chunk_frames])
-            out[slot] = self._split_flow(image) if modality == "flow" else image
+        height, width = self.meta["height"], self.meta["width"]
+        if not distinct:
+            channels = 2 if modality == "flow" else 3
+            return torch.empty((0, channels, height, width), dtype=torch.uint8)
+        images = decode_jpeg(self._jpegs(modality, distinct),
+                             mode=ImageReadMode.GRAY if modality == "flow" else ImageReadMode.RGB)
+        if modality == "flow":
+            y_offset = self.meta.get("flow_y_offset", height)
+            self._check_sizes(modality, distinct, images, (1, y_offset + height, width))
+            stacked = torch.stack(images)  # (T, 1, Y + H, W)
+            # x field: rows [0, H); y field: rows [Y, Y + H) of each image -- a view, no copy.
+            out = stacked.as_strided((len(distinct), 2, height, width),
+                                     (stacked.stride(0), y_offset * width, width, 1))
+        else:
+            self._check_sizes(modality, distinct, images, (3, height, width))
+            # The decoder's (3, H, W) images are (H, W, 3) in memory: stack those, no transposition.
+            out = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
         if distinct == list(indices):
             return out
         position = {index: slot for slot, index in enumerate(distinct)}
         return out[[position[i] for i in indices]]
+
+    def _jpegs(self, modality: str, indices: list[int]) -> list[torch.Tensor]:
+        """The encoded frames at sorted ``indices``, as 1-D uint8 views of their chunks (one copy
+        of each chunk blob, none per frame), fetching only the chunks that hold them."""
+        chunk_frames = self.meta["chunk_frames"]
+        chunks = sorted({i // chunk_frames for i in indices})
+        blobs = dict(zip(chunks, self._fetch([schema.chunk_key(modality, c) for c in chunks])))
+        unpacked: dict[int, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
+        jpegs = []
+        for index in indices:
+            chunk = index // chunk_frames
+            if chunk not in unpacked:
+                if blobs[chunk] is None:
+                    raise KeyError(f"{self.id}: chunk {schema.chunk_key(modality, chunk)} missing from the store")
+                data = torch.frombuffer(bytearray(blobs[chunk]), dtype=torch.uint8)
+                unpacked[chunk] = (data, schema.frame_spans(blobs[chunk]))
+            data, spans = unpacked[chunk]
+            start, end = spans[index - chunk * chunk_frames]
+            jpegs.append(data[start:end])
+        return jpegs
+
+    def _check_sizes(self, modality: str, indices: list[int], images: list[torch.Tensor], expected: tuple) -> None:
+        for index, image in zip(indices, images):
+            if tuple(image.shape) != expected:
+                raise ValueError(f"{self.id}: {modality} frame {index} decodes to {tuple(image.shape)}, "
+                                 f"the meta says {expected}")
 
     def _frame_count(self, modality: str) -> int:
         if modality == "rgb":
@@ -171,12 +191,6 @@ class VideoRecord:
             return self.meta["flow_frames"]
         raise KeyError(f"unknown video modality {modality!r}; expected one of {schema.VIDEO_MODALITIES}")
 
-    def _split_flow(self, stacked: torch.Tensor) -> torch.Tensor:
-        """(1, Y + H, W) stacked JPEG -> (2, H, W): x rows [0, H), y rows [Y, Y + H)."""
-        h = self.meta["height"]
-        y = self.meta.get("flow_y_offset", h)
-        return torch.cat([stacked[:, :h], stacked[:, y : y + h]])
-
     def spectrogram(self, start_step: int = 0, num_steps: int | None = None) -> torch.Tensor:
         """float32 (n_mels, num_steps) log-mel slice; steps past the end read as silence.
 
@@ -185,10 +199,12 @@ class VideoRecord:
         if not self.meta.get("has_audio"):
             silent = " (its audio is silent)" if self.meta.get("audio_silent") else ""
             raise ValueError(f"{self.id}: no audio{silent}; stages using audio skip such videos (docs/schema.md)")
-        (blob,) = self._fetch([schema.AUDIO_PART])
-        if blob is None:
-            raise KeyError(f"{self.id}: audio record missing from the store")
-        spec = schema.decode_array(blob)
+        if self._spectrogram is None:
+            (blob,) = self._fetch([schema.AUDIO_PART])
+            if blob is None:
+                raise KeyError(f"{self.id}: audio record missing from the store")
+            self._spectrogram = schema.decode_array(blob)
+        spec = self._spectrogram
         steps = spec.shape[1]
         num_steps = steps - start_step if num_steps is None else num_steps
         if start_step < 0 or start_step >= steps or num_steps < 0:
@@ -208,10 +224,6 @@ class VideoRecord:
         if blob is None:
             raise KeyError(f"{self.id}: no '{part}' part in the store")
         return schema.decode_array(blob)
-
-
-def _decode_jpeg(data: memoryview) -> torch.Tensor:
-    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
 def record_from_sample(sample: dict[str, bytes]) -> VideoRecord:
@@ -260,8 +272,14 @@ class _LmdbReader:
 
     def __init__(self, path: Path):
         self.path = path
+        self._key: str | None = None  # realpath, resolved once: not a filesystem walk per read
 
     def env(self):
+        if self._key is None:
+            self._key = os.path.realpath(self.path)
+        entry = _ENVIRONMENTS.get(self._key)
+        if entry is not None and entry[0] == os.getpid():
+            return entry[1]
         return _readonly_environment(self.path)
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:

@@ -114,10 +114,53 @@ def sample_crop_flip(
     return CropFlip(top, left, box_h, box_w, flip)
 
 
+def _resizes_fastest_channels_last(clip: torch.Tensor) -> bool:
+    """Whether ``clip`` is uint8 with 3 or 4 channels: torch's vectorised uint8 antialiased
+    bilinear resize reads such clips channels-last as they are, and repacks any other layout
+    pixel by pixel first (2-3x slower at 128 px); the values are the same."""
+    return clip.dtype == torch.uint8 and clip.shape[-3] in (3, 4)
+
+
 def rgb_resized_crop_flip(clip: torch.Tensor, box: CropFlip, size: int = 128) -> torch.Tensor:
-    """Crop ``box`` out of every frame of a (T, C, H, W) clip, resize to size x size, flip."""
+    """Crop ``box`` out of every frame of a (T, C, H, W) clip, resize to size x size, flip.
+
+    uint8 RGB is resized channels-last (the layout ``VideoRecord.frames_at`` returns; other
+    layouts are converted first): the same values as any layout, 2-3x faster, and the result
+    is channels-last too (``.contiguous()`` if you need the usual layout).
+    """
+    if _resizes_fastest_channels_last(clip):
+        clip = clip.contiguous(memory_format=torch.channels_last)
     out = tvf.resized_crop(clip, box.top, box.left, box.height, box.width, [size, size], antialias=True)
     return tvf.horizontal_flip(out) if box.flip else out
+
+
+def _resized_crop_two_channels(clip: torch.Tensor, box: CropFlip, size: int) -> torch.Tensor:
+    """``rgb_resized_crop_flip`` for a (T, 2, H, W) uint8 clip, returned as (2, T, size, size)
+    contiguous: the same values, ~2x faster.
+
+    torch's vectorised uint8 resize works on 4 interleaved channels and repacks anything else
+    into 4 channels first (2 of them wasted for flow). Every channel is resized on its own with
+    the same weights, so the crop is packed as frame pairs, (T/2, 4, h, w) channels-last with
+    channels (x, y) of frame 2k then of frame 2k + 1, resized in one call, and unpacked
+    straight into the network's (2, T, size, size) layout. An odd T gets a zero pad frame.
+    """
+    frames, height, width = clip.shape[0], box.height, box.width
+    if box.top < 0 or box.left < 0 or box.top + height > clip.shape[-2] or box.left + width > clip.shape[-1]:
+        raise ValueError(f"crop {box} outside the {tuple(clip.shape[-2:])} frames")
+    pairs = (frames + 1) // 2
+    crop = clip[:, :, box.top : box.top + height, box.left : box.left + width]
+    packed = torch.zeros((pairs * 2, 2, height, width), dtype=torch.uint8) if frames % 2 else None
+    interleaved = torch.empty((pairs, height, width, 2, 2), dtype=torch.uint8)  # (k, row, col, pair, x/y)
+    if packed is not None:
+        packed[:frames] = crop
+        crop = packed
+    interleaved.copy_(crop.unflatten(0, (pairs, 2)).permute(0, 3, 4, 1, 2))
+    resized = tvf.resize(interleaved.view(pairs, height, width, 4).permute(0, 3, 1, 2), [size, size], antialias=True)
+    if box.flip:
+        resized = tvf.horizontal_flip(resized)
+    out = torch.empty((2, pairs * 2, size, size), dtype=torch.uint8)
+    out.view(2, pairs, 2, size, size).copy_(resized.unflatten(1, (2, 2)).permute(2, 0, 1, 3, 4))
+    return out[:, :frames].contiguous() if frames % 2 else out
 
 
 def rgb_geometric(
@@ -151,15 +194,16 @@ def flow_crop_quantised(flow: torch.Tensor, box: CropFlip, size: int = 128, norm
     rounding of the uint8 resize (at most half a quantisation step, 0.08 px, before the gain):
     resizing uint8 is ~2.5x faster than float32 on a CPU.
     """
-    resized = tvf.resized_crop(flow, box.top, box.left, box.height, box.width, [size, size], antialias=True)
-    if box.flip:
-        resized = tvf.horizontal_flip(resized)  # mirror the field; the gain's sign negates x
+    if flow.dtype == torch.uint8:
+        quantised = _resized_crop_two_channels(flow, box, size)  # flipped: the gain's sign negates x
+    else:
+        quantised = rgb_resized_crop_flip(flow, box, size).permute(1, 0, 2, 3).contiguous()
     gain = torch.tensor([-size / box.width if box.flip else size / box.width, size / box.height])
     unit = 1.0 / FLOW_BOUND if normalise else 1.0
     # (q * 2B / 255 - B) * gain * unit: dequantise, scale and normalise as one affine.
     scale = gain * (2 * FLOW_BOUND / 255.0) * unit
     shift = -gain * FLOW_BOUND * unit
-    return resized.permute(1, 0, 2, 3).contiguous(), scale, shift
+    return quantised, scale, shift
 
 
 def apply_flow_affine(quantised: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
