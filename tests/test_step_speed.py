@@ -217,3 +217,21 @@ def test_speed_options_are_config_keys():
     assert not load_config("configs/tiny.yaml").model.compile
     with pytest.raises(ConfigError, match="model.compile_mode"):
         load_config("configs/tiny.yaml", ["model.compile_mode=fast"])
+
+
+def test_the_trainer_with_channels_last_and_compile_matches_eager(train_lmdb, tmp_path):
+    """The real trainer path: a cooperative audio stage (a 2-D encoder trained, a 3-D sampler), with
+    model.channels_last and model.compile, within tolerance of the same steps in eager fp32."""
+    from conftest import tiny_overrides
+
+    from tricoclr.trainer import Trainer
+
+    losses = {}
+    for name, extra in (("eager", {}), ("optimized", {"model.channels_last": "true", "model.compile": "true"})):
+        torch._dynamo.reset()
+        overrides = tiny_overrides(train_lmdb, tmp_path / name, modalities="[rgb,audio]", max_steps=2,
+                                   **{"schedule.start_stage": "cycle1-audio", **extra})
+        history = Trainer(load_config("configs/tiny.yaml", overrides)).run()["history"]
+        losses[name] = [row["loss"] for row in history if "loss" in row]
+    assert len(losses["eager"]) == 2
+    assert losses["optimized"] == pytest.approx(losses["eager"], rel=1e-3)
