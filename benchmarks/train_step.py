@@ -37,6 +37,8 @@ from tricoclr.trainer import Trainer  # noqa: E402
 SHAPES = {
     # name: (backbones, clip frames, size, spectrogram steps)
     "paper": ({"rgb": "s3d", "flow": "s3d", "audio": "resnet18"}, 30, 128, 128),
+    # the paper's backbones on small inputs: the same kernels per step as "paper", for counting on a CPU
+    "paper-small": ({"rgb": "s3d", "flow": "s3d", "audio": "resnet18"}, 8, 64, 64),
     # the demo's RGB stage: 8 frames cropped to 32x32, 64 spectrogram steps (docs/demo.md)
     "demo": ({"rgb": "tiny3d", "flow": "tiny3d", "audio": "tiny2d"}, 8, 32, 64),
 }
@@ -60,8 +62,11 @@ def make_batch(batch_size: int, frames: int, size: int, steps: int, device) -> d
 # compile = model.compile (trained encoder forward/backward + the no-grad part as one graph).
 OPTIONS = ("bf16", "channels_last", "fused_adam", "compile")
 # A variant is a set of options; "optimized" is all of them (compile on CUDA, or with --compile).
+# The default run times every variant; --variants picks some (the GPU check: fp32_eager,amp,optimized).
 VARIANTS = {"fp32_eager": (), "bf16": ("bf16",), "channels_last": ("channels_last",),
-            "fused_adam": ("fused_adam",), "compile": ("compile",), "optimized": OPTIONS}
+            "fused_adam": ("fused_adam",), "compile": ("compile",),
+            "amp": ("bf16", "channels_last", "fused_adam"),  # the optimized path before compile
+            "optimized": OPTIONS}
 
 
 def variant_options(variant: str, args, device) -> tuple[str, ...]:
