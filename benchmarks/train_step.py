@@ -7,8 +7,9 @@ random tensors of the configured shapes, so this measures compute only; ``--data
 of step time spent waiting for the real loader (tiny shapes, on a prepared store).
 
 Variants, timed one after the other in the same process: ``fp32_eager`` (the baseline), each option
-alone (``bf16``, ``channels_last``, ``fused_adam``, ``compile``) and ``optimized`` (all of them).
-Each also reports kernels launched and host synchronisations in one step (``count_step``).
+alone (``bf16``, ``channels_last``, ``fused_adam``, ``compile``), ``amp`` (all but compile) and
+``optimized`` (all of them). Each also reports kernels launched and host synchronisations in one
+step (``count_step``); ``--shapes paper-small`` counts the paper's backbones cheaply on a CPU.
 
     python benchmarks/train_step.py --shapes demo --device cpu --json out.json
     python benchmarks/train_step.py --shapes paper --device cuda --batch-size 32 --seconds 4 --json out.json
