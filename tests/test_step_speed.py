@@ -233,5 +233,7 @@ def test_the_trainer_with_channels_last_and_compile_matches_eager(train_lmdb, tm
                                    **{"schedule.start_stage": "cycle1-audio", **extra})
         history = Trainer(load_config("configs/tiny.yaml", overrides)).run()["history"]
         losses[name] = [row["loss"] for row in history if "loss" in row]
+    # Compiled: the trained encoder's forward and the no-grad part (dynamo's graph count after reset).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
     assert len(losses["eager"]) == 2
     assert losses["optimized"] == pytest.approx(losses["eager"], rel=1e-3)
