@@ -111,7 +111,9 @@ def build(shapes: str, device, options: tuple[str, ...], queue_size: int, compil
 
 
 def step_fn(encoder, stage, optimizer, batch):
-    """One optimizer step through the stage's own step (as the trainer runs it)."""
+    """One optimizer step through the stage's own step (as the trainer runs it, with its snapshot of
+    the batch-norm statistics for a skipped step)."""
+    stage.buffers_snapshot(encoder)
     loss, _ = stage.training_step(batch)
     loss.backward()
     optimizer.step()

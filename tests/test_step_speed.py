@@ -237,3 +237,18 @@ def test_the_trainer_with_channels_last_and_compile_matches_eager(train_lmdb, tm
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
     assert len(losses["eager"]) == 2
     assert losses["optimized"] == pytest.approx(losses["eager"], rel=1e-3)
+
+
+def test_the_buffer_snapshot_puts_back_the_statistics_of_a_skipped_step():
+    stage, encoder = _tiny_stage()
+    before = [b.clone() for m in (encoder, stage.momentum_encoder) for b in m.buffers()]
+    for seed in range(2):  # the second snapshot reuses the first's storage
+        snapshot = stage.buffers_snapshot(encoder)
+        with torch.no_grad():
+            stage.training_step(_batch(seed=seed))  # train-mode forwards move the BN statistics
+        stage.discard_pending()
+        assert any(not torch.equal(a, b) for a, b in zip(before, (b for m in (encoder, stage.momentum_encoder)
+                                                                    for b in m.buffers())))
+        stage.restore_buffers(encoder, snapshot)
+        after = [b for m in (encoder, stage.momentum_encoder) for b in m.buffers()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))

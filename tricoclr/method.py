@@ -135,6 +135,7 @@ class InfoNCEStage(nn.Module):
         self._bound = (trained, StepPrecision())
         self._frozen_forward: Callable = self.frozen_forward  # or its compiled version
         self.frozen_compiled = False
+        self._snapshot: list[torch.Tensor] = []  # buffers_snapshot's reused storage
 
     def _oracle_dims(self, encoders: dict[str, nn.Module]) -> tuple[int, ...]:
         return ()
@@ -265,8 +266,17 @@ class InfoNCEStage(nn.Module):
     def buffers_snapshot(self, encoder: nn.Module) -> list[torch.Tensor]:
         """Copies of the BN statistics of the trained encoder and of the momentum copy, taken before
         an optimizer step's forwards: a skipped step puts them back, so a batch that produced a
-        non-finite loss leaves no trace (NaN running statistics would poison every later step)."""
-        return [b.detach().clone() for m in (encoder, self.momentum_encoder) for b in m.buffers()]
+        non-finite loss leaves no trace (NaN running statistics would poison every later step).
+        The returned list is the stage's own, valid until the next call."""
+        buffers = [b.detach() for m in (encoder, self.momentum_encoder) for b in m.buffers()]
+        # One preallocated copy per stage, refreshed by a multi-tensor copy: a few kernels per step
+        # instead of a clone per buffer (three per batch-norm layer).
+        layout = [(b.shape, b.dtype, b.device) for b in buffers]
+        if [(s.shape, s.dtype, s.device) for s in self._snapshot] != layout:
+            self._snapshot = [torch.empty_like(b) for b in buffers]
+        if buffers:
+            torch._foreach_copy_(self._snapshot, buffers)
+        return self._snapshot
 
     @torch.no_grad()
     def restore_buffers(self, encoder: nn.Module, snapshot: list[torch.Tensor]) -> None:
