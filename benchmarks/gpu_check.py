@@ -58,9 +58,10 @@ MODES = {
         "e2e": dict(videos=256, seconds=2, size=128, config="configs/k400_paper.yaml", batch_size=32, steps=200,
                     log_every=10, queue_size=2048,
                     flow=["--flow", "tvl1-torch", "--flow-device", "cuda", "--no-flow-compile"]),  # OpenCV's defaults
-        "train_step": ["--shapes", "paper", "--device", "cuda", "--batch-size", "32", "--seconds", "4"],
+        "train_step": ["--shapes", "paper", "--device", "cuda", "--batch-size", "32", "--seconds", "4",
+                       "--variants", "fp32_eager,amp,optimized"],  # optimized: + torch.compile (one compile)
         "timeouts": dict(data=240, gpu_tests=300, train_bf16_resume=300, train_fp16=180, deepspeed_zero2=360,
-                         eval=240, train_step=240, train_e2e=480),
+                         eval=240, train_step=360, train_e2e=480),
     },
     "cpu": {
         "data": dict(classes=4, videos_per_class=4, seconds=2, size=64),  # 3 train per class: the probe holds one out
@@ -72,7 +73,7 @@ MODES = {
         "e2e": dict(videos=None, seconds=None, size=None, config="configs/tiny.yaml", batch_size=4, steps=16,
                     log_every=4, queue_size=8),
         "train_step": ["--shapes", "demo", "--device", "cpu", "--batch-size", "8", "--seconds", "1",
-                       "--min-steps", "2", "--warmup", "1"],
+                       "--min-steps", "2", "--warmup", "1", "--variants", "fp32_eager,optimized"],
         "timeouts": dict(data=120, gpu_tests=120, train_bf16_resume=150, train_fp16=90, deepspeed_zero2=200,
                          eval=150, train_step=120, train_e2e=150),
     },
@@ -571,6 +572,10 @@ def part_train_step(ctx: Context) -> None:
     for variant in ("fp32_eager", "optimized"):
         figures[f"{variant}_samples_per_s"] = result.get(variant, {}).get("samples_per_s")
         figures[f"{variant}_peak_memory_bytes"] = result.get(variant, {}).get("peak_memory_bytes", peaks.get(variant))
+    timed = {v: r for v, r in result.items() if isinstance(r, dict) and "samples_per_s" in r}
+    figures["speedups"] = result.get("speedups")  # every timed variant / fp32 eager
+    for key in ("kernels_per_step", "host_syncs_per_step"):
+        figures[key] = {v: r.get(key) for v, r in timed.items()}
     figures["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None  # whole process
     figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if ctx.mode == "gpu":

@@ -84,6 +84,19 @@ class Backend:
             frozen = lambda: torch.autocast(acc.device.type, dtype=dtype)  # noqa: E731
         return StepPrecision(acc.autocast, frozen, input_dtype)
 
+    def step_forward(self, model):
+        """The trained encoder's forward the step calls: ``model`` itself, or with ``model.compile``
+        its ``torch.compile`` (forward and backward; DDP's compiled path). A DeepSpeed engine is
+        left eager (it casts and partitions the module itself): a warning says so."""
+        cfg = self.config.model
+        if not cfg.compile:
+            return model
+        if self.deepspeed:
+            log.warning("model.compile: the trained encoder runs eager under DeepSpeed (only the frozen "
+                        "forwards are compiled)")
+            return model
+        return torch.compile(model, mode=cfg.compile_mode)
+
     def backward_nothing(self, model) -> None:
         """Stand-in for the backward of a micro-step whose optimizer step will be skipped.
 

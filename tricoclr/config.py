@@ -28,6 +28,7 @@ from tricoclr.data import modalities as registry
 # How the oracle ranks queue entries (tricoclr.mining): the paper's sum of per-sampler cosines, or
 # the sum of per-sampler cosines z-scored over the queue (docs/design.md, "Oracle similarity").
 ORACLE_SIMILARITIES = ("cosine_sum", "standardized")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 # The data keys that decide how a clip is cut and presented: they travel with saved encoders, so
 # evaluation presents clips as training did.
 CLIP_KEYS = ("clip_frames", "clip_stride", "min_gap_frames", "short_policy", "size", "spectrogram_steps")
@@ -162,7 +163,16 @@ class ModelConfig(Section):
     embed_dim: int = 128  # CoCLR
     backbones: dict = field(default_factory=lambda: {"rgb": "s3d", "flow": "s3d", "audio": "resnet18"})  # paper
     flow_stem: str = "adapt"  # adapt the 3-channel stem to 2 channels, or "pad" a zero channel
+    # Speed options of the training step (benchmarks/train_step.py times each against plain fp32
+    # eager; results agree within tolerance, not bit for bit). channels_last: the trained encoder,
+    # its momentum copy and the samplers in channels-last (3-D convolutions) layout.
     channels_last: bool = False
+    # torch.compile the step's forwards: the trained encoder's forward and backward (not under
+    # DeepSpeed) and the whole no-grad part (momentum copy + samplers) as one graph.
+    compile: bool = False
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs: static shapes, i.e. every batch
+    # full, which the loaders give) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
 
     def __post_init__(self):
         _integer("model.embed_dim", self.embed_dim, 1)
@@ -170,6 +180,8 @@ class ModelConfig(Section):
             raise ConfigError(f"'model.backbones' must map modality names to backbone names, got {self.backbones!r}")
         _choice("model.flow_stem", self.flow_stem, ("adapt", "pad"))
         _boolean("model.channels_last", self.channels_last)
+        _boolean("model.compile", self.compile)
+        _choice("model.compile_mode", self.compile_mode, COMPILE_MODES)
 
 
 @dataclass(frozen=True)

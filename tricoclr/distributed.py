@@ -151,8 +151,8 @@ class GlobalBatchNorm(_BatchNorm):
             factor = 1.0 / float(self.num_batches_tracked)
         else:
             factor = self.momentum
-        count = float(count)
-        unbiased = variance * (count / max(count - 1.0, 1.0))
+        # On the device (no float(count)): a host sync per batch-norm layer otherwise.
+        unbiased = variance * (count / (count - 1.0).clamp_min(1.0))
         self.running_mean.mul_(1.0 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
         self.running_var.mul_(1.0 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 

@@ -107,6 +107,11 @@ class FeatureQueue(nn.Module):
         return int(self.num_filled) == self.size
 
     @property
+    def full_on_device(self) -> torch.Tensor:
+        """``is_full`` as a 0-dim bool tensor on the queue's device: read without a host sync."""
+        return self.num_filled == self.size
+
+    @property
     def fill_fraction(self) -> float:
         return int(self.num_filled) / self.size
 

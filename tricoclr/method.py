@@ -21,6 +21,7 @@ Nothing here names a modality: inputs are looked up by the names the stage was b
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -33,7 +34,7 @@ from tricoclr.config import Config, ConfigError, MethodConfig, pretrain_epochs
 from tricoclr.distributed import gather_from_all_ranks
 from tricoclr.feature_queue import FeatureQueue
 from tricoclr.losses import contrastive_logits, multi_positive_loss
-from tricoclr.mining import mask_self_positive, mine_positives, mined_precision
+from tricoclr.mining import mask_self_positive, mine_positives, mined_precision_counts
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,22 @@ def momentum_at(step: int, total_steps: int, base: float, final: float) -> float
     if final == base or total_steps <= 1:
         return base
     progress = min(1.0, step / (total_steps - 1))
-    return final - (final - base) * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()) / 2
+    return final - (final - base) * (1 + math.cos(progress * math.pi)) / 2
 
 
 @torch.no_grad()
 def momentum_update(momentum_encoder: nn.Module, encoder: nn.Module, mu: float) -> None:
-    """f̄ <- mu f̄ + (1 - mu) f for parameters; buffers (BN statistics) are copied."""
-    for target, source in zip(momentum_encoder.parameters(), encoder.parameters()):
-        target.mul_(mu).add_(source.detach().to(target.dtype), alpha=1 - mu)
-    for target, source in zip(momentum_encoder.buffers(), encoder.buffers()):
-        target.copy_(source)
+    """f̄ <- mu f̄ + (1 - mu) f for parameters; buffers (BN statistics) are copied.
+
+    Multi-tensor (``torch._foreach_*``, as torch's optimizers): a few kernels for the whole model
+    instead of two per parameter, with the same arithmetic (mul, then add) per element."""
+    targets = list(momentum_encoder.parameters())
+    sources = [s.detach().to(t.dtype) for t, s in zip(targets, encoder.parameters(), strict=True)]
+    torch._foreach_mul_(targets, mu)
+    torch._foreach_add_(targets, sources, alpha=1 - mu)
+    target_buffers, source_buffers = list(momentum_encoder.buffers()), list(encoder.buffers())
+    if target_buffers:
+        torch._foreach_copy_(target_buffers, source_buffers)
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,9 @@ class InfoNCEStage(nn.Module):
         self._pending: list[tuple[torch.Tensor, ...]] = []
         # Not registered as submodules: the trainer owns (and wraps) the trained encoder.
         self._bound = (trained, StepPrecision())
+        self._frozen_forward: Callable = self.frozen_forward  # or its compiled version
+        self.frozen_compiled = False
+        self._snapshot: list[torch.Tensor] = []  # buffers_snapshot's reused storage
 
     def _oracle_dims(self, encoders: dict[str, nn.Module]) -> tuple[int, ...]:
         return ()
@@ -135,11 +145,26 @@ class InfoNCEStage(nn.Module):
         module...) and how its forwards run; by default the plain encoder in fp32."""
         self._bound = (model, precision)
 
+    def compile_frozen(self, mode: str = "default") -> None:
+        """``torch.compile`` the whole no-grad part of the step (:meth:`frozen_forward`: the momentum
+        copy's and every sampler's forward, one graph); ``mode`` as torch.compile's (config
+        ``model.compile_mode``). The modules themselves stay plain (checkpoints are unchanged)."""
+        self._frozen_forward = torch.compile(self.frozen_forward, mode=mode)
+        self.frozen_compiled = True
+
     # ---- the step ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def oracle(self, batch: dict) -> torch.Tensor | None:
-        """(B, sum of sampler embed dims) oracle vectors; None without samplers."""
+    def frozen_forward(self, key_input: torch.Tensor, *sampler_inputs: torch.Tensor):
+        """(key (B, D), oracle (B, D_o) or None): the momentum copy on view 2 of the trained
+        modality, the samplers on view 2 of theirs (in ``plan.samplers`` order)."""
+        key = self.momentum_encoder(key_input)
+        return key, self.oracle(dict(zip(self.plan.samplers, sampler_inputs)))
+
+    @torch.no_grad()
+    def oracle(self, views: dict) -> torch.Tensor | None:
+        """(B, sum of sampler embed dims) oracle vectors of {sampler name: its view 2 (B, C, ...)};
+        None without samplers."""
         return None
 
     def training_step(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
@@ -150,10 +175,11 @@ class InfoNCEStage(nn.Module):
         ``generator`` draws the mask-self coin flips (cooperative stages, if enabled).
         """
         model, precision = self._bound
+        if self.frozen_compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs (reduce-overhead)
         with precision.frozen_autocast():
-            with torch.no_grad():
-                key = self.momentum_encoder(batch[f"{self.plan.trained}.view2"])
-            oracle = self.oracle(batch)
+            key, oracle = self._frozen_forward(batch[f"{self.plan.trained}.view2"],
+                                               *(batch[f"{name}.view2"] for name in self.plan.samplers))
         with precision.query_autocast():
             query = model(batch[f"{self.plan.trained}.view1"].to(precision.input_dtype))
         loss, stats = self.loss(query, key, oracle, batch, generator)
@@ -162,7 +188,11 @@ class InfoNCEStage(nn.Module):
 
     def loss(self, query: torch.Tensor, key: torch.Tensor, oracle: torch.Tensor | None, batch: dict,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """The multi-positive loss of (B, D) queries against their (B, D) keys and the queue."""
+        """The multi-positive loss of (B, D) queries against their (B, D) keys and the queue.
+
+        Nothing here waits on the host (fixed shapes, the queue's fullness read on the device): the
+        statistics are 0-dim tensors (``mined_precision`` NaN without a labelled queue positive),
+        read by the caller on log steps only."""
         queue = self.queue
         logits = contrastive_logits(query.float(), key.float(), queue.keys, self.cfg.temperature)
         mask = mine_positives(
@@ -172,17 +202,17 @@ class InfoNCEStage(nn.Module):
             video_ids=batch["video_index"],
             queue_video_ids=queue.video_ids,
             same_video_positives=self.plan.cooperative and self.cfg.same_video_positives,
-            queue_full=queue.is_full,
+            queue_full=queue.full_on_device,
             similarity=self.cfg.oracle_similarity,
             oracle_dims=self.oracle_dims,
         )
         if self.plan.cooperative and self.cfg.mask_self_positive:
             mask = mask_self_positive(mask, self.cfg.mask_self_probability, generator)
-        loss = multi_positive_loss(logits, mask)
-        stats = {"positives_per_sample": mask.float().sum(dim=1).mean().item()}
-        precision = mined_precision(mask, batch["label"], queue.labels)
-        if precision is not None:
-            stats["mined_precision"] = precision
+        # Column 0 is a positive unless mask_self_positive dropped it where another one exists.
+        loss = multi_positive_loss(logits, mask, check_positives=False)
+        matched, counted = mined_precision_counts(mask, batch["label"], queue.labels)
+        stats = {"positives_per_sample": mask.float().sum(dim=1).mean(),
+                 "mined_precision": matched.float() / counted.float()}  # 0 / 0 = NaN: not logged
         return loss, stats
 
     def after_optimizer_step(self, encoder: nn.Module, stage_step: int, total_steps: int) -> None:
@@ -197,7 +227,9 @@ class InfoNCEStage(nn.Module):
     def _stash(self, key: torch.Tensor, oracle: torch.Tensor | None, batch: dict) -> None:
         """Keep a micro-step's keys: all micro-steps of an optimizer step are enqueued together,
         so n micro-steps of batch b see the same negatives as one step of n*b."""
-        self._pending.append((key.detach().float(), None if oracle is None else oracle.detach().float(),
+        # Copies: a compiled forward in CUDA-graph mode overwrites its outputs at the next micro-step.
+        oracle = None if oracle is None else oracle.detach().float().clone()
+        self._pending.append((key.detach().float().clone(), oracle,
                               batch["video_index"].detach(), batch["label"].detach()))
 
     def discard_pending(self) -> None:
@@ -234,8 +266,17 @@ class InfoNCEStage(nn.Module):
     def buffers_snapshot(self, encoder: nn.Module) -> list[torch.Tensor]:
         """Copies of the BN statistics of the trained encoder and of the momentum copy, taken before
         an optimizer step's forwards: a skipped step puts them back, so a batch that produced a
-        non-finite loss leaves no trace (NaN running statistics would poison every later step)."""
-        return [b.detach().clone() for m in (encoder, self.momentum_encoder) for b in m.buffers()]
+        non-finite loss leaves no trace (NaN running statistics would poison every later step).
+        The returned list is the stage's own, valid until the next call."""
+        buffers = [b.detach() for m in (encoder, self.momentum_encoder) for b in m.buffers()]
+        # One preallocated copy per stage, refreshed by a multi-tensor copy: a few kernels per step
+        # instead of a clone per buffer (three per batch-norm layer).
+        layout = [(b.shape, b.dtype, b.device) for b in buffers]
+        if [(s.shape, s.dtype, s.device) for s in self._snapshot] != layout:
+            self._snapshot = [torch.empty_like(b) for b in buffers]
+        if buffers:
+            torch._foreach_copy_(self._snapshot, buffers)
+        return self._snapshot
 
     @torch.no_grad()
     def restore_buffers(self, encoder: nn.Module, snapshot: list[torch.Tensor]) -> None:
@@ -265,6 +306,6 @@ class CooperativeStage(InfoNCEStage):
         return self
 
     @torch.no_grad()
-    def oracle(self, batch: dict) -> torch.Tensor:
-        parts = [F.normalize(sampler(batch[f"{name}.view2"]).float(), dim=1) for name, sampler in self.samplers.items()]
+    def oracle(self, views: dict) -> torch.Tensor:
+        parts = [F.normalize(sampler(views[name]).float(), dim=1) for name, sampler in self.samplers.items()]
         return torch.cat(parts, dim=1)

@@ -79,7 +79,7 @@ def mine_positives(
     video_ids: torch.Tensor | None = None,
     queue_video_ids: torch.Tensor | None = None,
     same_video_positives: bool = False,
-    queue_full: bool = True,
+    queue_full: bool | torch.Tensor = True,
     similarity: str = "cosine_sum",
     oracle_dims: Sequence[int] | None = None,
 ) -> torch.Tensor:
@@ -103,7 +103,9 @@ def mine_positives(
         video_ids: (B,) int source-video id of each sample (>= 0).
         queue_video_ids: (K,) int source-video id of each queue entry (-1 for unfilled slots).
         same_video_positives: see above (on for cooperative stages, off for InfoNCE).
-        queue_full: whether every queue slot holds a real entry; oracle mining waits for it.
+        queue_full: whether every queue slot holds a real entry; oracle mining waits for it. A
+            0-dim bool tensor (``FeatureQueue.full_on_device``) keeps the decision on the device:
+            the top-k is then always computed and masked, so the step never waits on the host.
         similarity: ``cosine_sum`` (default) or ``standardized``.
         oracle_dims: the dims of the samplers' blocks of the oracle, in order (needed by
             ``standardized``).
@@ -125,7 +127,8 @@ def mine_positives(
 
     has_oracle = oracle is not None and queue_oracle is not None and oracle.shape[1] > 0
     top = min(int(k), queue_size)
-    if queue_full and has_oracle and top > 0:
+    device_flag = isinstance(queue_full, torch.Tensor)
+    if (device_flag or queue_full) and has_oracle and top > 0:
         if queue_oracle.shape[1] != oracle.shape[1]:
             raise ValueError(
                 f"oracle dim {oracle.shape[1]} differs from queue_oracle dim {queue_oracle.shape[1]}"
@@ -136,7 +139,11 @@ def mine_positives(
         top_indices = scores.topk(top, dim=1).indices
         # If a row has fewer than k other-video entries, topk also returns some -inf
         # (same-video) columns: they are positives already, so nothing changes.
-        queue_mask.scatter_(1, top_indices, True)
+        if device_flag:  # fixed shapes whatever the flag: no host sync
+            mined = torch.zeros_like(queue_mask).scatter_(1, top_indices, True)
+            queue_mask |= mined & queue_full.to(device=device, dtype=torch.bool)
+        else:
+            queue_mask.scatter_(1, top_indices, True)
 
     key_column = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
     return torch.cat([key_column, queue_mask], dim=1)
@@ -180,12 +187,10 @@ def mask_self_positive(
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability must be in [0, 1], got {probability}")
     has_other_positive = positive_mask[:, 1:].any(dim=1)
-    if per_row:
-        draw = torch.rand(positive_mask.shape[0], generator=generator) < probability
-        drop = has_other_positive & draw.to(positive_mask.device)
-    else:
-        draw = bool(torch.rand((), generator=generator) < probability)
-        drop = has_other_positive & draw
+    shape = (positive_mask.shape[0],) if per_row else ()
+    # The CPU draw moves to the device as a tensor (no bool() of it): the step never waits on the host.
+    draw = torch.rand(shape, generator=generator) < probability
+    drop = has_other_positive & draw.to(positive_mask.device, non_blocking=True)
     masked = positive_mask.clone()
     masked[:, 0] &= ~drop
     return masked
@@ -199,11 +204,22 @@ def mined_precision(
     class label; pairs where either label is unknown (< 0) are ignored. For logging only: labels
     never influence training. None when there is no such positive.
     """
+    matched, counted = mined_precision_counts(positive_mask, labels, queue_labels)
+    total = int(counted)
+    if total == 0:
+        return None
+    return int(matched) / total
+
+
+@torch.no_grad()
+def mined_precision_counts(
+    positive_mask: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(matched, counted) 0-dim int64 tensors on the mask's device: the queue positives whose
+    labels agree with the anchor's, and all with both labels known (see ``mined_precision``).
+    Tensors, so the training step computes them without a host sync; they are read on log steps."""
     queue_positives = positive_mask[:, 1:]
     labels = labels.reshape(-1, 1).to(queue_positives.device)
     queue_labels = queue_labels.reshape(1, -1).to(queue_positives.device)
     counted = queue_positives & (labels >= 0) & (queue_labels >= 0)
-    total = int(counted.sum())
-    if total == 0:
-        return None
-    return int((counted & (labels == queue_labels)).sum()) / total
+    return (counted & (labels == queue_labels)).sum(), counted.sum()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from tqdm.auto import tqdm
 
 from tricoclr.data import modalities as registry
@@ -12,16 +15,18 @@ from tricoclr.eval.features import leave_one_out_r1
 def step_values(plan_name: str, loss: float, lr: float, queue_fill: float, stats: dict, window: dict) -> dict:
     """TensorBoard scalars of an optimizer step. ``loss``: averaged over ranks and micro-steps;
     ``window``: seconds waiting for data / computing and samples since the last logged step."""
+    # The step's statistics may be device tensors: read (a host sync) here, on log steps only.
     values = {
         f"loss/{plan_name}": loss,
         "train/loss": loss,
         "train/lr": lr,
         "train/queue_fill": queue_fill,
-        "train/positives_per_sample": stats["positives_per_sample"],
+        "train/positives_per_sample": float(stats["positives_per_sample"]),
         "train/broken_records": DataStats.broken_records,
     }
-    if "mined_precision" in stats:
-        values["train/mined_precision"] = stats["mined_precision"]
+    precision = stats.get("mined_precision")
+    if precision is not None and not math.isnan(float(precision)):  # NaN: no labelled queue positive
+        values["train/mined_precision"] = float(precision)
     elapsed = window["wait"] + window["compute"]
     if elapsed > 0:
         values["train/samples_per_s"] = window["samples"] / elapsed

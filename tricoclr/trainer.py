@@ -26,6 +26,7 @@ from tricoclr.data.dataset import EpochLoader, StageViews, finish_batch
 from tricoclr.data.sampling import sample_generator
 from tricoclr.method import StagePlan, build_schedule, build_stage, start_index
 from tricoclr.models.build import build_encoders
+from tricoclr.models.memory_format import to_channels_last
 from tricoclr.optim import build_optimizer, build_scheduler
 from tricoclr.run_state import StageRun, TrainerHooks, stage_length
 
@@ -135,15 +136,18 @@ class Trainer:
         # Train mode before the stage copies it: the momentum copy must run in train mode too (MoCo,
         # CoCLR), also when this encoder was a frozen eval-mode sampler in the previous stage.
         encoder.to(acc.device).train()
-        if cfg.model.channels_last:
-            encoder.to(memory_format=torch.channels_last_3d)
+        if cfg.model.channels_last:  # the samplers too (loaded from a checkpoint, they are contiguous)
+            for name in (plan.trained, *plan.samplers):
+                to_channels_last(self.encoders[name])
         stage = build_stage(plan, self.encoders, cfg.method)
         stage.queue.reset(generator=torch.Generator().manual_seed(seed))
         stage.to(acc.device).train()
         optimizer = build_optimizer(encoder, cfg.optim, self.global_batch, fused=acc.device.type == "cuda")
         model, optimizer = self.backend.prepare(encoder, optimizer)
         self.hooks.prepared(model, optimizer)
-        stage.bind(model, self.backend.precision(model))
+        stage.bind(self.backend.step_forward(model), self.backend.precision(model))
+        if cfg.model.compile:
+            stage.compile_frozen(cfg.model.compile_mode)
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
         if self.is_main:
             log.info("stage %s: trains %s, oracle %s, %d steps (%d per epoch, %d videos)", plan.name,

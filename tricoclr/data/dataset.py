@@ -134,7 +134,8 @@ def build_sample(record, video_index: int, epoch: int, seed: int, views: StageVi
 
 def finish_batch(batch: dict, views: StageViews, device: torch.device | str) -> dict:
     """Move a collated batch to the device and run each modality's device-side part there."""
-    out = {"video_index": batch["video_index"].to(device), "label": batch["label"].to(device)}
+    # non_blocking: a blocking host-to-device copy waits for the device's queued work (a sync per step)
+    out = {k: batch[k].to(device, non_blocking=True) for k in ("video_index", "label")}
     for name in views.all:
         modality = registry.get(name)
         for view in views.views_of(name):
