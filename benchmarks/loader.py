@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tricoclr.data import modalities as registry  # noqa: E402
 from tricoclr.config import DEFAULTS  # noqa: E402
 from tricoclr.data import transforms  # noqa: E402
-from tricoclr.data.dataset import EpochLoader, StageViews, build_sample, clip_spec  # noqa: E402
-from tricoclr.data.sampling import sample_clip_starts, sample_generator, spectrogram_span  # noqa: E402
+from tricoclr.data.dataset import EpochLoader  # noqa: E402
+from tricoclr.data.samples import StageViews, build_sample  # noqa: E402
+from tricoclr.data.sampling import clip_spec_of, sample_clip_starts, sample_generator, spectrogram_span  # noqa: E402
 from tricoclr.data.store import VideoStore, iter_shard_samples, open_store, record_from_sample  # noqa: E402
 
 ALL_VIEWS = StageViews(both_views=("rgb", "flow", "audio"))
@@ -155,7 +156,7 @@ def whole_video_records(store: VideoStore, worker: int = 0, workers: int = 1):
 def naive_sample(record, video_index: int, cfg: dict) -> dict:
     """CoCLR-style: decode every RGB and flow frame and the whole spectrogram, then slice two
     clips and apply the same worker-side augmentation as the real pipeline."""
-    meta, spec = record.meta, clip_spec(cfg)
+    meta, spec = record.meta, clip_spec_of(cfg)
     video = {name: record.frames(name, 0, meta[f"{name}_frames" if name == "flow" else "frames"])
              for name in ("rgb", "flow")}
     spectrogram = record.spectrogram()

@@ -24,7 +24,8 @@ from data_tools.audio import AudioConfig, mel_bin_for_frequency
 from data_tools.decode import DisplayTransform
 from tricoclr.config import DEFAULTS
 from tricoclr.data import schema
-from tricoclr.data.dataset import EpochLoader, StageViews, usable_videos
+from tricoclr.data.dataset import EpochLoader
+from tricoclr.data.samples import StageViews, usable_videos
 from tricoclr.data.sampling import (
     ClipSpec,
     clip_frame_indices,

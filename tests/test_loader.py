@@ -17,22 +17,12 @@ import torch
 from data_tools.writers import PartWriter
 from tricoclr.config import DEFAULTS
 from tricoclr.data import schema
-from tricoclr.data.dataset import (
-    BROKEN_KEY,
-    DataStats,
-    EpochLoader,
-    StageViews,
-    clip_spec,
-    cut_circle,
-    finish_batch,
-    make_plan,
-    rebatch,
-    resume_point,
-    usable_videos,
-)
-from tricoclr.data.sampling import clip_frame_indices, sample_clip_starts, sample_generator
+from tricoclr.data.dataset import DataStats, EpochLoader
+from tricoclr.data.samples import BROKEN_KEY, StageViews, finish_batch, usable_videos
+from tricoclr.data.sampling import clip_frame_indices, clip_spec_of, sample_clip_starts, sample_generator
 from tricoclr.data.schema import chunks_for_span
 from tricoclr.data.store import iter_shard_samples, open_store
+from tricoclr.data.stream_plan import cut_circle, make_plan, rebatch, resume_point
 
 COOPERATIVE = StageViews(both_views=("rgb",), view2_only=("flow", "audio"))
 RGB_ONLY = StageViews(both_views=("rgb",))
@@ -140,14 +130,14 @@ def epoch_reads(path, views: StageViews, seed: int, epoch: int) -> tuple[list[di
 
 def clip_chunks(meta: dict, modality: str, start: int) -> set[str]:
     """The chunks of ``modality`` that hold the frames of the clip starting at ``start``."""
-    frames = clip_frame_indices(start, clip_spec(data_cfg()), meta["frames"])
+    frames = clip_frame_indices(start, clip_spec_of(data_cfg()), meta["frames"])
     span = chunks_for_span(int(frames[0]), int(frames[-1] - frames[0]) + 1, meta["chunk_frames"])
     return {schema.chunk_key(modality, c) for c in span}
 
 
 def sampled_starts(meta: dict, seed: int, epoch: int, video_index: int) -> tuple[int, int]:
     generator = sample_generator(seed, epoch, video_index, 0, "clips")
-    return sample_clip_starts(meta["frames"], clip_spec(data_cfg()), generator)
+    return sample_clip_starts(meta["frames"], clip_spec_of(data_cfg()), generator)
 
 
 def test_rgb_only_stage_reads_only_the_sampled_rgb_chunks(train_lmdb):

@@ -19,8 +19,9 @@ from test_loader import RGB_ONLY, assert_batches_equal, data_cfg, epoch_batches,
 
 from data_tools.writers import PartWriter
 from tricoclr.data import schema
-from tricoclr.data.dataset import EpochLoader, WebDatasetPairStream, _WorkerTally, usable_sample_offset
+from tricoclr.data.dataset import EpochLoader
 from tricoclr.data.store import iter_shard_samples, open_store
+from tricoclr.data.stream_loader import WebDatasetPairStream, _WorkerTally, usable_sample_offset
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEOS = 60

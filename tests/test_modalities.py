@@ -12,8 +12,9 @@ from conftest import tiny_overrides
 from tricoclr.cli import main
 from tricoclr.config import load_config
 from tricoclr.data import modalities as registry
-from tricoclr.data.dataset import StageViews, WebDatasetPairStream, build_sample, finish_batch
+from tricoclr.data.samples import StageViews, build_sample, finish_batch
 from tricoclr.data.store import open_store
+from tricoclr.data.stream_loader import WebDatasetPairStream
 from tricoclr.method import build_schedule
 from tricoclr.models.encoder import Encoder, load_encoder, save_encoder
 from tricoclr.trainer import Trainer

@@ -263,7 +263,7 @@ def test_a_missing_manifest_or_shard_is_an_error_naming_the_url(served, train_wd
     shutil.copytree(train_wds, folder / "train_no_shard")
     (folder / "train_no_shard" / schema.SHARDS_DIR / first_shard.name).unlink()
     loader = EpochLoader(f"{base}/train_no_shard", RGB_FLOW, cfg, seed=0, batch_size=2)
-    with caplog.at_level(logging.WARNING, logger="tricoclr.data.dataset"), \
+    with caplog.at_level(logging.WARNING, logger="tricoclr.data.stream_loader"), \
             pytest.raises(RuntimeError, match="no readable sample"):
         list(loader)
     assert any(f"{base}/train_no_shard/shards/{first_shard.name}" in r.getMessage() for r in caplog.records)
