@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tricoclr.distributed import gather_from_all_ranks
 from tricoclr.feature_queue import FeatureQueue
 from tricoclr.losses import contrastive_logits, multi_positive_loss
-from tricoclr.mining import mask_self_positive, mine_positives, mined_precision
+from tricoclr.mining import mask_self_positive, mine_positives, mined_precision, same_video_share
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,14 @@ class CooperativeStage(nn.Module):
             mask = mask_self_positive(mask, self.cfg["mask_self_probability"], generator)
         loss = multi_positive_loss(logits, mask)
         stats = {"positives_per_sample": mask.float().sum(dim=1).mean().item()}
-        precision = mined_precision(mask, batch["label"], queue.labels)
+        # Oracle-mined positives alone, and the share of same-video entries among all queue
+        # positives, separately: together they would read high while the queue fills.
+        precision = mined_precision(mask, batch["label"], queue.labels, batch["video_index"], queue.video_ids)
         if precision is not None:
             stats["mined_precision"] = precision
+        share = same_video_share(mask, batch["video_index"], queue.video_ids)
+        if share is not None:
+            stats["same_video_share"] = share
         return loss, stats
 
     def stash_for_enqueue(self, key: torch.Tensor, oracle: torch.Tensor | None, batch: dict) -> None:

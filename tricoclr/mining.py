@@ -193,17 +193,42 @@ def mask_self_positive(
 
 @torch.no_grad()
 def mined_precision(
-    positive_mask: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor
+    positive_mask: torch.Tensor,
+    labels: torch.Tensor,
+    queue_labels: torch.Tensor,
+    video_ids: torch.Tensor | None = None,
+    queue_video_ids: torch.Tensor | None = None,
 ) -> float | None:
-    """Fraction of queue positives (columns 1.., mined or same-video) that share the anchor's
-    class label; pairs where either label is unknown (< 0) are ignored. For logging only: labels
-    never influence training. None when there is no such positive.
+    """Fraction of the oracle-mined queue positives (columns 1..) that share the anchor's class
+    label; pairs where either label is unknown (< 0) are ignored. With ``video_ids`` and
+    ``queue_video_ids``, entries from the anchor's own video are left out: they always share its
+    class, so counting them would make the precision start high while the queue fills and fall
+    to the oracle's own once it holds more videos (see :func:`same_video_share`). Without them
+    every queue positive counts. For logging only: labels never influence training. None when
+    there is no such positive.
     """
     queue_positives = positive_mask[:, 1:]
     labels = labels.reshape(-1, 1).to(queue_positives.device)
     queue_labels = queue_labels.reshape(1, -1).to(queue_positives.device)
     counted = queue_positives & (labels >= 0) & (queue_labels >= 0)
+    if video_ids is not None and queue_video_ids is not None:
+        counted = counted & ~_same_video_mask(video_ids.to(queue_positives.device), queue_video_ids)
     total = int(counted.sum())
     if total == 0:
         return None
     return int((counted & (labels == queue_labels)).sum()) / total
+
+
+@torch.no_grad()
+def same_video_share(
+    positive_mask: torch.Tensor, video_ids: torch.Tensor, queue_video_ids: torch.Tensor
+) -> float | None:
+    """Fraction of the queue positives (columns 1..) that are other clips of the anchor's own
+    video (positives by construction, not mined). For logging only; None when there is no
+    queue positive."""
+    queue_positives = positive_mask[:, 1:]
+    total = int(queue_positives.sum())
+    if total == 0:
+        return None
+    same = _same_video_mask(video_ids.to(queue_positives.device), queue_video_ids)
+    return int((queue_positives & same).sum()) / total

@@ -692,8 +692,9 @@ class Trainer:
             "train/positives_per_sample": stats["positives_per_sample"],
             "train/broken_records": DataStats.broken_records,
         }
-        if "mined_precision" in stats:
-            values["train/mined_precision"] = stats["mined_precision"]
+        for name in ("mined_precision", "same_video_share"):
+            if name in stats:
+                values[f"train/{name}"] = stats[name]
         if elapsed > 0:
             values["train/samples_per_s"] = window["samples"] / elapsed
             values["train/data_wait_fraction"] = window["wait"] / elapsed
