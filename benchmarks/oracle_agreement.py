@@ -34,7 +34,7 @@ from data_tools import synth  # noqa: E402
 from tricoclr import modalities as registry  # noqa: E402
 from tricoclr.config import load_config  # noqa: E402
 from tricoclr.data.store import open_store  # noqa: E402
-from tricoclr.demo import DEFAULT_CONFIG, DEMO_OVERRIDES  # noqa: E402
+from tricoclr.demo import DEFAULT_CONFIG  # noqa: E402
 from tricoclr.eval.features import present_clips  # noqa: E402
 from tricoclr.mining import mine_positives  # noqa: E402
 from tricoclr.models.encoder import load_encoder  # noqa: E402
@@ -119,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     out = Path(args.demo_out)
-    data_cfg = load_config(DEFAULT_CONFIG, DEMO_OVERRIDES)["data"]
+    data_cfg = load_config(DEFAULT_CONFIG)["data"]
     ids, labels, clips = read_clips(out / "prepared" / "train", data_cfg)
     windows = torch.tensor([len(c) for c in clips["flow"]])
     if args.level == "clip" and not torch.equal(windows, torch.tensor([len(c) for c in clips["audio"]])):

@@ -77,11 +77,29 @@ table then has 3 sounds), so the sound alone separates them; the table is still 
 Per-video nuisance (independent of the class, strong on purpose)
 ----------------------------------------------------------------
 Background colours (any hue, saturation 0-0.55, value 0.15-0.85) and texture (flat, gradient,
-stripes, checker, blobs); object hue shift +-10 deg, saturation 0.65-1, value 0.7-1; object
+stripes, checker, blobs), or a shared scene's (below); object hue any (``--object-colour video``,
+the default) or within +-10 deg of the appearance's (``class``), saturation 0.65-1, value 0.7-1; object
 radius 0.11-0.17 of the frame; centre offset +-0.08; motion speed x0.8-1.25 and phase (the
 "start time": the pattern is at a random point of its cycle at t = 0, the streams themselves
 both start at 0); global brightness x0.75-1.2; Gaussian pixel noise sigma 1.5-5 levels;
 loudness -12..0 dB; detune +-1 semitone; tempo x0.95-1.05; sound phase; a noise floor.
+
+Scenes, camera and colour (what real video has, issue 15)
+---------------------------------------------------------
+In real video the camera moves, the backdrop changes within a clip and many videos are filmed
+in similar places, while what defines an action is shared across videos. The first version drew
+a static backdrop of its own for every video and coloured the object by its class: a backdrop
+that identifies the instance in every frame is the easiest cue for instance discrimination
+(InfoNCE), and it is class noise here. By default now (``synthesize``'s ``scenes``, ``camera``,
+``colour``; ``--scenes 0 --static-camera --object-colour class`` gives the first version's data):
+
+- ``--scenes`` (``SCENES`` = 8): backdrops come from a pool of shared scenes, one per video,
+  drawn independently of the class, so videos of different classes share backdrops;
+- a panning camera: the backdrop is a canvas ``CANVAS`` times the frame's side, and the frame
+  (which follows the object) slides over it at ``CAMERA_SPEED`` frame widths per second in a
+  random direction, turning back at the canvas's edges;
+- ``--object-colour video``: the object's hue is per-video nuisance, so the appearance is its
+  shape and texture (the names keep the library's hue word).
 
 Determinism
 -----------
