@@ -16,6 +16,15 @@ plain loop, so one question takes seconds instead of a demo run. Two questions:
     python benchmarks/demo_learnability.py supervised --videos-per-class 60 --seconds 4 --size 32 --epochs 10
     python benchmarks/demo_learnability.py contrastive --size 32 --share motion,sound --mask-self 0.9 --seed 1
 
+Options added for issue 15 (figures in docs/demo_data.md): ``--scenes N --camera --object-colour
+video`` render synth's new default data (the defaults here stay the first generator's, so the
+README's figures reproduce); ``--same-video negative|positive|drop`` says what other clips of the
+query's video in the queue are during InfoNCE (the trainer: negative); ``--bg-mix P`` blends, with
+probability P, one frame of another video of the batch into every frame of a clip (background
+mixing); ``--knn-every N`` prints R@1 during training; ``--skip-stage`` stops after pre-training.
+Each contrastive stage prints its loss and how often the key outranks every negative, over the
+first and last third of its steps once the queue is full.
+
 Figures (README, "Why the demo looks like this") were measured with these commands on the 2-core
 development machine. Clips: 8 frames at stride 2 from 30 fps; crops of the whole frame for the
 supervised runs (``--crop-min 1``), 30-100 % of it plus flip, brightness/contrast and greyscale for
