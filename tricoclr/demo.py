@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default 3, quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="data workers (preparation and loading)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="the base training config (default: the repository's configs/tiny.yaml, wherever the demo runs from)")
+                        help="the base training config (default: the repository's configs/small.yaml, wherever the demo runs from)")
 
 
 def _say(text: str) -> None:
