@@ -296,3 +296,20 @@ def test_mined_precision_leaves_out_same_video_entries_which_are_reported_as_the
     assert mined_precision(only_own, labels, queue_labels, video_ids, queue_video_ids) is None
     assert same_video_share(only_own, video_ids, queue_video_ids) == 1.0
     assert same_video_share(mask_of([[0], [0]], 5), video_ids, queue_video_ids) is None
+
+
+def test_exclude_same_video_takes_own_video_entries_out_of_the_infonce_denominator():
+    from tricoclr.losses import multi_positive_loss
+    from tricoclr.mining import exclude_same_video
+
+    logits = torch.tensor([[2.0, 1.0, 3.0, 0.5], [1.0, 0.0, 2.0, 2.0]])
+    video_ids = torch.tensor([4, 5])
+    queue_video_ids = torch.tensor([4, 6, -1])  # entry 0: row 0's own video; entry 2 unfilled
+    out = exclude_same_video(logits, video_ids, queue_video_ids)
+    assert out[0, 1] == float("-inf") and torch.equal(out[0, [0, 2, 3]], logits[0, [0, 2, 3]])
+    assert torch.equal(out[1], logits[1])  # no own-video entry, unfilled slots untouched
+    # the loss is InfoNCE over the key and the other videos' entries only
+    expected = -(2.0 - torch.logsumexp(torch.tensor([2.0, 3.0, 0.5]), 0))
+    key_only = torch.zeros(1, 4, dtype=torch.bool)
+    key_only[0, 0] = True
+    assert float(multi_positive_loss(out[:1], key_only)) == pytest.approx(float(expected))

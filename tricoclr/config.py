@@ -57,6 +57,10 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.999,  # CoCLR
         "momentum_final": 0.999,  # != momentum: cosine schedule from momentum to momentum_final
         "same_video_positives": True,  # cooperative stages only; always off in InfoNCE stages
+        # InfoNCE stages: other clips of the anchor's video in the queue are "negative" (MoCo; the
+        # queue is far smaller than the dataset) or "exclude"d from the loss (small datasets, where
+        # the queue holds each video more than once; measured, docs/demo_data.md)
+        "infonce_same_video": "negative",
         "mask_self_positive": False,  # CoCLR's later fix (its issue #43); measured in the demo
         "mask_self_probability": 0.9,  # CoCLR issue #43
         # How the oracle ranks queue entries: cosine_sum (DESIGN.md, the paper: o·o', a sum of
@@ -177,6 +181,9 @@ def validate(config: dict) -> None:
         raise ConfigError(
             f"method.oracle_similarity must be {' or '.join(ORACLE_SIMILARITIES)}, got {config['method']['oracle_similarity']!r}"
         )
+    if config["method"]["infonce_same_video"] not in ("negative", "exclude"):
+        raise ConfigError("method.infonce_same_video must be 'negative' or 'exclude', "
+                          f"got {config['method']['infonce_same_video']!r}")
     if config["optim"]["name"] not in ("adam", "adamw", "sgd"):
         raise ConfigError("optim.name must be adam, adamw or sgd")
 

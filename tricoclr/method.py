@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from tricoclr.distributed import gather_from_all_ranks
 from tricoclr.feature_queue import FeatureQueue
 from tricoclr.losses import contrastive_logits, multi_positive_loss
-from tricoclr.mining import mask_self_positive, mine_positives, mined_precision, same_video_share
+from tricoclr.mining import (exclude_same_video, mask_self_positive, mine_positives, mined_precision,
+                             same_video_share)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ class CooperativeStage(nn.Module):
         )
         if self.plan.cooperative and self.cfg["mask_self_positive"]:
             mask = mask_self_positive(mask, self.cfg["mask_self_probability"], generator)
+        if not self.plan.cooperative and self.cfg["infonce_same_video"] == "exclude":
+            logits = exclude_same_video(logits, batch["video_index"], queue.video_ids)
         loss = multi_positive_loss(logits, mask)
         stats = {"positives_per_sample": mask.float().sum(dim=1).mean().item()}
         # Oracle-mined positives alone, and the share of same-video entries among all queue

@@ -191,6 +191,23 @@ def mask_self_positive(
     return masked
 
 
+def exclude_same_video(logits: torch.Tensor, video_ids: torch.Tensor, queue_video_ids: torch.Tensor) -> torch.Tensor:
+    """Logits with the queue entries from each sample's own video set to -inf (neither positive
+    nor negative): for InfoNCE stages on small datasets, where a queue larger than about one
+    epoch's worth of videos holds other clips of the anchor's video, which as negatives ask the
+    encoder to tell apart clips of one video (measured, docs/demo_data.md).
+
+    Args:
+        logits: (B, 1 + K) from ``contrastive_logits``; column 0 (the key) is never touched.
+        video_ids: (B,) source-video id of each sample; queue_video_ids: (K,), -1 for unfilled.
+
+    Returns a new tensor; the input is not modified.
+    """
+    same = _same_video_mask(video_ids.to(logits.device), queue_video_ids)
+    excluded = torch.cat([torch.zeros_like(same[:, :1]), same], dim=1)
+    return logits.masked_fill(excluded, float("-inf"))
+
+
 @torch.no_grad()
 def mined_precision(
     positive_mask: torch.Tensor,
