@@ -91,7 +91,8 @@ in similar places, while what defines an action is shared across videos. The fir
 a static backdrop of its own for every video and coloured the object by its class: a backdrop
 that identifies the instance in every frame is the easiest cue for instance discrimination
 (InfoNCE), and it is class noise here. By default now (``synthesize``'s ``scenes``, ``camera``,
-``colour``; ``--scenes 0 --static-camera --object-colour class`` gives the first version's data):
+``colour``; ``--scenes 0 --static-camera --object-colour class`` gives data of the first
+version's kind, not its exact pixels):
 
 - ``--scenes`` (``SCENES`` = 8): backdrops come from a pool of shared scenes, one per video,
   drawn independently of the class, so videos of different classes share backdrops;
