@@ -91,8 +91,8 @@ in similar places, while what defines an action is shared across videos. The fir
 a static backdrop of its own for every video and coloured the object by its class: a backdrop
 that identifies the instance in every frame is the easiest cue for instance discrimination
 (InfoNCE), and it is class noise here. By default now (``synthesize``'s ``scenes``, ``camera``,
-``colour``; ``--scenes 0 --static-camera --object-colour class`` gives data of the first
-version's kind, not its exact pixels):
+``colour``; ``--scenes 0 --static-camera --object-colour class`` gives the first version's
+data, pixel for pixel):
 
 - ``--scenes`` (``SCENES`` = 8): backdrops come from a pool of shared scenes, one per video,
   drawn independently of the class, so videos of different classes share backdrops;
@@ -315,22 +315,25 @@ def sample_nuisance(rng: np.random.Generator, appearance: Appearance, scenes: in
     "video": any hue (shape and texture remain the appearance). ``scenes`` > 0: the video is
     filmed in one of that many shared scenes (drawn here, its backdrop is the scene's);
     ``camera``: a panning camera with a random start and velocity (``CAMERA_SPEED``). The draws
-    for the scene, camera and free hue come after all others, so the rest of a video's nuisance
-    does not depend on these options.
+    for the scene, camera and free hue come after all others (and only when asked for), so the
+    rest of a video's nuisance does not depend on these options.
     """
     if colour not in OBJECT_COLOURS:
         raise ValueError(f"colour must be one of {OBJECT_COLOURS}, got {colour!r}")
     nuisance = _sample_base_nuisance(rng, appearance)
-    scene = int(rng.integers(0, scenes)) if scenes > 0 else -1
-    start = tuple(float(v) for v in rng.uniform(0.0, CANVAS - 1.0, 2))
-    speed, angle = rng.uniform(*CAMERA_SPEED), rng.uniform(0, 2 * math.pi)
-    velocity = (float(speed * math.cos(angle)), float(speed * math.sin(angle))) if camera else (0.0, 0.0)
-    hue = rng.uniform(0, 360)
-    changes = {"scene": scene, "camera_start": start if camera else (0.0, 0.0), "camera_velocity": velocity}
+    changes: dict = {}
+    # Drawn only when asked for, so that with every option off a video's random stream is the
+    # first version's and its data are reproduced pixel for pixel.
+    if scenes > 0:
+        changes["scene"] = int(rng.integers(0, scenes))
+    if camera:
+        changes["camera_start"] = tuple(float(v) for v in rng.uniform(0.0, CANVAS - 1.0, 2))
+        speed, angle = rng.uniform(*CAMERA_SPEED), rng.uniform(0, 2 * math.pi)
+        changes["camera_velocity"] = (float(speed * math.cos(angle)), float(speed * math.sin(angle)))
     if colour == "video":
         r, g, b = nuisance.object_rgb
         _, saturation, value = colorsys.rgb_to_hsv(r, g, b)
-        changes["object_rgb"] = hsv_to_rgb(hue, saturation, value)
+        changes["object_rgb"] = hsv_to_rgb(rng.uniform(0, 360), saturation, value)
     return dataclasses.replace(nuisance, **changes)
 
 

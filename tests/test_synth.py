@@ -296,3 +296,14 @@ def test_static_camera_and_own_backdrops_give_a_still_backdrop():
         assert drawn.scene == -1 and drawn.camera_velocity == (0.0, 0.0)
         assert np.ptp(corner(still)) < 4  # pixel noise only
 
+
+
+def test_options_off_reproduce_the_first_generator_pixel_for_pixel():
+    """--scenes 0 --static-camera --object-colour class is the first version's data (the README's
+    demo figures were measured on it): checksums taken from that version (commit 1517822)."""
+    job = synth.VideoJob("", 10, 3, 2, 0, 1.0, 30, 64, 22050)  # scenes 0, static, class colour
+    _, _, pixels, audio, _ = synth.make_video_content(job)
+    frames = list(pixels)
+    assert int(frames[0].astype(np.int64).sum()) == 408007
+    assert int(frames[-1].astype(np.int64).sum()) == 405698
+    assert float(np.abs(audio).sum()) == pytest.approx(727.942626953125, rel=1e-6)
