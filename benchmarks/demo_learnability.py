@@ -16,7 +16,16 @@ plain loop, so one question takes seconds instead of a demo run. Two questions:
     python benchmarks/demo_learnability.py supervised --videos-per-class 60 --seconds 4 --size 32 --epochs 10
     python benchmarks/demo_learnability.py contrastive --size 32 --share motion,sound --mask-self 0.9 --seed 1
 
-Figures (docs/demo.md, "Why the demo looks like this") were measured with these commands on the 2-core
+Options added for issue 15 (figures in docs/demo_data.md): ``--scenes N --camera --object-colour
+video`` render synth's new default data (the defaults here stay the first generator's, so the
+README's figures reproduce); ``--same-video negative|positive|drop`` says what other clips of the
+query's video in the queue are during InfoNCE (the trainer: negative); ``--bg-mix P`` blends, with
+probability P, one frame of another video of the batch into every frame of a clip (background
+mixing); ``--knn-every N`` prints R@1 during training; ``--skip-stage`` stops after pre-training.
+Each contrastive stage prints its loss and how often the key outranks every negative, over the
+first and last third of its steps once the queue is full.
+
+Figures (README, "Why the demo looks like this") were measured with these commands on the 2-core
 development machine. Clips: 8 frames at stride 2 from 30 fps; crops of the whole frame for the
 supervised runs (``--crop-min 1``), 30-100 % of it plus flip, brightness/contrast and greyscale for
 the contrastive ones (no blur or hue: this is a lower-cost stand-in for the trainer's pipeline).
@@ -49,10 +58,10 @@ FACTOR_COLUMN = {"appearance": 0, "motion": 1, "sound": 2}
 
 
 def render_video(classes: int, class_index: int, video: int, seconds: float, size: int,
-                 radius: tuple[float, float] | None, trace_depth: float) -> torch.Tensor:
+                 radius: tuple[float, float] | None, trace_depth: float, nuisance: dict, seed: int = 0) -> torch.Tensor:
     """(frames, 3, size, size) uint8: one synthesized video as `synth` draws it, area-downsampled."""
-    job = synth.VideoJob(path="", classes=classes, class_index=class_index, video_index=video, seed=0,
-                         seconds=seconds, fps=FPS, size=RENDER_SIZE, audio_rate=AUDIO_RATE)
+    job = synth.VideoJob(path="", classes=classes, class_index=class_index, video_index=video, seed=seed,
+                         seconds=seconds, fps=FPS, size=RENDER_SIZE, audio_rate=AUDIO_RATE, **nuisance)
     _, _, pixels, _, _ = synth.make_video_content(job, trace_depth, radius)
     video_tensor = torch.from_numpy(np.stack(list(pixels))).permute(0, 3, 1, 2).float()
     return F.interpolate(video_tensor, size=(size, size), mode="area").round().clamp(0, 255).to(torch.uint8)
@@ -66,7 +75,9 @@ def make_dataset(args) -> dict:
     n_train = synth.train_count(args.videos_per_class, 0.5)
     for c in range(args.classes):
         for v in range(args.videos_per_class):
-            videos.append(render_video(args.classes, c, v, args.seconds, args.size, args.radius, args.trace_depth))
+            videos.append(render_video(args.classes, c, v, args.seconds, args.size, args.radius, args.trace_depth,
+                                       {"scenes": args.scenes, "camera": not args.static_camera,
+                                        "colour": args.object_colour}, args.data_seed))
             labels.append(c)
             is_train.append(v < n_train)
     data = {"videos": torch.stack(videos), "labels": torch.tensor(labels), "train": torch.tensor(is_train)}
@@ -89,8 +100,14 @@ class Clips:
     def random_start(self) -> int:
         return int(self._rand() * (self.videos.shape[1] - self.span + 1))
 
-    def clip(self, index: int, start: int, augment: bool, photometric: bool = False) -> torch.Tensor:
+    def clip(self, index: int, start: int, augment: bool, photometric: bool = False,
+             mix_from: int | None = None) -> torch.Tensor:
         x = self.videos[index, start : start + self.span : self.args.stride].float()  # (T, C, H, W)
+        if mix_from is not None and self._rand() < self.args.bg_mix:
+            # background mixing: one frame of another video blended into every frame of the clip
+            other = self.videos[mix_from, self.random_start()].float()
+            weight = self.args.bg_mix_weight * self._rand()
+            x = (1 - weight) * x + weight * other
         if augment:
             area = self.args.crop_min + (1 - self.args.crop_min) * self._rand()
             side = max(8, int(round(self.size * area**0.5)))
@@ -162,9 +179,15 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
     queue_labels = torch.zeros(0, dtype=torch.long)
     queue_videos = torch.zeros(0, dtype=torch.long)
     train, labels = torch.nonzero(data["train"]).flatten(), data["labels"]
-    for _ in range(steps):
+    losses, ranks = [], []
+    for step in range(steps):
+        if args.knn_every and step and step % args.knn_every == 0:
+            print(f"    step {step}: R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
         batch = train[torch.randint(0, len(train), (args.batch_size,), generator=clips.g)]
-        views = [torch.stack([clips.clip(int(i), clips.random_start(), True, photometric=True) for i in batch])
+        others = batch.roll(1)
+        views = [torch.stack([clips.clip(int(i), clips.random_start(), True, photometric=True,
+                                         mix_from=int(o) if args.bg_mix > 0 else None)
+                              for i, o in zip(batch, others)])
                  for _ in range(2)]
         query = encoder(views[0])
         with torch.no_grad():
@@ -174,7 +197,11 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
         logits = torch.cat([(query * key).sum(1, keepdim=True), query @ queue.t()], 1) / args.temperature
         mask = torch.zeros_like(logits, dtype=torch.bool)
         mask[:, 0] = True
-        mask[:, 1:] = queue_videos[None, :] == batch[:, None]  # same-video entries, as the trainer
+        if share_key is not None or args.same_video == "positive":
+            mask[:, 1:] = queue_videos[None, :] == batch[:, None]  # same-video entries positives
+        elif args.same_video == "drop":  # neither positive nor negative
+            logits = logits.masked_fill(torch.cat([torch.zeros_like(batch[:, None], dtype=torch.bool),
+                                                   queue_videos[None, :] == batch[:, None]], 1), float("-inf"))
         if share_key is not None and len(queue):
             for row, video in enumerate(batch):
                 pool = torch.nonzero((share_key[queue_labels] == share_key[labels[video]]) & (queue_videos != video)).flatten()
@@ -183,12 +210,20 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
                     mask[row, 1 + pick] = True
             mask = mask_self_positive(mask, args.mask_self, clips.g)
         loss = multi_positive_loss(logits, mask)
+        if len(queue) == args.queue:  # the pretext task's progress once the queue is full
+            losses.append(float(loss.detach()))
+            ranks.append(float((logits[:, 0:1] >= logits[:, 1:].masked_fill(mask[:, 1:], float("-inf"))).all(1).float().mean()))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         queue = torch.cat([key, queue])[: args.queue]
         queue_labels = torch.cat([labels[batch], queue_labels])[: args.queue]
         queue_videos = torch.cat([batch, queue_videos])[: args.queue]
+    if losses:
+        third = max(1, len(losses) // 3)
+        print(f"    loss once the queue is full (chance ln {args.queue + 1} = {np.log(args.queue + 1):.2f}): "
+              f"first third {np.mean(losses[:third]):.2f}, last third {np.mean(losses[-third:]):.2f}; "
+              f"key ranked first {100 * np.mean(ranks[:third]):.0f} -> {100 * np.mean(ranks[-third:]):.0f} %", flush=True)
 
 
 def contrastive(args, data: dict) -> None:
@@ -205,6 +240,8 @@ def contrastive(args, data: dict) -> None:
     print(f"random init: R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
     contrastive_stage(encoder, clips, data, args, args.pretrain_steps, None)
     print(f"InfoNCE {args.pretrain_steps} steps: R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
+    if args.skip_stage:
+        return
     pretrained = copy.deepcopy(encoder.state_dict())
     contrastive_stage(encoder, clips, data, args, args.stage_steps, None)
     print(f"  + InfoNCE {args.stage_steps} steps: R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
@@ -223,6 +260,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="clip side (frames rendered at 128 and downsampled)")
     parser.add_argument("--radius", type=float, nargs=2, default=None, help="override the object radius range")
     parser.add_argument("--trace-depth", type=float, default=synth.TRACE_DEPTH)
+    parser.add_argument("--scenes", type=int, default=0, help="synth's --scenes (0: the old per-video backdrops)")
+    parser.add_argument("--static-camera", action="store_true", help="synth's --static-camera")
+    parser.add_argument("--camera", dest="static_camera", action="store_false", help="a panning camera")
+    parser.set_defaults(static_camera=True)  # the old generator unless asked
+    parser.add_argument("--object-colour", choices=synth.OBJECT_COLOURS, default="class")
+    parser.add_argument("--data-seed", type=int, default=0, help="synth's --seed")
     parser.add_argument("--cache", default=None, help="keep the rendered videos here (.pt) for later runs")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--stride", type=int, default=2)
@@ -238,6 +281,13 @@ def main() -> None:
     parser.add_argument("--queue", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--same-video", choices=["negative", "positive", "drop"], default="negative",
+                        help="other clips of the query's video in the queue during InfoNCE (the trainer: negative)")
+    parser.add_argument("--bg-mix", type=float, default=0.0,
+                        help="probability of background mixing (a frame of another video blended into the clip)")
+    parser.add_argument("--bg-mix-weight", type=float, default=0.5, help="largest weight of the mixed-in frame")
+    parser.add_argument("--knn-every", type=int, default=0, help="print kNN R@1 every this many steps")
+    parser.add_argument("--skip-stage", action="store_true", help="InfoNCE pre-training only")
     args = parser.parse_args()
     if args.crop_min is None:
         args.crop_min = 1.0 if args.question == "supervised" else 0.3

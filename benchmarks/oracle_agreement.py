@@ -36,7 +36,7 @@ from data_tools import synth  # noqa: E402
 from tricoclr.data import modalities as registry  # noqa: E402
 from tricoclr.config import load_config  # noqa: E402
 from tricoclr.data.store import open_store  # noqa: E402
-from tricoclr.demo import DEFAULT_CONFIG, DEMO_OVERRIDES, VARIANTS, slug  # noqa: E402
+from tricoclr.demo import DEFAULT_CONFIG, VARIANTS, slug  # noqa: E402
 from tricoclr.eval.features import present_clips  # noqa: E402
 from tricoclr.mining import mine_positives  # noqa: E402
 from tricoclr.models.encoder import load_encoder  # noqa: E402
@@ -130,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     out = Path(args.demo_out)
-    data_cfg = load_config(DEFAULT_CONFIG, DEMO_OVERRIDES)["data"]
+    data_cfg = load_config(DEFAULT_CONFIG)["data"]
     oracles = [m for m in ORACLES if oracle_encoder_path(out, 0, m).exists()]
     if not oracles:
         raise SystemExit(f"no pre-trained oracle encoders under {out / 'runs' / 'seed0'}")

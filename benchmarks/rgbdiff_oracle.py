@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tricoclr import demo  # noqa: E402
+from tricoclr.config import load_config, pretrain_epochs  # noqa: E402
 from tricoclr.eval.report import markdown_table  # noqa: E402
 
 # name, modalities of the RGB stage, the oracle pre-trained for it (None: InfoNCE)
@@ -44,7 +45,7 @@ ROWS = [("InfoNCE", ["rgb"], None), ("CoCLR, flow", ["rgb", "flow"], "flow"),
         ("CoCLR, rgbdiff", ["rgb", "rgbdiff"], "rgbdiff")]
 COMPARISONS = [("CoCLR, rgbdiff", "InfoNCE"), ("CoCLR, flow", "InfoNCE"), ("CoCLR, rgbdiff", "CoCLR, flow")]
 SMOKE = dict(classes=4, videos_per_class=8, train_fraction=0.5, seconds=2.0, size=64, seeds=1,
-             pretrain_epochs=1, oracle_pretrain_epochs=1, stage_epochs=1, stage_queue_size=None)
+             overrides=["schedule.pretrain_epochs=1", "schedule.stage_epochs=1", "method.queue_size=128"])
 # The demo's tiny config names no backbone for rgbdiff (its registry default is S3D): the demo's.
 OVERRIDES = ["model.backbones.rgbdiff=tiny3d"]
 
@@ -91,15 +92,18 @@ def prepare(out: Path, preset: dict, workers: int, timings: Timings) -> tuple[Pa
 def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args, timings: Timings) -> dict[str, Path]:
     """Pre-train RGB and each oracle alone, then each row's RGB stage from those encoders."""
     runs = out / "runs" / f"seed{seed}"
-    common = [f"seed={seed}", f"data.path={train_store}", f"data.workers={args.workers}", "resume=true", *OVERRIDES]
+    common = [*preset["overrides"], f"seed={seed}", f"data.path={train_store}", f"data.workers={args.workers}",
+              "resume=true", *OVERRIDES]
+    config = load_config(args.config, common)
+    schedule = config["schedule"]
+    # The recipe's epochs (configs/small.yaml): RGB's own, and the flow oracle's for both oracles.
+    pretrain = {mod: pretrain_epochs(config, mod) for mod in ("rgb", "flow")}
     pretrained = {}
-    for mod, epochs in (("rgb", preset["pretrain_epochs"]), ("flow", preset["oracle_pretrain_epochs"]),
-                        ("rgbdiff", preset["oracle_pretrain_epochs"])):
+    for mod, epochs in (("rgb", pretrain["rgb"]), ("flow", pretrain["flow"]), ("rgbdiff", pretrain["flow"])):
         run_dir = runs / f"pretrain_{mod}"
         pretrained[mod] = run_dir / "encoders" / f"{mod}.safetensors"
         timings.run(f"seed{seed}/pretrain_{mod}", pretrained[mod].exists(), lambda: demo._train(args.config, common + [
             f"output_dir={run_dir}", f"modalities=[{mod}]", "schedule.cycles=0", f"schedule.pretrain_epochs={epochs}"]))
-    queue = [f"method.queue_size={preset['stage_queue_size']}"] if preset["stage_queue_size"] else []
     encoders = {}
     for name, mods, _ in ROWS:
         run_dir = runs / demo.slug(name)
@@ -114,8 +118,7 @@ def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args, timi
                     target.write_bytes(pretrained[mod].read_bytes())
             demo._train(args.config, common + [
                 f"output_dir={run_dir}", f"modalities=[{','.join(mods)}]", f"schedule.start_stage={stage}",
-                "schedule.cycles=1", "schedule.order=[rgb]", f"schedule.pretrain_epochs={preset['stage_epochs']}",
-                f"schedule.stage_epochs={preset['stage_epochs']}", *queue])
+                "schedule.cycles=1", "schedule.order=[rgb]", f"schedule.pretrain_epochs={schedule['stage_epochs']}"])
 
         timings.run(f"seed{seed}/{demo.slug(name)}", encoders[name].exists(), stage_run)
     return encoders

@@ -77,11 +77,30 @@ table then has 3 sounds), so the sound alone separates them; the table is still 
 Per-video nuisance (independent of the class, strong on purpose)
 ----------------------------------------------------------------
 Background colours (any hue, saturation 0-0.55, value 0.15-0.85) and texture (flat, gradient,
-stripes, checker, blobs); object hue shift +-10 deg, saturation 0.65-1, value 0.7-1; object
+stripes, checker, blobs), or a shared scene's (below); object hue any (``--object-colour video``,
+the default) or within +-10 deg of the appearance's (``class``), saturation 0.65-1, value 0.7-1; object
 radius 0.11-0.17 of the frame; centre offset +-0.08; motion speed x0.8-1.25 and phase (the
 "start time": the pattern is at a random point of its cycle at t = 0, the streams themselves
 both start at 0); global brightness x0.75-1.2; Gaussian pixel noise sigma 1.5-5 levels;
 loudness -12..0 dB; detune +-1 semitone; tempo x0.95-1.05; sound phase; a noise floor.
+
+Scenes, camera and colour (what real video has, issue 15)
+---------------------------------------------------------
+In real video the camera moves, the backdrop changes within a clip and many videos are filmed
+in similar places, while what defines an action is shared across videos. The first version drew
+a static backdrop of its own for every video and coloured the object by its class: a backdrop
+that identifies the instance in every frame is the easiest cue for instance discrimination
+(InfoNCE), and it is class noise here. By default now (``synthesize``'s ``scenes``, ``camera``,
+``colour``; ``--scenes 0 --static-camera --object-colour class`` gives the first version's
+data, pixel for pixel):
+
+- ``--scenes`` (``SCENES`` = 8): backdrops come from a pool of shared scenes, one per video,
+  drawn independently of the class, so videos of different classes share backdrops;
+- a panning camera: the backdrop is a canvas ``CANVAS`` times the frame's side, and the frame
+  (which follows the object) slides over it at ``CAMERA_SPEED`` frame widths per second in a
+  random direction, turning back at the canvas's edges;
+- ``--object-colour video``: the object's hue is per-video nuisance, so the appearance is its
+  shape and texture (the names keep the library's hue word).
 
 Determinism
 -----------
@@ -117,6 +136,14 @@ import numpy as np
 # ---- factor libraries -----------------------------------------------------------------------
 
 TRACE_DEPTH = 0.15  # how much the object dims between notes: the sound's faint visual trace
+# Scenes and camera (see "Scenes, camera and colour" in the module docstring). A scene is a
+# backdrop several videos share; the camera follows the object and pans over a scene canvas
+# CANVAS times the frame's side at CAMERA_SPEED frame widths per second (a slow pan: ~0.1-0.3
+# of the frame moves past in a 2-second window).
+SCENES = 8
+CANVAS = 1.6
+CAMERA_SPEED = (0.05, 0.15)
+OBJECT_COLOURS = ("class", "video")
 MAX_CLASSES = 98  # n <= 7 appearances/motions (n + 1 <= 8 sounds): G <= 49 groups
 
 
@@ -266,6 +293,9 @@ class Nuisance:
     tempo: float
     sound_phase: float
     noise_floor: float
+    scene: int = -1  # index into the shared scene pool; -1: the video's own backdrop
+    camera_start: tuple[float, float] = (0.0, 0.0)  # canvas position at t = 0, frame widths
+    camera_velocity: tuple[float, float] = (0.0, 0.0)  # frame widths per second; 0: static
 
 
 BACKGROUND_KINDS = ("flat", "gradient", "stripes", "checker", "blobs")
@@ -277,8 +307,52 @@ def hsv_to_rgb(hue_deg: float, saturation: float, value: float) -> tuple[float, 
     return (float(r), float(g), float(b))
 
 
-def sample_nuisance(rng: np.random.Generator, appearance: Appearance) -> Nuisance:
-    """Draw one video's nuisance parameters; the object's hue stays near its class hue."""
+def sample_nuisance(rng: np.random.Generator, appearance: Appearance, scenes: int = 0,
+                    camera: bool = False, colour: str = "class") -> Nuisance:
+    """Draw one video's nuisance parameters.
+
+    ``colour`` "class": the object's hue stays within 10 degrees of its appearance's hue;
+    "video": any hue (shape and texture remain the appearance). ``scenes`` > 0: the video is
+    filmed in one of that many shared scenes (drawn here, its backdrop is the scene's);
+    ``camera``: a panning camera with a random start and velocity (``CAMERA_SPEED``). The draws
+    for the scene, camera and free hue come after all others (and only when asked for), so the
+    rest of a video's nuisance does not depend on these options.
+    """
+    if colour not in OBJECT_COLOURS:
+        raise ValueError(f"colour must be one of {OBJECT_COLOURS}, got {colour!r}")
+    nuisance = _sample_base_nuisance(rng, appearance)
+    changes: dict = {}
+    # Drawn only when asked for, so that with every option off a video's random stream is the
+    # first version's and its data are reproduced pixel for pixel.
+    if scenes > 0:
+        changes["scene"] = int(rng.integers(0, scenes))
+    if camera:
+        changes["camera_start"] = tuple(float(v) for v in rng.uniform(0.0, CANVAS - 1.0, 2))
+        speed, angle = rng.uniform(*CAMERA_SPEED), rng.uniform(0, 2 * math.pi)
+        changes["camera_velocity"] = (float(speed * math.cos(angle)), float(speed * math.sin(angle)))
+    if colour == "video":
+        r, g, b = nuisance.object_rgb
+        _, saturation, value = colorsys.rgb_to_hsv(r, g, b)
+        changes["object_rgb"] = hsv_to_rgb(rng.uniform(0, 360), saturation, value)
+    return dataclasses.replace(nuisance, **changes)
+
+
+def scene_backdrop(seed: int, scene: int) -> dict:
+    """The backdrop fields (``bg_*``) of shared scene ``scene``: the same for every video filmed
+    in it (its own RNG, ``[seed, 1000 + scene, 0]``, which no video's ``[seed, class, video]``
+    with class < 98 can equal)."""
+    rng = np.random.default_rng([seed, 1000 + scene, 0])
+    base = _sample_base_nuisance(rng, APPEARANCES[0])
+    return {f: getattr(base, f) for f in ("bg_kind", "bg_rgb1", "bg_rgb2", "bg_angle", "bg_freq", "bg_phase")}
+
+
+def scene_rng(seed: int, scene: int) -> np.random.Generator:
+    """The RNG of a scene's random backdrop details (blob positions), shared by its videos."""
+    return np.random.default_rng([seed, 1000 + scene, 1])
+
+
+def _sample_base_nuisance(rng: np.random.Generator, appearance: Appearance) -> Nuisance:
+    """The nuisance without scene and camera: own backdrop, static, hue near the class's."""
     bg_hue = rng.uniform(0, 360)
     bg_value = rng.uniform(0.15, 0.85)
     bg1 = hsv_to_rgb(bg_hue, rng.uniform(0.0, 0.55), bg_value)
@@ -491,16 +565,19 @@ def texture_pattern(texture: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return 0.5 + 0.5 * np.clip(4.0 * s, -1.0, 1.0)
 
 
-def render_background(nuisance: Nuisance, size: int, rng: np.random.Generator) -> np.ndarray:
-    """The static background (size x size x 3, float32, 0..255 with brightness applied)."""
-    coords = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+def render_background(nuisance: Nuisance, size: int, rng: np.random.Generator,
+                      canvas: float = 1.0) -> np.ndarray:
+    """The backdrop (side x side x 3 with side = round(size * canvas), float32, 0..255 with
+    brightness applied); patterns keep their frequency per frame width whatever the canvas."""
+    side = int(round(size * canvas))
+    coords = (np.arange(side, dtype=np.float32) + 0.5) / size - 0.5 * side / size
     x, y = coords[None, :], coords[:, None]
     along = x * math.cos(nuisance.bg_angle) + y * math.sin(nuisance.bg_angle)
     across = -x * math.sin(nuisance.bg_angle) + y * math.cos(nuisance.bg_angle)
     wave = 2 * np.pi * nuisance.bg_freq
     kind = nuisance.bg_kind
     if kind == "flat":
-        mix = np.zeros((size, size), np.float32)
+        mix = np.zeros((side, side), np.float32)
     elif kind == "gradient":
         mix = np.clip(0.5 + along * 1.4, 0, 1)
     elif kind == "stripes":
@@ -508,8 +585,10 @@ def render_background(nuisance: Nuisance, size: int, rng: np.random.Generator) -
     elif kind == "checker":
         mix = 0.5 + 0.5 * np.clip(3 * np.sin(wave * along) * np.sin(wave * across), -1, 1)
     elif kind == "blobs":
-        mix = np.zeros((size, size), np.float32)
-        for cx, cy, width in rng.uniform((-0.5, -0.5, 0.08), (0.5, 0.5, 0.25), (3, 3)):
+        mix = np.zeros((side, side), np.float32)
+        half = 0.5 * side / size
+        count = max(3, int(round(3 * canvas * canvas)))  # the same density on a larger canvas
+        for cx, cy, width in rng.uniform((-half, -half, 0.08), (half, half, 0.25), (count, 3)):
             mix = mix + np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * width**2))
         mix = np.clip(mix, 0, 1)
     else:
@@ -520,8 +599,20 @@ def render_background(nuisance: Nuisance, size: int, rng: np.random.Generator) -
     return (background * (255.0 * nuisance.brightness)).astype(np.float32)
 
 
+def camera_offsets(nuisance: Nuisance, times: np.ndarray, size: int, canvas: float) -> np.ndarray:
+    """(frames, 2) integer pixel offsets (x, y) of the frame on the canvas: the camera moves at
+    its velocity and turns back at the canvas's edges (a pan back and forth)."""
+    free = canvas - 1.0
+    if free <= 0:
+        return np.zeros((len(times), 2), np.int64)
+    position = np.array(nuisance.camera_start)[None, :] + np.array(nuisance.camera_velocity)[None, :] * times[:, None]
+    bounced = free * (1 - np.abs(1 - np.mod(position / free, 2.0)))  # reflect into [0, free]
+    return np.round(bounced * size).astype(np.int64)
+
+
 def render_frames(spec: ClassSpec, nuisance: Nuisance, trace: np.ndarray, fps: float, size: int,
-                  rng: np.random.Generator, trace_depth: float = TRACE_DEPTH):
+                  rng: np.random.Generator, trace_depth: float = TRACE_DEPTH,
+                  backdrop_rng: np.random.Generator | None = None):
     """Yield the video's frames (size x size x 3 uint8), one per entry of ``trace``.
 
     ``trace`` (the per-frame sound envelope, 0..1) dims the object by up to ``trace_depth``.
@@ -529,7 +620,10 @@ def render_frames(spec: ClassSpec, nuisance: Nuisance, trace: np.ndarray, fps: f
     precomputed fields, picked at random per frame.
     """
     frames = len(trace)
-    background = render_background(nuisance, size, rng)
+    moving = any(nuisance.camera_velocity)
+    canvas = CANVAS if moving else 1.0
+    background = render_background(nuisance, size, backdrop_rng if backdrop_rng is not None else rng, canvas)
+    offsets = camera_offsets(nuisance, np.arange(frames) / fps, size, canvas)
     noise_bank = rng.standard_normal((8, size, size, 3), dtype=np.float32) * nuisance.noise_sigma
     noise_pick = rng.integers(0, len(noise_bank), frames)
     poses = motion_poses(spec.motion, nuisance, np.arange(frames) / fps)
@@ -542,7 +636,8 @@ def render_frames(spec: ClassSpec, nuisance: Nuisance, trace: np.ndarray, fps: f
         reach = nuisance.radius * max(sx, sy) * 1.45 + 2.0 / size  # rotated corners + AA edge
         x0, x1 = np.searchsorted(coords, [cx - reach, cx + reach])
         y0, y1 = np.searchsorted(coords, [cy - reach, cy + reach])
-        frame = background.copy()
+        ox, oy = offsets[i]
+        frame = background[oy : oy + size, ox : ox + size].copy()  # the camera follows the object
         if x1 > x0 and y1 > y0:
             dx = coords[None, x0:x1] - cx
             dy = coords[y0:y1, None] - cy
@@ -627,6 +722,9 @@ class VideoJob:
     fps: int
     size: int
     audio_rate: int
+    scenes: int = 0
+    camera: bool = False
+    colour: str = "class"
 
 
 def frame_count(seconds: float, fps: int) -> int:
@@ -647,14 +745,18 @@ def make_video_content(job: VideoJob, trace_depth: float = TRACE_DEPTH,
     """
     spec = class_table(job.classes)[job.class_index]
     rng = video_rng(job.seed, job.class_index, job.video_index)
-    nuisance = sample_nuisance(rng, spec.appearance)
+    nuisance = sample_nuisance(rng, spec.appearance, job.scenes, job.camera, job.colour)
+    backdrop_rng = None
+    if nuisance.scene >= 0:
+        nuisance = dataclasses.replace(nuisance, **scene_backdrop(job.seed, nuisance.scene))
+        backdrop_rng = scene_rng(job.seed, nuisance.scene)
     if radius is not None:
         nuisance = dataclasses.replace(nuisance, radius=float(rng.uniform(*radius)))
     frames = frame_count(job.seconds, job.fps)
     # the audio spans exactly the frames' time (frames / fps), whatever rounding gave `frames`
     audio, envelope = synth_audio(spec.sound, nuisance, frames / job.fps, job.audio_rate, rng)
     trace = frame_trace(envelope, job.audio_rate, job.fps, frames)
-    pixels = render_frames(spec, nuisance, trace, job.fps, job.size, rng, trace_depth)
+    pixels = render_frames(spec, nuisance, trace, job.fps, job.size, rng, trace_depth, backdrop_rng)
     return spec, nuisance, pixels, audio, trace
 
 
@@ -729,8 +831,15 @@ def describe_classes(table: list[ClassSpec], options: dict) -> dict:
 
 def synthesize(out, classes: int = 10, videos_per_class: int = 10, seconds: float = 10.0,
                fps: int = 30, size: int = 128, seed: int = 0, workers: int = 1,
-               audio_rate: int = 22050, train_fraction: float = 0.7) -> dict:
-    """Write the whole dataset under ``out``; returns a summary (counts, seconds, elapsed)."""
+               audio_rate: int = 22050, train_fraction: float = 0.7, scenes: int = SCENES,
+               camera: bool = True, colour: str = "video") -> dict:
+    """Write the whole dataset under ``out``; returns a summary (counts, seconds, elapsed).
+
+    ``scenes`` (0: every video its own backdrop), ``camera`` (False: a static camera) and
+    ``colour`` ("class" or "video") are the nuisance settings of :func:`sample_nuisance`.
+    """
+    if scenes < 0 or colour not in OBJECT_COLOURS:
+        raise ValueError(f"need scenes >= 0 and colour in {OBJECT_COLOURS}")
     if videos_per_class < 1 or seconds <= 0 or fps < 1 or size < 16 or audio_rate < 8000:
         raise ValueError("need videos_per_class >= 1, seconds > 0, fps >= 1, size >= 16, "
                          "audio_rate >= 8000")
@@ -744,7 +853,7 @@ def synthesize(out, classes: int = 10, videos_per_class: int = 10, seconds: floa
         for video in range(videos_per_class):
             jobs.append(VideoJob(str(folder / video_name(spec.name, video)), classes, spec.index,
                                  video, seed, float(seconds), int(fps), int(size),
-                                 int(audio_rate)))
+                                 int(audio_rate), int(scenes), bool(camera), colour))
     if workers <= 1:
         for job in jobs:
             make_video(job)
@@ -756,7 +865,8 @@ def synthesize(out, classes: int = 10, videos_per_class: int = 10, seconds: floa
     n_train, n_test = write_splits(out, table, videos_per_class, train_fraction)
     options = {"classes": classes, "videos_per_class": videos_per_class, "seconds": seconds,
                "fps": fps, "size": size, "seed": seed, "audio_rate": audio_rate,
-               "train_fraction": train_fraction}
+               "train_fraction": train_fraction, "scenes": scenes, "camera": camera,
+               "object_colour": colour}
     (out / "classes.json").write_text(json.dumps(describe_classes(table, options), indent=2))
     return {
         "out": str(out),
@@ -786,6 +896,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio-rate", type=int, default=22050, help="AAC mono sample rate")
     parser.add_argument("--train-fraction", type=float, default=0.7,
                         help="share of each class's videos in trainlist01.txt")
+    parser.add_argument("--scenes", type=int, default=SCENES,
+                        help="backdrops shared by the videos (each video films one); 0: every video its own")
+    parser.add_argument("--static-camera", action="store_true",
+                        help="no camera pan (the backdrop does not move)")
+    parser.add_argument("--object-colour", choices=OBJECT_COLOURS, default="video",
+                        help="the object's hue: drawn per video (default) or near its class's hue")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -793,7 +909,8 @@ def run(args: argparse.Namespace) -> int:
     summary = synthesize(args.out, classes=args.classes, videos_per_class=args.videos_per_class,
                          seconds=args.seconds, fps=args.fps, size=args.size, seed=args.seed,
                          workers=args.workers, audio_rate=args.audio_rate,
-                         train_fraction=args.train_fraction)
+                         train_fraction=args.train_fraction, scenes=args.scenes,
+                         camera=not args.static_camera, colour=args.object_colour)
     print(f"synth: {summary['videos']} videos ({summary['classes']} classes, "
           f"{summary['train']} train / {summary['test']} test, "
           f"{summary['seconds_per_video']:g} s each) in {summary['out']} "

@@ -275,3 +275,41 @@ def test_mined_precision_counts_label_agreement_and_ignores_unknown_labels():
     assert mined_precision(mask, labels, queue_labels) == pytest.approx(0.5)
     assert mined_precision(mask, torch.tensor([-1, -1]), queue_labels) is None
     assert mined_precision(mask_of([[0], [0]], 5), labels, queue_labels) is None
+
+
+def test_mined_precision_leaves_out_same_video_entries_which_are_reported_as_their_share():
+    """Same-video entries always share the anchor's class: counted with the mined ones they made
+    train/mined_precision read high while the queue filled (issue 15)."""
+    from tricoclr.mining import same_video_share
+
+    mask = mask_of([[0, 1, 2, 3], [0, 4]], 5)  # row 0: entries 0, 1, 2; row 1: entry 3
+    labels = torch.tensor([0, 1])
+    queue_labels = torch.tensor([0, 0, 1, 0])
+    video_ids = torch.tensor([7, 8])
+    queue_video_ids = torch.tensor([7, 9, 10, 11])  # entry 0 is row 0's own video
+    # all queue positives: entries 0, 1 agree, 2 and 3 do not -> 2 / 4
+    assert mined_precision(mask, labels, queue_labels) == pytest.approx(0.5)
+    # mined alone (entry 0 left out): entry 1 agrees, 2 and 3 do not -> 1 / 3
+    assert mined_precision(mask, labels, queue_labels, video_ids, queue_video_ids) == pytest.approx(1 / 3)
+    assert same_video_share(mask, video_ids, queue_video_ids) == pytest.approx(1 / 4)
+    only_own = mask_of([[0, 1], [0]], 5)
+    assert mined_precision(only_own, labels, queue_labels, video_ids, queue_video_ids) is None
+    assert same_video_share(only_own, video_ids, queue_video_ids) == 1.0
+    assert same_video_share(mask_of([[0], [0]], 5), video_ids, queue_video_ids) is None
+
+
+def test_exclude_same_video_takes_own_video_entries_out_of_the_infonce_denominator():
+    from tricoclr.losses import multi_positive_loss
+    from tricoclr.mining import exclude_same_video
+
+    logits = torch.tensor([[2.0, 1.0, 3.0, 0.5], [1.0, 0.0, 2.0, 2.0]])
+    video_ids = torch.tensor([4, 5])
+    queue_video_ids = torch.tensor([4, 6, -1])  # entry 0: row 0's own video; entry 2 unfilled
+    out = exclude_same_video(logits, video_ids, queue_video_ids)
+    assert out[0, 1] == float("-inf") and torch.equal(out[0, [0, 2, 3]], logits[0, [0, 2, 3]])
+    assert torch.equal(out[1], logits[1])  # no own-video entry, unfilled slots untouched
+    # the loss is InfoNCE over the key and the other videos' entries only
+    expected = -(2.0 - torch.logsumexp(torch.tensor([2.0, 3.0, 0.5]), 0))
+    key_only = torch.zeros(1, 4, dtype=torch.bool)
+    key_only[0, 0] = True
+    assert float(multi_positive_loss(out[:1], key_only)) == pytest.approx(float(expected))

@@ -247,3 +247,63 @@ def test_cli_arguments_and_run(tmp_path, capsys):
     frames, samples = decode(next((tmp_path / "videos").rglob("*.mp4")))
     assert frames.shape == (5, 32, 32, 3)  # 0.54 s at 10 fps rounds to 5 frames ...
     assert len(samples) >= 0.5 * RATE  # ... and the audio covers all five
+
+
+# ---- scenes, camera, colour (issue 15) ------------------------------------------------------
+
+
+def rendered(class_index: int, video: int, **nuisance) -> tuple[synth.Nuisance, np.ndarray]:
+    job = synth.VideoJob("", 10, class_index, video, 0, 1.0, FPS, SIZE, RATE, **nuisance)
+    _, drawn, pixels, _, _ = synth.make_video_content(job)
+    return drawn, np.stack(list(pixels)).astype(int)
+
+
+def corner(frames: np.ndarray) -> np.ndarray:
+    """Mean of a 6 x 6 corner patch per frame: backdrop only (the object stays near the centre)."""
+    return frames[:, :6, :6].mean(axis=(1, 2, 3))
+
+
+def test_videos_share_scenes_and_a_panning_camera_moves_the_backdrop():
+    pool = [rendered(c, v, scenes=3, camera=True, colour="video")[0] for c in range(4) for v in range(3)]
+    assert {n.scene for n in pool} <= {0, 1, 2} and len({n.scene for n in pool}) > 1
+    # videos of different classes filmed in one scene share its backdrop (kind and colours) ...
+    by_scene = {}
+    for n in pool:
+        by_scene.setdefault(n.scene, set()).add((n.bg_kind, n.bg_rgb1, n.bg_rgb2))
+    assert all(len(backdrops) == 1 for backdrops in by_scene.values())
+    # ... and every camera moves at CAMERA_SPEED frame widths per second
+    speeds = [np.hypot(*n.camera_velocity) for n in pool]
+    assert all(synth.CAMERA_SPEED[0] - 1e-9 <= s <= synth.CAMERA_SPEED[1] + 1e-9 for s in speeds)
+    # the object's hue is drawn per video: videos of one class differ in colour
+    hues = {round(n.object_rgb[0], 3) for n in pool[:3]}
+    assert len(hues) == 3
+
+
+def test_camera_offsets_pan_back_and_forth_inside_the_canvas():
+    nuisance = rendered(0, 0, camera=True)[0]
+    times = np.arange(0, 60, 1 / FPS)
+    offsets = synth.camera_offsets(nuisance, times, SIZE, synth.CANVAS)
+    assert offsets.min() >= 0 and offsets.max() <= round((synth.CANVAS - 1) * SIZE)
+    steps = np.abs(np.diff(offsets, axis=0)).max()
+    assert steps <= 1  # at most a pixel per frame: a smooth pan at 64 px
+    static = rendered(0, 0)[0]
+    assert not synth.camera_offsets(static, times, SIZE, 1.0).any()
+
+
+def test_static_camera_and_own_backdrops_give_a_still_backdrop():
+    for video in range(4):
+        drawn, still = rendered(2, video, scenes=0, camera=False, colour="class")
+        assert drawn.scene == -1 and drawn.camera_velocity == (0.0, 0.0)
+        assert np.ptp(corner(still)) < 4  # pixel noise only
+
+
+
+def test_options_off_reproduce_the_first_generator_pixel_for_pixel():
+    """--scenes 0 --static-camera --object-colour class is the first version's data (the README's
+    demo figures were measured on it): checksums taken from that version (commit 1517822)."""
+    job = synth.VideoJob("", 10, 3, 2, 0, 1.0, 30, 64, 22050)  # scenes 0, static, class colour
+    _, _, pixels, audio, _ = synth.make_video_content(job)
+    frames = list(pixels)
+    assert int(frames[0].astype(np.int64).sum()) == 408007
+    assert int(frames[-1].astype(np.int64).sum()) == 405698
+    assert float(np.abs(audio).sum()) == pytest.approx(727.942626953125, rel=1e-6)

@@ -192,6 +192,10 @@ class MethodConfig(Section):
     momentum: float = 0.999  # CoCLR
     momentum_final: float = 0.999  # != momentum: cosine schedule from momentum to momentum_final
     same_video_positives: bool = True  # cooperative stages only; always off in InfoNCE stages
+    # InfoNCE stages: other clips of the anchor's video in the queue are "negative" (MoCo; the
+    # queue is far smaller than the dataset) or "exclude"d from the loss (small datasets, where
+    # the queue holds each video more than once; measured: no difference, docs/demo_data.md)
+    infonce_same_video: str = "negative"
     mask_self_positive: bool = False  # CoCLR's later fix (its issue #43); measured in the demo
     mask_self_probability: float = 0.9  # CoCLR issue #43
     # How the oracle ranks queue entries: cosine_sum (the paper: o·o', a sum of per-sampler
@@ -210,6 +214,7 @@ class MethodConfig(Section):
         for key in ("same_video_positives", "mask_self_positive"):
             _boolean(f"method.{key}", getattr(self, key))
         _choice("method.oracle_similarity", self.oracle_similarity, ORACLE_SIMILARITIES)
+        _choice("method.infonce_same_video", self.infonce_same_video, ("negative", "exclude"))
         _choice("method.batchnorm", self.batchnorm, ("global", "local", "shuffle"))
 
 

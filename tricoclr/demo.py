@@ -52,28 +52,20 @@ VARIANTS = [
     ("TriCoCLR, standardized oracle", ["rgb", "flow", "audio"], ["method.oracle_similarity=standardized"]),
 ]
 
-# Resolved from the package, not the working directory, so `tricoclr demo` runs from anywhere.
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-
-# What the demo changes in the base config, for training and evaluation alike (measured, see the
-# docs/demo.md): 32x32 crops of the 64x64 prepared frames (4x cheaper steps, and the tiny
-# CNN learns the synthesized classes faster at this scale: supervised top-1 41 % vs 22 % after the
-# same 190 steps), and CoCLR's self-positive masking in the cooperative stages (without it the
-# key, an easy same-background match after InfoNCE, takes the whole loss and mined positives get
-# almost no gradient in a few hundred steps).
-DEMO_OVERRIDES = ["data.size=32", "method.mask_self_positive=true"]
+# Resolved from the package, not the working directory, so `tricoclr demo` runs from anywhere. The
+# demo trains with the small-dataset recipe as shipped (backbones, clips, crops, queue, masking,
+# schedule); it adds only its data settings (path, workers, seed) and, for --quick, the schedule
+# overrides below.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "small.yaml"
 
 PRESETS = {
-    # classes, videos per class, seconds, size, seeds, InfoNCE epochs of RGB and of the oracles (flow,
-    # audio), epochs of the RGB stage each variant trains, and the queue of that stage (measured,
-    # docs/demo.md: with two oracles the top-k must agree with both, and among the config's 128 entries
-    # too few do — TriCoCLR's positives shared the anchor's motion 82 % of the time, 94 % among 512,
-    # CoCLR's 98 % either way; every row's RGB stage gets the same queue)
+    # the synthesized data (classes, videos per class, train share, seconds, prepared size) and seeds
     "full": dict(classes=10, videos_per_class=60, train_fraction=0.5, seconds=4.0, size=64, seeds=3,
-                 pretrain_epochs=8, oracle_pretrain_epochs=20, stage_epochs=22, stage_queue_size=512),
-    # quick: the config's queue (128); a larger one would not fill within its few steps
+                 overrides=[]),
+    # quick: a shorter schedule and the queue a few steps can fill (it runs in the test suite)
     "quick": dict(classes=6, videos_per_class=8, train_fraction=0.5, seconds=6.0, size=64, seeds=1,
-                  pretrain_epochs=3, oracle_pretrain_epochs=3, stage_epochs=3, stage_queue_size=None),
+                  overrides=["schedule.pretrain_epochs={rgb: 3, flow: 3, audio: 3}", "schedule.stage_epochs=3",
+                             "method.queue_size=128"]),
 }
 
 
@@ -83,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default 3, quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="data workers (preparation and loading)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="the base training config (default: the repository's configs/tiny.yaml, wherever the demo runs from)")
+                        help="the base training config (default: the repository's configs/small.yaml, wherever the demo runs from)")
 
 
 def _say(text: str) -> None:
@@ -120,26 +112,28 @@ def _train(config_path: str, overrides: list[str]) -> None:
     # loads Accelerate, which `tricoclr eval` must not pay for.
     from tricoclr.trainer import Trainer
 
-    config = load_config(config_path, DEMO_OVERRIDES + overrides)
+    config = load_config(config_path, overrides)
     Trainer(config).run()
 
 
 def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args) -> dict[str, Path]:
     """Pre-train every modality once, then each variant's cooperative (or continued) stages."""
     runs = out / "runs" / f"seed{seed}"
-    common = [f"seed={seed}", f"data.path={train_store}", f"data.workers={args.workers}", "resume=true"]
+    common = [*preset["overrides"], f"seed={seed}", f"data.path={train_store}", f"data.workers={args.workers}",
+              "resume=true"]
+    schedule = load_config(args.config, preset["overrides"])["schedule"]
+    stage_epochs = schedule["stage_epochs"]
     # InfoNCE pre-training is per modality and independent, so RGB and the two future oracles are
     # pre-trained in separate runs: the oracles get more epochs (cheap: flow and audio steps cost a
     # fraction of an RGB step) because the cooperative stages are only as good as their mining.
     pretrain_dirs = {"rgb": runs / "pretrain", "flow": runs / "pretrain_oracles", "audio": runs / "pretrain_oracles"}
-    for mods, epochs in ((["rgb"], preset["pretrain_epochs"]), (["flow", "audio"], preset["oracle_pretrain_epochs"])):
+    for mods in (["rgb"], ["flow", "audio"]):
         run_dir = pretrain_dirs[mods[0]]
         if not all((run_dir / "encoders" / f"pretrain-{mod}" / f"{mod}.safetensors").exists() for mod in mods):
-            _say(f"seed {seed}: InfoNCE pre-training of {' and '.join(mods)} ({epochs} epochs)")
+            _say(f"seed {seed}: InfoNCE pre-training of {' and '.join(mods)} ({schedule['pretrain_epochs']} epochs)")
             _train(args.config, common + [f"output_dir={run_dir}", f"modalities=[{','.join(mods)}]",
-                                          "schedule.cycles=0", f"schedule.pretrain_epochs={epochs}"])
+                                          "schedule.cycles=0"])
     encoders = {}
-    queue = [f"method.queue_size={preset['stage_queue_size']}"] if preset["stage_queue_size"] else []
     for name, mods, extra in VARIANTS:
         run_dir = runs / slug(name)
         # Each variant trains RGB only after pre-training: within one cycle the flow and audio stages
@@ -151,11 +145,10 @@ def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args) -> d
                 for mod in mods:  # start from the shared pre-trained encoders
                     shutil.copy(pretrain_dirs[mod] / "encoders" / f"{mod}.safetensors", run_dir / "encoders" / f"{mod}.safetensors")
             # InfoNCE continues RGB alone for as many epochs as the cooperative RGB stage gets.
-            _say(f"seed {seed}: {name} ({'+'.join(mods)}): {stage} for {preset['stage_epochs']} epochs")
+            _say(f"seed {seed}: {name} ({'+'.join(mods)}): {stage} for {stage_epochs} epochs")
             _train(args.config, common + [f"output_dir={run_dir}", f"modalities=[{','.join(mods)}]",
                                           f"schedule.start_stage={stage}", "schedule.cycles=1", "schedule.order=[rgb]",
-                                          f"schedule.pretrain_epochs={preset['stage_epochs']}",
-                                          f"schedule.stage_epochs={preset['stage_epochs']}", *queue, *extra])
+                                          f"schedule.pretrain_epochs={stage_epochs}", *extra])
         encoders[name] = run_dir / "encoders" / stage / "rgb.safetensors"
     encoders["InfoNCE (pre-training only)"] = pretrain_dirs["rgb"] / "encoders" / "rgb.safetensors"
     return encoders
@@ -166,7 +159,7 @@ def slug(name: str) -> str:
 
 
 def evaluate(encoder_path, train_store: Path, test_store: Path, args, seed: int) -> dict:
-    config = load_config(args.config, DEMO_OVERRIDES)
+    config = load_config(args.config)
     if encoder_path == "random":
         torch.manual_seed(seed)
         encoder, key = build_encoder(config, "rgb"), f"random-demo-{seed}"
@@ -259,7 +252,7 @@ def run(args) -> int:
     if args.seeds:
         preset["seeds"] = args.seeds
     args.out = str(out)
-    _say(f"settings: {json.dumps(preset)}; config {args.config} with {' '.join(DEMO_OVERRIDES)} "
+    _say(f"settings: {json.dumps(preset)}; config {args.config} "
          f"(small 3D CNN, 8-frame clips prepared at {preset['size']}^2, Farneback flow); "
          f"{torch.get_num_threads()} threads")
     started = time.time()

@@ -34,7 +34,8 @@ from tricoclr.config import Config, ConfigError, MethodConfig, pretrain_epochs
 from tricoclr.distributed import gather_from_all_ranks
 from tricoclr.feature_queue import FeatureQueue
 from tricoclr.losses import contrastive_logits, multi_positive_loss
-from tricoclr.mining import mask_self_positive, mine_positives, mined_precision_counts
+from tricoclr.mining import (exclude_same_video, mask_self_positive, mine_positives, mined_precision_counts,
+                             same_video_counts)
 
 
 @dataclass(frozen=True)
@@ -208,11 +209,18 @@ class InfoNCEStage(nn.Module):
         )
         if self.plan.cooperative and self.cfg.mask_self_positive:
             mask = mask_self_positive(mask, self.cfg.mask_self_probability, generator)
+        if not self.plan.cooperative and self.cfg.infonce_same_video == "exclude":
+            logits = exclude_same_video(logits, batch["video_index"], queue.video_ids)
         # Column 0 is a positive unless mask_self_positive dropped it where another one exists.
         loss = multi_positive_loss(logits, mask, check_positives=False)
-        matched, counted = mined_precision_counts(mask, batch["label"], queue.labels)
+        # Oracle-mined positives alone, and the share of same-video entries among all queue
+        # positives, separately: together they would read high while the queue fills.
+        matched, counted = mined_precision_counts(mask, batch["label"], queue.labels, batch["video_index"],
+                                                  queue.video_ids)
+        same, positives = same_video_counts(mask, batch["video_index"], queue.video_ids)
         stats = {"positives_per_sample": mask.float().sum(dim=1).mean(),
-                 "mined_precision": matched.float() / counted.float()}  # 0 / 0 = NaN: not logged
+                 "mined_precision": matched.float() / counted.float(),  # 0 / 0 = NaN: not logged
+                 "same_video_share": same.float() / positives.float()}
         return loss, stats
 
     def after_optimizer_step(self, encoder: nn.Module, stage_step: int, total_steps: int) -> None:

@@ -196,15 +196,40 @@ def mask_self_positive(
     return masked
 
 
+def exclude_same_video(logits: torch.Tensor, video_ids: torch.Tensor, queue_video_ids: torch.Tensor) -> torch.Tensor:
+    """Logits with the queue entries from each sample's own video set to -inf (neither positive
+    nor negative): for InfoNCE stages on small datasets, where a queue larger than about one
+    epoch's worth of videos holds other clips of the anchor's video, which as negatives ask the
+    encoder to tell apart clips of one video (measured, docs/demo_data.md).
+
+    Args:
+        logits: (B, 1 + K) from ``contrastive_logits``; column 0 (the key) is never touched.
+        video_ids: (B,) source-video id of each sample; queue_video_ids: (K,), -1 for unfilled.
+
+    Returns a new tensor; the input is not modified.
+    """
+    same = _same_video_mask(video_ids.to(logits.device), queue_video_ids)
+    excluded = torch.cat([torch.zeros_like(same[:, :1]), same], dim=1)
+    return logits.masked_fill(excluded, float("-inf"))
+
+
 @torch.no_grad()
 def mined_precision(
-    positive_mask: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor
+    positive_mask: torch.Tensor,
+    labels: torch.Tensor,
+    queue_labels: torch.Tensor,
+    video_ids: torch.Tensor | None = None,
+    queue_video_ids: torch.Tensor | None = None,
 ) -> float | None:
-    """Fraction of queue positives (columns 1.., mined or same-video) that share the anchor's
-    class label; pairs where either label is unknown (< 0) are ignored. For logging only: labels
-    never influence training. None when there is no such positive.
+    """Fraction of the oracle-mined queue positives (columns 1..) that share the anchor's class
+    label; pairs where either label is unknown (< 0) are ignored. With ``video_ids`` and
+    ``queue_video_ids``, entries from the anchor's own video are left out: they always share its
+    class, so counting them would make the precision start high while the queue fills and fall
+    to the oracle's own once it holds more videos (see :func:`same_video_share`). Without them
+    every queue positive counts. For logging only: labels never influence training. None when
+    there is no such positive.
     """
-    matched, counted = mined_precision_counts(positive_mask, labels, queue_labels)
+    matched, counted = mined_precision_counts(positive_mask, labels, queue_labels, video_ids, queue_video_ids)
     total = int(counted)
     if total == 0:
         return None
@@ -213,13 +238,42 @@ def mined_precision(
 
 @torch.no_grad()
 def mined_precision_counts(
-    positive_mask: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor
+    positive_mask: torch.Tensor,
+    labels: torch.Tensor,
+    queue_labels: torch.Tensor,
+    video_ids: torch.Tensor | None = None,
+    queue_video_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(matched, counted) 0-dim int64 tensors on the mask's device: the queue positives whose
-    labels agree with the anchor's, and all with both labels known (see ``mined_precision``).
-    Tensors, so the training step computes them without a host sync; they are read on log steps."""
+    labels agree with the anchor's, and all with both labels known (see ``mined_precision``, also
+    for the video ids). Tensors, so the training step computes them without a host sync; they are
+    read on log steps."""
     queue_positives = positive_mask[:, 1:]
     labels = labels.reshape(-1, 1).to(queue_positives.device)
     queue_labels = queue_labels.reshape(1, -1).to(queue_positives.device)
     counted = queue_positives & (labels >= 0) & (queue_labels >= 0)
+    if video_ids is not None and queue_video_ids is not None:
+        counted = counted & ~_same_video_mask(video_ids.to(queue_positives.device), queue_video_ids)
     return (counted & (labels == queue_labels)).sum(), counted.sum()
+
+
+@torch.no_grad()
+def same_video_share(
+    positive_mask: torch.Tensor, video_ids: torch.Tensor, queue_video_ids: torch.Tensor
+) -> float | None:
+    """Fraction of the queue positives (columns 1..) that are other clips of the anchor's own
+    video (positives by construction, not mined). For logging only; None when there is no
+    queue positive."""
+    same, total = same_video_counts(positive_mask, video_ids, queue_video_ids)
+    return None if int(total) == 0 else int(same) / int(total)
+
+
+@torch.no_grad()
+def same_video_counts(
+    positive_mask: torch.Tensor, video_ids: torch.Tensor, queue_video_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(same-video, all) queue positives as 0-dim int64 tensors (no host sync; see
+    ``same_video_share``)."""
+    queue_positives = positive_mask[:, 1:]
+    same = _same_video_mask(video_ids.to(queue_positives.device), queue_video_ids)
+    return (queue_positives & same).sum(), queue_positives.sum()

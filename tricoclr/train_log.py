@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from tqdm.auto import tqdm
 
 from tricoclr.data import modalities as registry
@@ -24,9 +23,12 @@ def step_values(plan_name: str, loss: float, lr: float, queue_fill: float, stats
         "train/positives_per_sample": float(stats["positives_per_sample"]),
         "train/broken_records": DataStats.broken_records,
     }
-    precision = stats.get("mined_precision")
-    if precision is not None and not math.isnan(float(precision)):  # NaN: no labelled queue positive
-        values["train/mined_precision"] = float(precision)
+    # Oracle-mined precision (same-video entries left out) and the same-video share of the queue
+    # positives, logged apart: together they read high while the queue fills. NaN: nothing to count.
+    for name in ("mined_precision", "same_video_share"):
+        value = stats.get(name)
+        if value is not None and not math.isnan(float(value)):
+            values[f"train/{name}"] = float(value)
     elapsed = window["wait"] + window["compute"]
     if elapsed > 0:
         values["train/samples_per_s"] = window["samples"] / elapsed
