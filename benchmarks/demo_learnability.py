@@ -57,11 +57,30 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1) * 255
 FACTOR_COLUMN = {"appearance": 0, "motion": 1, "sound": 2}
 
 
-def render_video(classes: int, class_index: int, video: int, seconds: float, size: int,
-                 radius: tuple[float, float] | None, trace_depth: float, nuisance: dict, seed: int = 0) -> torch.Tensor:
+def render_video(
+    classes: int,
+    class_index: int,
+    video: int,
+    seconds: float,
+    size: int,
+    radius: tuple[float, float] | None,
+    trace_depth: float,
+    nuisance: dict,
+    seed: int = 0,
+) -> torch.Tensor:
     """(frames, 3, size, size) uint8: one synthesized video as `synth` draws it, area-downsampled."""
-    job = synth.VideoJob(path="", classes=classes, class_index=class_index, video_index=video, seed=seed,
-                         seconds=seconds, fps=FPS, size=RENDER_SIZE, audio_rate=AUDIO_RATE, **nuisance)
+    job = synth.VideoJob(
+        path="",
+        classes=classes,
+        class_index=class_index,
+        video_index=video,
+        seed=seed,
+        seconds=seconds,
+        fps=FPS,
+        size=RENDER_SIZE,
+        audio_rate=AUDIO_RATE,
+        **nuisance,
+    )
     _, _, pixels, _, _ = synth.make_video_content(job, trace_depth, radius)
     video_tensor = torch.from_numpy(np.stack(list(pixels))).permute(0, 3, 1, 2).float()
     return F.interpolate(video_tensor, size=(size, size), mode="area").round().clamp(0, 255).to(torch.uint8)
@@ -75,9 +94,19 @@ def make_dataset(args) -> dict:
     n_train = synth.train_count(args.videos_per_class, 0.5)
     for c in range(args.classes):
         for v in range(args.videos_per_class):
-            videos.append(render_video(args.classes, c, v, args.seconds, args.size, args.radius, args.trace_depth,
-                                       {"scenes": args.scenes, "camera": not args.static_camera,
-                                        "colour": args.object_colour}, args.data_seed))
+            videos.append(
+                render_video(
+                    args.classes,
+                    c,
+                    v,
+                    args.seconds,
+                    args.size,
+                    args.radius,
+                    args.trace_depth,
+                    {"scenes": args.scenes, "camera": not args.static_camera, "colour": args.object_colour},
+                    args.data_seed,
+                )
+            )
             labels.append(c)
             is_train.append(v < n_train)
     data = {"videos": torch.stack(videos), "labels": torch.tensor(labels), "train": torch.tensor(is_train)}
@@ -100,8 +129,9 @@ class Clips:
     def random_start(self) -> int:
         return int(self._rand() * (self.videos.shape[1] - self.span + 1))
 
-    def clip(self, index: int, start: int, augment: bool, photometric: bool = False,
-             mix_from: int | None = None) -> torch.Tensor:
+    def clip(
+        self, index: int, start: int, augment: bool, photometric: bool = False, mix_from: int | None = None
+    ) -> torch.Tensor:
         x = self.videos[index, start : start + self.span : self.args.stride].float()  # (T, C, H, W)
         if mix_from is not None and self._rand() < self.args.bg_mix:
             # background mixing: one frame of another video blended into every frame of the clip
@@ -112,8 +142,12 @@ class Clips:
             area = self.args.crop_min + (1 - self.args.crop_min) * self._rand()
             side = max(8, int(round(self.size * area**0.5)))
             top, left = int(self._rand() * (self.size - side + 1)), int(self._rand() * (self.size - side + 1))
-            x = F.interpolate(x[:, :, top : top + side, left : left + side], size=(self.size, self.size),
-                              mode="bilinear", antialias=True)
+            x = F.interpolate(
+                x[:, :, top : top + side, left : left + side],
+                size=(self.size, self.size),
+                mode="bilinear",
+                antialias=True,
+            )
             if self._rand() < 0.5:
                 x = x.flip(-1)
             if photometric and self._rand() < 0.8:
@@ -141,7 +175,9 @@ def supervised(args, data: dict) -> None:
     @torch.no_grad()
     def top1(indices) -> float:
         model.eval()
-        hits = sum(int(model(clips.evaluation_clips(int(i))).softmax(-1).mean(0).argmax() == labels[i]) for i in indices)
+        hits = sum(
+            int(model(clips.evaluation_clips(int(i))).softmax(-1).mean(0).argmax() == labels[i]) for i in indices
+        )
         model.train()
         return 100 * hits / len(indices)
 
@@ -157,14 +193,21 @@ def supervised(args, data: dict) -> None:
             optimizer.step()
             steps += 1
         if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs:
-            print(f"epoch {epoch + 1} ({steps} steps): train top-1 {top1(train):.1f}  test top-1 {top1(test):.1f}", flush=True)
+            print(
+                f"epoch {epoch + 1} ({steps} steps): train top-1 {top1(train):.1f}  test top-1 {top1(test):.1f}",
+                flush=True,
+            )
 
 
 def knn_r1(encoder: Encoder, clips: Clips, data: dict) -> float:
     encoder.eval()
     with torch.no_grad():
+
         def features(indices):
-            return torch.stack([F.normalize(encoder.features(clips.evaluation_clips(int(i))).mean(0), dim=0) for i in indices])
+            return torch.stack(
+                [F.normalize(encoder.features(clips.evaluation_clips(int(i))).mean(0), dim=0) for i in indices]
+            )
+
         train, test = torch.nonzero(data["train"]).flatten(), torch.nonzero(~data["train"]).flatten()
         nearest = (features(test) @ features(train).t()).argmax(1)
     encoder.train()
@@ -185,10 +228,21 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
             print(f"    step {step}: R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
         batch = train[torch.randint(0, len(train), (args.batch_size,), generator=clips.g)]
         others = batch.roll(1)
-        views = [torch.stack([clips.clip(int(i), clips.random_start(), True, photometric=True,
-                                         mix_from=int(o) if args.bg_mix > 0 else None)
-                              for i, o in zip(batch, others)])
-                 for _ in range(2)]
+        views = [
+            torch.stack(
+                [
+                    clips.clip(
+                        int(i),
+                        clips.random_start(),
+                        True,
+                        photometric=True,
+                        mix_from=int(o) if args.bg_mix > 0 else None,
+                    )
+                    for i, o in zip(batch, others)
+                ]
+            )
+            for _ in range(2)
+        ]
         query = encoder(views[0])
         with torch.no_grad():
             for key_param, param in zip(momentum_encoder.parameters(), encoder.parameters()):
@@ -200,11 +254,17 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
         if share_key is not None or args.same_video == "positive":
             mask[:, 1:] = queue_videos[None, :] == batch[:, None]  # same-video entries positives
         elif args.same_video == "drop":  # neither positive nor negative
-            logits = logits.masked_fill(torch.cat([torch.zeros_like(batch[:, None], dtype=torch.bool),
-                                                   queue_videos[None, :] == batch[:, None]], 1), float("-inf"))
+            logits = logits.masked_fill(
+                torch.cat(
+                    [torch.zeros_like(batch[:, None], dtype=torch.bool), queue_videos[None, :] == batch[:, None]], 1
+                ),
+                float("-inf"),
+            )
         if share_key is not None and len(queue):
             for row, video in enumerate(batch):
-                pool = torch.nonzero((share_key[queue_labels] == share_key[labels[video]]) & (queue_videos != video)).flatten()
+                pool = torch.nonzero(
+                    (share_key[queue_labels] == share_key[labels[video]]) & (queue_videos != video)
+                ).flatten()
                 if len(pool):
                     pick = pool[torch.randperm(len(pool), generator=clips.g)[: args.topk]]
                     mask[row, 1 + pick] = True
@@ -212,7 +272,9 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
         loss = multi_positive_loss(logits, mask)
         if len(queue) == args.queue:  # the pretext task's progress once the queue is full
             losses.append(float(loss.detach()))
-            ranks.append(float((logits[:, 0:1] >= logits[:, 1:].masked_fill(mask[:, 1:], float("-inf"))).all(1).float().mean()))
+            ranks.append(
+                float((logits[:, 0:1] >= logits[:, 1:].masked_fill(mask[:, 1:], float("-inf"))).all(1).float().mean())
+            )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -221,9 +283,12 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
         queue_videos = torch.cat([batch, queue_videos])[: args.queue]
     if losses:
         third = max(1, len(losses) // 3)
-        print(f"    loss once the queue is full (chance ln {args.queue + 1} = {np.log(args.queue + 1):.2f}): "
-              f"first third {np.mean(losses[:third]):.2f}, last third {np.mean(losses[-third:]):.2f}; "
-              f"key ranked first {100 * np.mean(ranks[:third]):.0f} -> {100 * np.mean(ranks[-third:]):.0f} %", flush=True)
+        print(
+            f"    loss once the queue is full (chance ln {args.queue + 1} = {np.log(args.queue + 1):.2f}): "
+            f"first third {np.mean(losses[:third]):.2f}, last third {np.mean(losses[-third:]):.2f}; "
+            f"key ranked first {100 * np.mean(ranks[:third]):.0f} -> {100 * np.mean(ranks[-third:]):.0f} %",
+            flush=True,
+        )
 
 
 def contrastive(args, data: dict) -> None:
@@ -247,8 +312,11 @@ def contrastive(args, data: dict) -> None:
     print(f"  + InfoNCE {args.stage_steps} steps: R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
     encoder.load_state_dict(pretrained)
     contrastive_stage(encoder, clips, data, args, args.stage_steps, share_key)
-    print(f"  + ideal oracle sharing {args.share}, {args.stage_steps} steps (self-positive mask "
-          f"{args.mask_self}): R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
+    print(
+        f"  + ideal oracle sharing {args.share}, {args.stage_steps} steps (self-positive mask "
+        f"{args.mask_self}): R@1 {knn_r1(encoder, clips, data):.1f}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -271,20 +339,32 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--crop-min", type=float, default=None, help="smallest crop area (default: 1 supervised, 0.3 contrastive)")
+    parser.add_argument(
+        "--crop-min", type=float, default=None, help="smallest crop area (default: 1 supervised, 0.3 contrastive)"
+    )
     parser.add_argument("--epochs", type=int, default=10, help="supervised epochs")
     parser.add_argument("--pretrain-steps", type=int, default=144)
     parser.add_argument("--stage-steps", type=int, default=400)
-    parser.add_argument("--share", default="motion,sound", help="class factors the ideal oracle's positives share, or 'class'")
+    parser.add_argument(
+        "--share", default="motion,sound", help="class factors the ideal oracle's positives share, or 'class'"
+    )
     parser.add_argument("--mask-self", type=float, default=0.9)
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--queue", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--same-video", choices=["negative", "positive", "drop"], default="negative",
-                        help="other clips of the query's video in the queue during InfoNCE (the trainer: negative)")
-    parser.add_argument("--bg-mix", type=float, default=0.0,
-                        help="probability of background mixing (a frame of another video blended into the clip)")
+    parser.add_argument(
+        "--same-video",
+        choices=["negative", "positive", "drop"],
+        default="negative",
+        help="other clips of the query's video in the queue during InfoNCE (the trainer: negative)",
+    )
+    parser.add_argument(
+        "--bg-mix",
+        type=float,
+        default=0.0,
+        help="probability of background mixing (a frame of another video blended into the clip)",
+    )
     parser.add_argument("--bg-mix-weight", type=float, default=0.5, help="largest weight of the mixed-in frame")
     parser.add_argument("--knn-every", type=int, default=0, help="print kNN R@1 every this many steps")
     parser.add_argument("--skip-stage", action="store_true", help="InfoNCE pre-training only")
@@ -293,7 +373,10 @@ def main() -> None:
         args.crop_min = 1.0 if args.question == "supervised" else 0.3
     started = time.time()
     data = make_dataset(args)
-    print(f"{len(data['labels'])} videos {tuple(data['videos'].shape[1:])} ready in {time.time() - started:.0f} s", flush=True)
+    print(
+        f"{len(data['labels'])} videos {tuple(data['videos'].shape[1:])} ready in {time.time() - started:.0f} s",
+        flush=True,
+    )
     (supervised if args.question == "supervised" else contrastive)(args, data)
     print(f"done in {time.time() - started:.0f} s")
 

@@ -89,7 +89,9 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def synthetic_motions(size: int) -> list[tuple[str, torch.Tensor]]:
     """Known flow fields (2,H,W): translations, rotation, zoom, an affine mix, a smooth field."""
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij"
+    )
     c = (size - 1) / 2.0
     dx, dy = xs - c, ys - c
 
@@ -125,12 +127,14 @@ def synthesize_pairs(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
         # Fine and coarse structure: coarse enough for the pyramid to catch the large motions.
         texture = gaussian_blur(noise, 2.5) + 0.5 * gaussian_blur(torch.randn(1, 1, big, big, generator=generator), 6.0)
         texture = (texture - texture.mean()) / texture.std() * 40.0 + 128.0
-        ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij"
+        )
         sample_x = xs + flow[0] + margin
         sample_y = ys + flow[1] + margin
         grid = torch.stack((sample_x / (big - 1) * 2 - 1, sample_y / (big - 1) * 2 - 1), dim=-1)[None].float()
         frame0 = F.grid_sample(texture, grid, mode="bicubic", align_corners=True)[0, 0]
-        frame1 = texture[0, 0, margin:margin + size, margin:margin + size]
+        frame1 = texture[0, 0, margin : margin + size, margin : margin + size]
         frames0.append(frame0.round().clamp(0, 255).to(torch.uint8).numpy())
         frames1.append(frame1.round().clamp(0, 255).to(torch.uint8).numpy())
         flows.append(flow.float().numpy())
@@ -146,7 +150,9 @@ def timing_pairs(frames_by_clip: list[np.ndarray], count: int) -> tuple[np.ndarr
     f0 = np.concatenate([v(first) for v in variants])
     f1 = np.concatenate([v(second) for v in variants])
     repeats = -(-count // len(f0))
-    return np.ascontiguousarray(np.tile(f0, (repeats, 1, 1))[:count]), np.ascontiguousarray(np.tile(f1, (repeats, 1, 1))[:count])
+    return np.ascontiguousarray(np.tile(f0, (repeats, 1, 1))[:count]), np.ascontiguousarray(
+        np.tile(f1, (repeats, 1, 1))[:count]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,13 +170,20 @@ def opencv_farneback(frame0: np.ndarray, frame1: np.ndarray) -> np.ndarray:
     return cv2.calcOpticalFlowFarneback(frame0, frame1, None, 0.5, 3, 15, 3, 5, 1.2, 0)
 
 
-def torch_tvl1(frames0: np.ndarray, frames1: np.ndarray, device: str, params: TVL1Params, batch: int, compile: bool | None,
-               iteration: str | None = None) -> np.ndarray:
+def torch_tvl1(
+    frames0: np.ndarray,
+    frames1: np.ndarray,
+    device: str,
+    params: TVL1Params,
+    batch: int,
+    compile: bool | None,
+    iteration: str | None = None,
+) -> np.ndarray:
     """tricoclr's TV-L1 flows (N,2,H,W) computed on ``device`` in batches."""
     out = []
     for start in range(0, len(frames0), batch):
-        f0 = torch.from_numpy(frames0[start:start + batch]).to(device)
-        f1 = torch.from_numpy(frames1[start:start + batch]).to(device)
+        f0 = torch.from_numpy(frames0[start : start + batch]).to(device)
+        f1 = torch.from_numpy(frames1[start : start + batch]).to(device)
         out.append(tvl1_flow(f0, f1, params, compile=compile, iteration=iteration).cpu().numpy())
     return np.concatenate(out)
 
@@ -178,7 +191,7 @@ def torch_tvl1(frames0: np.ndarray, frames1: np.ndarray, device: str, params: TV
 def end_point_error(a: np.ndarray, b: np.ndarray, border: int = 0) -> np.ndarray:
     """Per-pixel end-point distance of (N,2,H,W) fields, optionally without a border."""
     distance = np.linalg.norm(a - b, axis=1)
-    return distance[:, border:distance.shape[1] - border, border:distance.shape[2] - border] if border else distance
+    return distance[:, border : distance.shape[1] - border, border : distance.shape[2] - border] if border else distance
 
 
 def pairs_per_second(run_one, seconds: float, min_runs: int = 2) -> float:
@@ -191,8 +204,15 @@ def pairs_per_second(run_one, seconds: float, min_runs: int = 2) -> float:
     return pairs / (time.perf_counter() - start)
 
 
-def time_torch_cuda(frames0: np.ndarray, frames1: np.ndarray, params: TVL1Params, batch: int, seconds: float, compile: bool,
-                    iteration: str | None = None) -> dict:
+def time_torch_cuda(
+    frames0: np.ndarray,
+    frames1: np.ndarray,
+    params: TVL1Params,
+    batch: int,
+    seconds: float,
+    compile: bool,
+    iteration: str | None = None,
+) -> dict:
     """pairs/s of batched TV-L1 on CUDA: frames resident on the device, one warm-up batch (and
     compilation) excluded, the clock read after synchronising."""
     f0 = torch.from_numpy(frames0).cuda()
@@ -214,8 +234,14 @@ def time_torch_cuda(frames0: np.ndarray, frames1: np.ndarray, params: TVL1Params
 
     torch.cuda.synchronize()
     rate = pairs_per_second(one_batch, seconds, min_runs=2)
-    return {"pairs_per_s": rate, "batch": batch, "warmup_s": warm_s, "compile": compile, "iteration": iteration or "default",
-            "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "pairs_per_s": rate,
+        "batch": batch,
+        "warmup_s": warm_s,
+        "compile": compile,
+        "iteration": iteration or "default",
+        "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,23 +311,37 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-out", help="save frames, OpenCV flows and timings for a machine without OpenCV")
     parser.add_argument("--no-compile", action="store_true", help="CUDA: eager only (no torch.compile)")
     parser.add_argument("--eager-too", action="store_true", help="CUDA: also time the eager path")
-    parser.add_argument("--iteration", choices=["torch", "triton"], help="CUDA: how the primal-dual iteration runs "
-                        "(default: Triton where installed)")
-    parser.add_argument("--torch-iteration-too", action="store_true",
-                        help="CUDA: also time the compiled torch iteration, as torch_tvl1_cuda_torch_iteration_SIZE")
+    parser.add_argument(
+        "--iteration",
+        choices=["torch", "triton"],
+        help="CUDA: how the primal-dual iteration runs (default: Triton where installed)",
+    )
+    parser.add_argument(
+        "--torch-iteration-too",
+        action="store_true",
+        help="CUDA: also time the compiled torch iteration, as torch_tvl1_cuda_torch_iteration_SIZE",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
 
     params = TVL1Params()
     data = gather_data(args)
-    results: dict = {"machine": machine_details(), "params": {k: v for k, v in vars(params).items()},
-                     "data": data["source"], "notes": [], "pairs_per_s": {}}
+    results: dict = {
+        "machine": machine_details(),
+        "params": {k: v for k, v in vars(params).items()},
+        "data": data["source"],
+        "notes": [],
+        "pairs_per_s": {},
+    }
     notes = results["notes"]
     have_cv = has_opencv_tvl1()
     if not have_cv:
-        notes.append("OpenCV (contrib) not importable here: OpenCV flows and timings come from the reference file" if args.reference
-                     else "OpenCV (contrib) not importable and no reference file: OpenCV parts skipped")
+        notes.append(
+            "OpenCV (contrib) not importable here: OpenCV flows and timings come from the reference file"
+            if args.reference
+            else "OpenCV (contrib) not importable and no reference file: OpenCV parts skipped"
+        )
     cpu_light = args.device == "cuda"  # keep the CPU part short on an accelerator machine
     torch_device = args.device
 
@@ -316,7 +356,7 @@ def main(argv=None) -> int:
         results["epe_vs_opencv"] = float(epe.mean())
         results["frac_over_1px"] = float((epe > 1.0).mean())
         results["epe_vs_opencv_per_clip"] = {
-            str(name): float(epe[i * EPE_PAIRS_PER_CLIP:(i + 1) * EPE_PAIRS_PER_CLIP].mean())
+            str(name): float(epe[i * EPE_PAIRS_PER_CLIP : (i + 1) * EPE_PAIRS_PER_CLIP].mean())
             for i, name in enumerate(data["clip_names"])
         }
         results["mean_opencv_flow_magnitude"] = float(np.linalg.norm(data["epe_opencv"], axis=1).mean())
@@ -327,15 +367,22 @@ def main(argv=None) -> int:
     if have_cv:
         data["synth_opencv"] = opencv_tvl1(s0, s1, params)
     synth_mine = torch_tvl1(s0, s1, torch_device, params, batch=len(s0), compile=None, iteration=args.iteration)
-    gt_results = {"border_excluded_px": GT_BORDER, "torch_tvl1": float(end_point_error(synth_mine, gt, GT_BORDER).mean()),
-                  "per_motion": {}}
+    gt_results = {
+        "border_excluded_px": GT_BORDER,
+        "torch_tvl1": float(end_point_error(synth_mine, gt, GT_BORDER).mean()),
+        "per_motion": {},
+    }
     for i, name in enumerate(data["synth_names"]):
-        gt_results["per_motion"][str(name)] = {"torch_tvl1": float(end_point_error(synth_mine[i:i + 1], gt[i:i + 1], GT_BORDER).mean())}
+        gt_results["per_motion"][str(name)] = {
+            "torch_tvl1": float(end_point_error(synth_mine[i : i + 1], gt[i : i + 1], GT_BORDER).mean())
+        }
     if "synth_opencv" in data:
         gt_results["opencv_tvl1"] = float(end_point_error(data["synth_opencv"], gt, GT_BORDER).mean())
         gt_results["torch_vs_opencv"] = float(end_point_error(synth_mine, data["synth_opencv"]).mean())
         for i, name in enumerate(data["synth_names"]):
-            gt_results["per_motion"][str(name)]["opencv_tvl1"] = float(end_point_error(data["synth_opencv"][i:i + 1], gt[i:i + 1], GT_BORDER).mean())
+            gt_results["per_motion"][str(name)]["opencv_tvl1"] = float(
+                end_point_error(data["synth_opencv"][i : i + 1], gt[i : i + 1], GT_BORDER).mean()
+            )
     results["gt_epe"] = gt_results
 
     # --- Throughput -----------------------------------------------------------------------------
@@ -355,21 +402,31 @@ def main(argv=None) -> int:
                     fn(t0[i], t1[i])
                     index[0] += 1
                     return 1
+
                 return run
 
-            rates[f"opencv_tvl1_cpu_{size}"] = pairs_per_second(one_opencv(lambda a, b: tvl1.calc(a, b, None)), seconds_cpu)
+            rates[f"opencv_tvl1_cpu_{size}"] = pairs_per_second(
+                one_opencv(lambda a, b: tvl1.calc(a, b, None)), seconds_cpu
+            )
             rates[f"opencv_farneback_cpu_{size}"] = pairs_per_second(one_opencv(opencv_farneback), seconds_cpu)
         elif f"opencv_tvl1_cpu_{size}" in data:
             for key in ("opencv_tvl1_cpu", "opencv_farneback_cpu"):
                 rates[f"{key}_{size}"] = float(data[f"{key}_{size}"])
-            notes.append(f"opencv_*_cpu_{size}: measured on the reference machine ({data.get('reference_cpu', 'unknown CPU')})")
+            notes.append(
+                f"opencv_*_cpu_{size}: measured on the reference machine ({data.get('reference_cpu', 'unknown CPU')})"
+            )
         if not cpu_light:
             offset = [0]
 
             def one_torch_cpu() -> int:
                 i = offset[0] % (len(t0) - args.cpu_batch + 1)
                 offset[0] += args.cpu_batch
-                tvl1_flow(torch.from_numpy(t0[i:i + args.cpu_batch]), torch.from_numpy(t1[i:i + args.cpu_batch]), params, compile=False)
+                tvl1_flow(
+                    torch.from_numpy(t0[i : i + args.cpu_batch]),
+                    torch.from_numpy(t1[i : i + args.cpu_batch]),
+                    params,
+                    compile=False,
+                )
                 return args.cpu_batch
 
             rates[f"torch_tvl1_cpu_{size}"] = pairs_per_second(one_torch_cpu, args.seconds, min_runs=1)
@@ -412,15 +469,21 @@ def main(argv=None) -> int:
 
 def print_summary(results: dict) -> None:
     m = results["machine"]
-    print(f"machine: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']} ({m['torch_threads']} threads), "
-          f"OpenCV {m['opencv']}, GPU {m['gpu']}")
+    print(
+        f"machine: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']} ({m['torch_threads']} threads), "
+        f"OpenCV {m['opencv']}, GPU {m['gpu']}"
+    )
     if "epe_vs_opencv" in results:
-        print(f"TV-L1 torch vs OpenCV, real clips at {EPE_SIZE}x{EPE_SIZE} ({results['epe_pairs']} pairs): "
-              f"mean EPE {results['epe_vs_opencv']:.4f} px, >1 px on {100 * results['frac_over_1px']:.3f}% of pixels "
-              f"(mean OpenCV flow {results['mean_opencv_flow_magnitude']:.3f} px)")
+        print(
+            f"TV-L1 torch vs OpenCV, real clips at {EPE_SIZE}x{EPE_SIZE} ({results['epe_pairs']} pairs): "
+            f"mean EPE {results['epe_vs_opencv']:.4f} px, >1 px on {100 * results['frac_over_1px']:.3f}% of pixels "
+            f"(mean OpenCV flow {results['mean_opencv_flow_magnitude']:.3f} px)"
+        )
     gt = results["gt_epe"]
-    print(f"ground truth, synthesized motion (border {gt['border_excluded_px']} px excluded): torch {gt['torch_tvl1']:.4f} px"
-          + (f", OpenCV {gt['opencv_tvl1']:.4f} px" if "opencv_tvl1" in gt else ""))
+    print(
+        f"ground truth, synthesized motion (border {gt['border_excluded_px']} px excluded): torch {gt['torch_tvl1']:.4f} px"
+        + (f", OpenCV {gt['opencv_tvl1']:.4f} px" if "opencv_tvl1" in gt else "")
+    )
     print("pairs per second:")
     for key, value in results["pairs_per_s"].items():
         print(f"  {key:32s} {value:10.2f}")

@@ -34,8 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_VERSION = 1
-PARTS = ("data", "gpu_tests", "train_bf16_resume", "train_fp16", "deepspeed_zero2", "eval", "train_step",
-         "train_e2e")
+PARTS = ("data", "gpu_tests", "train_bf16_resume", "train_fp16", "deepspeed_zero2", "eval", "train_step", "train_e2e")
 NEEDS_DATA = frozenset({"train_bf16_resume", "train_fp16", "deepspeed_zero2", "eval", "train_e2e"})
 READY_MARKER = "READY"  # written last into a prepared data folder: its presence means complete
 STAGES = ("pretrain-rgb", "pretrain-flow", "pretrain-audio", "cycle1-rgb", "cycle1-flow", "cycle1-audio")
@@ -49,33 +48,116 @@ MIN_PART_SECONDS = 15  # under --budget, a part with less time left than this is
 MODES = {
     "gpu": {
         "data": dict(classes=4, videos_per_class=4, seconds=3, size=64),
-        "flow": ["--flow", "tvl1-torch", "--flow-device", "cuda", "--no-flow-compile", "--tvl1-scales", "3",
-                 "--tvl1-warps", "2", "--tvl1-inner-iterations", "10", "--tvl1-outer-iterations", "2"],
-        "train": {"model.backbones": "{rgb: s3d, flow: s3d, audio: resnet18}", "batch_size": 8,
-                  "data.clip_frames": 16, "data.clip_stride": 1, "data.size": 64, "data.spectrogram_steps": 64,
-                  "method.queue_size": 16},
-        "steps_per_stage": 3, "resume_stop_step": 8,
-        "e2e": dict(videos=256, seconds=2, size=128, config="configs/k400_paper.yaml", batch_size=32, steps=200,
-                    log_every=10, queue_size=2048,
-                    flow=["--flow", "tvl1-torch", "--flow-device", "cuda", "--no-flow-compile"]),  # OpenCV's defaults
-        "train_step": ["--shapes", "paper", "--device", "cuda", "--batch-size", "32", "--seconds", "4",
-                       "--variants", "fp32_eager,amp,optimized"],  # optimized: + torch.compile (one compile)
-        "timeouts": dict(data=240, gpu_tests=300, train_bf16_resume=300, train_fp16=180, deepspeed_zero2=360,
-                         eval=240, train_step=360, train_e2e=480),
+        "flow": [
+            "--flow",
+            "tvl1-torch",
+            "--flow-device",
+            "cuda",
+            "--no-flow-compile",
+            "--tvl1-scales",
+            "3",
+            "--tvl1-warps",
+            "2",
+            "--tvl1-inner-iterations",
+            "10",
+            "--tvl1-outer-iterations",
+            "2",
+        ],
+        "train": {
+            "model.backbones": "{rgb: s3d, flow: s3d, audio: resnet18}",
+            "batch_size": 8,
+            "data.clip_frames": 16,
+            "data.clip_stride": 1,
+            "data.size": 64,
+            "data.spectrogram_steps": 64,
+            "method.queue_size": 16,
+        },
+        "steps_per_stage": 3,
+        "resume_stop_step": 8,
+        "e2e": dict(
+            videos=256,
+            seconds=2,
+            size=128,
+            config="configs/k400_paper.yaml",
+            batch_size=32,
+            steps=200,
+            log_every=10,
+            queue_size=2048,
+            flow=["--flow", "tvl1-torch", "--flow-device", "cuda", "--no-flow-compile"],
+        ),  # OpenCV's defaults
+        "train_step": [
+            "--shapes",
+            "paper",
+            "--device",
+            "cuda",
+            "--batch-size",
+            "32",
+            "--seconds",
+            "4",
+            "--variants",
+            "fp32_eager,amp,optimized",
+        ],  # optimized: + torch.compile (one compile)
+        "timeouts": dict(
+            data=240,
+            gpu_tests=300,
+            train_bf16_resume=300,
+            train_fp16=180,
+            deepspeed_zero2=360,
+            eval=240,
+            train_step=360,
+            train_e2e=480,
+        ),
     },
     "cpu": {
         "data": dict(classes=4, videos_per_class=4, seconds=2, size=64),  # 3 train per class: the probe holds one out
         "flow": None,  # farneback when OpenCV is installed, else a few TV-L1 iterations in PyTorch
-        "train": {"model.backbones": "{rgb: tiny3d, flow: tiny3d, audio: tiny2d}", "batch_size": 4,
-                  "data.clip_frames": 4, "data.clip_stride": 2, "data.size": 32, "data.spectrogram_steps": 32,
-                  "method.queue_size": 8},
-        "steps_per_stage": 3, "resume_stop_step": 8,
-        "e2e": dict(videos=None, seconds=None, size=None, config="configs/tiny.yaml", batch_size=4, steps=16,
-                    log_every=4, queue_size=8),
-        "train_step": ["--shapes", "demo", "--device", "cpu", "--batch-size", "8", "--seconds", "1",
-                       "--min-steps", "2", "--warmup", "1", "--variants", "fp32_eager,optimized"],
-        "timeouts": dict(data=120, gpu_tests=120, train_bf16_resume=150, train_fp16=90, deepspeed_zero2=200,
-                         eval=150, train_step=120, train_e2e=150),
+        "train": {
+            "model.backbones": "{rgb: tiny3d, flow: tiny3d, audio: tiny2d}",
+            "batch_size": 4,
+            "data.clip_frames": 4,
+            "data.clip_stride": 2,
+            "data.size": 32,
+            "data.spectrogram_steps": 32,
+            "method.queue_size": 8,
+        },
+        "steps_per_stage": 3,
+        "resume_stop_step": 8,
+        "e2e": dict(
+            videos=None,
+            seconds=None,
+            size=None,
+            config="configs/tiny.yaml",
+            batch_size=4,
+            steps=16,
+            log_every=4,
+            queue_size=8,
+        ),
+        "train_step": [
+            "--shapes",
+            "demo",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "8",
+            "--seconds",
+            "1",
+            "--min-steps",
+            "2",
+            "--warmup",
+            "1",
+            "--variants",
+            "fp32_eager,optimized",
+        ],
+        "timeouts": dict(
+            data=120,
+            gpu_tests=120,
+            train_bf16_resume=150,
+            train_fp16=90,
+            deepspeed_zero2=200,
+            eval=150,
+            train_step=120,
+            train_e2e=150,
+        ),
     },
 }
 
@@ -99,8 +181,13 @@ class Record:
     error: str | None = None
 
     def save(self) -> None:
-        data = {"figures": self.figures, "checks": self.checks, "commands": self.commands, "notes": self.notes,
-                "error": self.error}
+        data = {
+            "figures": self.figures,
+            "checks": self.checks,
+            "commands": self.commands,
+            "notes": self.notes,
+            "error": self.error,
+        }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1, default=str))
         os.replace(tmp, self.path)
@@ -164,8 +251,15 @@ def run_command(command: list[str], env: dict, timeout: float, record: Record, l
     entry = {"command": [str(c) for c in command], "label": label}
     record.commands.append(entry)
     print(f"$ {' '.join(entry['command'])}", flush=True)
-    process = subprocess.Popen(entry["command"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, errors="replace")
+    process = subprocess.Popen(
+        entry["command"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
     try:
         output, _ = process.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
@@ -209,8 +303,20 @@ def flow_arguments(ctx: Context) -> list[str]:
 
     if "farneback" in available_flow_methods():
         return ["--flow", "farneback"]
-    return ["--flow", "tvl1-torch", "--flow-device", "cpu", "--tvl1-scales", "2", "--tvl1-warps", "1",
-            "--tvl1-inner-iterations", "5", "--tvl1-outer-iterations", "1"]
+    return [
+        "--flow",
+        "tvl1-torch",
+        "--flow-device",
+        "cpu",
+        "--tvl1-scales",
+        "2",
+        "--tvl1-warps",
+        "1",
+        "--tvl1-inner-iterations",
+        "5",
+        "--tvl1-outer-iterations",
+        "1",
+    ]
 
 
 def small_data(work: Path) -> Path:
@@ -240,8 +346,10 @@ def launch_variant(ctx: Context, variant: str) -> tuple[list[str], dict]:
         return ["--config_file", "accelerate_configs/single_gpu.yaml"], plain_env
     one_process = ["--num_machines", "1", "--num_processes", "1", "--main_process_port", str(free_port())]
     if variant == "fp16":
-        return (["--config_file", "accelerate_configs/multinode_v100_fp16.yaml", "--machine_rank", "0",
-                 *one_process], plain_env)
+        return (
+            ["--config_file", "accelerate_configs/multinode_v100_fp16.yaml", "--machine_rank", "0", *one_process],
+            plain_env,
+        )
     if variant == "deepspeed":
         launcher = ["--config_file", "accelerate_configs/deepspeed_zero2.yaml", *one_process]
         if gpu:
@@ -254,10 +362,19 @@ def launch_variant(ctx: Context, variant: str) -> tuple[list[str], dict]:
 
 def train_overrides(ctx: Context, data: Path, out: Path, **extra) -> list[str]:
     """Every stage of the schedule (3 pre-training stages, one cycle of 3) for a few steps each."""
-    values = {"data.path": data / "train", "output_dir": out, "data.workers": 0, "log_every_steps": 1,
-              "checkpoint_every_steps": 1000, "schedule.cycles": 1, "schedule.pretrain_epochs": 100,
-              "schedule.stage_epochs": 100, "max_steps_per_stage": ctx.settings["steps_per_stage"],
-              "monitor.augment_images": "false", **ctx.settings["train"]}
+    values = {
+        "data.path": data / "train",
+        "output_dir": out,
+        "data.workers": 0,
+        "log_every_steps": 1,
+        "checkpoint_every_steps": 1000,
+        "schedule.cycles": 1,
+        "schedule.pretrain_epochs": 100,
+        "schedule.stage_epochs": 100,
+        "max_steps_per_stage": ctx.settings["steps_per_stage"],
+        "monitor.augment_images": "false",
+        **ctx.settings["train"],
+    }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -310,9 +427,15 @@ def compare_encoders(a: Path, b: Path) -> dict:
             elif not torch.equal(ta[key], tb[key]):
                 differing.append(f"{name}:{key}")
                 max_diff = max(max_diff, float((ta[key].double() - tb[key].double()).abs().max()))
-    return {"files": len(files_a), "files_b": len(files_b), "same_file_names": sorted(files_a) == sorted(files_b),
-            "tensors_compared": tensors, "tensors_differing": len(differing), "first_differing": differing[:5],
-            "max_abs_diff": max_diff}
+    return {
+        "files": len(files_a),
+        "files_b": len(files_b),
+        "same_file_names": sorted(files_a) == sorted(files_b),
+        "tensors_compared": tensors,
+        "tensors_differing": len(differing),
+        "first_differing": differing[:5],
+        "max_abs_diff": max_diff,
+    }
 
 
 def stages_run(out: Path) -> list[str]:
@@ -343,15 +466,46 @@ def part_data(ctx: Context) -> None:
 
     shutil.rmtree(folder, ignore_errors=True)
     workers = str(min(8, os.cpu_count() or 1)) if ctx.mode == "gpu" else "1"
-    ctx.run(data_cli("synth", "--out", folder / "synth", "--classes", settings["classes"], "--videos-per-class",
-                     settings["videos_per_class"], "--seconds", settings["seconds"], "--size", settings["size"],
-                     "--workers", workers), label="synth")
+    ctx.run(
+        data_cli(
+            "synth",
+            "--out",
+            folder / "synth",
+            "--classes",
+            settings["classes"],
+            "--videos-per-class",
+            settings["videos_per_class"],
+            "--seconds",
+            settings["seconds"],
+            "--size",
+            settings["size"],
+            "--workers",
+            workers,
+        ),
+        label="synth",
+    )
     counts = {}
     for split in ("train", "test"):
         start = time.time()
-        ctx.run(data_cli("prepare", folder / "synth" / "videos", "--out", folder / split, "--format", "lmdb",
-                         "--list", folder / "synth" / "splits" / f"{split}list01.txt", "--size", settings["size"],
-                         *flow_arguments(ctx), "--workers", workers, "--no-progress"), label=f"prepare {split}")
+        ctx.run(
+            data_cli(
+                "prepare",
+                folder / "synth" / "videos",
+                "--out",
+                folder / split,
+                "--format",
+                "lmdb",
+                "--list",
+                folder / "synth" / "splits" / f"{split}list01.txt",
+                "--size",
+                settings["size"],
+                *flow_arguments(ctx),
+                "--workers",
+                workers,
+                "--no-progress",
+            ),
+            label=f"prepare {split}",
+        )
         counts[f"{split}_videos"] = count_videos(folder / split)
         counts[f"prepare_{split}_seconds"] = round(time.time() - start, 2)
     rec.figures.update(counts, reused=False)
@@ -372,8 +526,22 @@ def part_gpu_tests(ctx: Context) -> None:
     report = ctx.work / "gpu_tests.xml"
     report.unlink(missing_ok=True)
     try:
-        ctx.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--junitxml",
-                 report, "tests"], label="pytest -m gpu")
+        ctx.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "gpu",
+                "-p",
+                "no:cacheprovider",
+                "--junitxml",
+                report,
+                "tests",
+            ],
+            label="pytest -m gpu",
+        )
     finally:
         if report.exists():
             suite = ET.parse(report).getroot()
@@ -385,8 +553,9 @@ def part_gpu_tests(ctx: Context) -> None:
     ctx.record.check("none_failed", figures.get("failures") == 0 and figures.get("errors") == 0, str(figures))
     ctx.record.check("some_selected", figures.get("tests", 0) > 0, "no test is marked gpu")
     if ctx.mode == "gpu":
-        ctx.record.check("all_ran_on_the_gpu", figures.get("passed") == figures.get("tests"),
-                         f"{figures.get('skipped')} skipped")
+        ctx.record.check(
+            "all_ran_on_the_gpu", figures.get("passed") == figures.get("tests"), f"{figures.get('skipped')} skipped"
+        )
 
 
 def resume_comparison(ctx: Context, variant: str, **extra) -> dict:
@@ -405,25 +574,39 @@ def resume_comparison(ctx: Context, variant: str, **extra) -> dict:
         output = ctx.run(train_command(launcher, train_overrides(ctx, data, out, **extra, **more)), env, label=name)
         timings[name] = round(time.time() - start, 2)
         rec.figures["run_seconds"] = timings
-    rec.check("resumed_from_checkpoint", f"resuming from {split / 'checkpoints'}" in output,
-              "the second command did not resume")
+    rec.check(
+        "resumed_from_checkpoint",
+        f"resuming from {split / 'checkpoints'}" in output,
+        "the second command did not resume",
+    )
     losses_whole, losses_split = losses_of(whole), losses_of(split)
     info = run_info(whole)
-    rec.figures.update({
-        "mixed_precision": info.get("mixed_precision"), "world_size": info.get("world_size"),
-        "steps": max(losses_whole, default=0), "stop_step": stop, "stages": stages_run(whole),
-        "first_loss": losses_whole.get(1), "final_loss": losses_whole.get(max(losses_whole, default=0)),
-        "losses_equal_steps": sum(losses_whole.get(s) == v for s, v in losses_split.items()),
-    })
+    rec.figures.update(
+        {
+            "mixed_precision": info.get("mixed_precision"),
+            "world_size": info.get("world_size"),
+            "steps": max(losses_whole, default=0),
+            "stop_step": stop,
+            "stages": stages_run(whole),
+            "first_loss": losses_whole.get(1),
+            "final_loss": losses_whole.get(max(losses_whole, default=0)),
+            "losses_equal_steps": sum(losses_whole.get(s) == v for s, v in losses_split.items()),
+        }
+    )
     comparison = compare_encoders(whole, split)
     rec.figures["encoders"] = comparison
     rec.check("every_stage_ran", stages_run(whole) == list(STAGES) == stages_run(split), str(stages_run(split)))
     rec.check("losses_finite", bool(losses_whole) and finite(losses_whole.values()))
-    rec.check("losses_identical_after_resume", losses_whole == losses_split,
-              f"{rec.figures['losses_equal_steps']} of {len(losses_whole)} steps equal")
-    rec.check("encoders_bit_identical_after_resume",
-              comparison["same_file_names"] and comparison["tensors_differing"] == 0 and comparison["files"] > 0,
-              f"{comparison['tensors_differing']} tensors differ, max {comparison['max_abs_diff']}")
+    rec.check(
+        "losses_identical_after_resume",
+        losses_whole == losses_split,
+        f"{rec.figures['losses_equal_steps']} of {len(losses_whole)} steps equal",
+    )
+    rec.check(
+        "encoders_bit_identical_after_resume",
+        comparison["same_file_names"] and comparison["tensors_differing"] == 0 and comparison["files"] > 0,
+        f"{comparison['tensors_differing']} tensors differ, max {comparison['max_abs_diff']}",
+    )
     return info
 
 
@@ -452,9 +635,17 @@ def part_train_fp16(ctx: Context) -> None:
     if scaler is not None and scaler.exists():
         scale = float(torch.load(scaler, weights_only=True)["scale"])
     steps = max(losses, default=0)
-    rec.figures.update({"mixed_precision": info.get("mixed_precision"), "world_size": info.get("world_size"),
-                        "steps": steps, "stages": stages_run(out), "final_loss": losses.get(steps),
-                        "checkpoint": checkpoint.name if checkpoint else None, "loss_scale": scale})
+    rec.figures.update(
+        {
+            "mixed_precision": info.get("mixed_precision"),
+            "world_size": info.get("world_size"),
+            "steps": steps,
+            "stages": stages_run(out),
+            "final_loss": losses.get(steps),
+            "checkpoint": checkpoint.name if checkpoint else None,
+            "loss_scale": scale,
+        }
+    )
     rec.check("fp16", info.get("mixed_precision") == "fp16", str(info.get("mixed_precision")))
     rec.check("every_stage_ran", stages_run(out) == list(STAGES), str(stages_run(out)))
     rec.check("losses_finite", bool(losses) and finite(losses.values()))
@@ -473,8 +664,9 @@ def part_deepspeed_zero2(ctx: Context) -> None:
     checkpoint = newest_checkpoint_dir(ctx.work / "runs_deepspeed" / "split")
     engine_files = sorted(p.name for p in (checkpoint / "pytorch_model").glob("*")) if checkpoint else []
     ctx.record.figures["engine_checkpoint_files"] = engine_files
-    ctx.record.check("engine_checkpoint_written", any("optim_states" in name for name in engine_files),
-                     str(engine_files))
+    ctx.record.check(
+        "engine_checkpoint_written", any("optim_states" in name for name in engine_files), str(engine_files)
+    )
 
 
 def eval_config(ctx: Context) -> Path:
@@ -498,8 +690,25 @@ def part_eval(ctx: Context) -> None:
     shutil.rmtree(ctx.work / "eval", ignore_errors=True)
     config = eval_config(ctx)
     device = "cuda" if ctx.mode == "gpu" else "cpu"
-    common = ["--encoder", "random", "--config", config, "--modality", "rgb", "--train", data / "train",
-              "--test", data / "test", "--workers", "0", "--no-cache", "--max-clips", "2", "--batch-size", "8"]
+    common = [
+        "--encoder",
+        "random",
+        "--config",
+        config,
+        "--modality",
+        "rgb",
+        "--train",
+        data / "train",
+        "--test",
+        data / "test",
+        "--workers",
+        "0",
+        "--no-cache",
+        "--max-clips",
+        "2",
+        "--batch-size",
+        "8",
+    ]
     out = ctx.work / "eval"
     launcher, env = launch_variant(ctx, "bf16")
     wanted = {"finetune": ["top1"], "retrieval": ["R@1", "R@5"], "linear": ["top1", "top5"]}
@@ -507,8 +716,13 @@ def part_eval(ctx: Context) -> None:
         args = ["eval", task, *common, "--json", out / f"{task}.json"]
         start = time.time()
         if task == "finetune":
-            ctx.run(accelerate_launch(*launcher, "-m", "tricoclr.cli", *args, "--finetune-epochs", "2",
-                                      "--finetune-batch-size", "4"), env, label=task)
+            ctx.run(
+                accelerate_launch(
+                    *launcher, "-m", "tricoclr.cli", *args, "--finetune-epochs", "2", "--finetune-batch-size", "4"
+                ),
+                env,
+                label=task,
+            )
         else:
             ctx.run([sys.executable, "-m", "tricoclr.cli", *args, "--device", device], label=task)
         metrics = json.loads((out / f"{task}.json").read_text())
@@ -534,6 +748,7 @@ def run_train_step_benchmark(argv: list[str]) -> dict[str, int]:
     peaks: dict[str, int] = {}
     measure = getattr(module, "measure", None)
     if callable(measure) and torch.cuda.is_available():
+
         def measure_with_peak(variant, *args, **kwargs):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -566,9 +781,13 @@ def part_train_step(ctx: Context) -> None:
     peaks = run_train_step_benchmark(argv)
     result = json.loads(out.read_text())
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    figures = {"shapes": result.get("shapes"), "batch_size": result.get("batch_size"),
-               "gpu": result.get("machine", {}).get("gpu"), "optimized_path": result.get("optimized_path"),
-               "speedup": result.get("speedup")}
+    figures = {
+        "shapes": result.get("shapes"),
+        "batch_size": result.get("batch_size"),
+        "gpu": result.get("machine", {}).get("gpu"),
+        "optimized_path": result.get("optimized_path"),
+        "speedup": result.get("speedup"),
+    }
     for variant in ("fp32_eager", "optimized"):
         figures[f"{variant}_samples_per_s"] = result.get(variant, {}).get("samples_per_s")
         figures[f"{variant}_peak_memory_bytes"] = result.get(variant, {}).get("peak_memory_bytes", peaks.get(variant))
@@ -582,11 +801,15 @@ def part_train_step(ctx: Context) -> None:
         figures["target_2x_met"] = bool(figures["speedup"] and figures["speedup"] >= 2.0)
         figures["target_500_per_s_met"] = bool((figures["optimized_samples_per_s"] or 0) >= 500)
     ctx.record.figures.update(figures)
-    ctx.record.check("throughputs_measured", finite([figures["fp32_eager_samples_per_s"],
-                                                     figures["optimized_samples_per_s"], figures["speedup"]]))
+    ctx.record.check(
+        "throughputs_measured",
+        finite([figures["fp32_eager_samples_per_s"], figures["optimized_samples_per_s"], figures["speedup"]]),
+    )
     if ctx.mode == "gpu":
-        ctx.record.check("peak_memory_measured", positive_number(figures["optimized_peak_memory_bytes"])
-                         or positive_number(figures["peak_memory_bytes"]))
+        ctx.record.check(
+            "peak_memory_measured",
+            positive_number(figures["optimized_peak_memory_bytes"]) or positive_number(figures["peak_memory_bytes"]),
+        )
 
 
 def positive_number(value) -> bool:
@@ -608,12 +831,41 @@ def e2e_data(ctx: Context) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     start, workers = time.time(), str(os.cpu_count() or 1)
     classes = 8
-    ctx.run(data_cli("synth", "--out", folder / "synth", "--classes", classes, "--videos-per-class",
-                     settings["videos"] // classes, "--seconds", settings["seconds"], "--size", settings["size"],
-                     "--workers", workers), label="synth e2e")
-    ctx.run(data_cli("prepare", folder / "synth" / "videos", "--out", folder / "train", "--format", "lmdb",
-                     "--size", settings["size"], *settings["flow"], "--workers", workers, "--no-progress"),
-            label="prepare e2e")
+    ctx.run(
+        data_cli(
+            "synth",
+            "--out",
+            folder / "synth",
+            "--classes",
+            classes,
+            "--videos-per-class",
+            settings["videos"] // classes,
+            "--seconds",
+            settings["seconds"],
+            "--size",
+            settings["size"],
+            "--workers",
+            workers,
+        ),
+        label="synth e2e",
+    )
+    ctx.run(
+        data_cli(
+            "prepare",
+            folder / "synth" / "videos",
+            "--out",
+            folder / "train",
+            "--format",
+            "lmdb",
+            "--size",
+            settings["size"],
+            *settings["flow"],
+            "--workers",
+            workers,
+            "--no-progress",
+        ),
+        label="prepare e2e",
+    )
     figures = {"videos": count_videos(folder / "train"), "prepare_seconds": round(time.time() - start, 2)}
     ctx.record.figures["data"] = figures | {"reused": False}
     (folder / READY_MARKER).write_text(json.dumps(figures))
@@ -632,23 +884,41 @@ def part_train_e2e(ctx: Context) -> None:
     out = ctx.work / "runs_e2e"
     shutil.rmtree(out, ignore_errors=True)
     workers = max(1, min(12, (os.cpu_count() or 2) - 2)) if ctx.mode == "gpu" else 2
-    overrides = {"data.path": store, "output_dir": out, "data.workers": workers, "data.val_path": "null",
-                 "batch_size": settings["batch_size"], "method.queue_size": settings["queue_size"],
-                 "schedule.start_stage": "cycle1-rgb", "schedule.cycles": 1, "schedule.stage_epochs": 10000,
-                 "max_steps": settings["steps"], "log_every_steps": settings["log_every"],
-                 "checkpoint_every_steps": 100000, "keep_checkpoints": 1, "monitor.augment_images": "false"}
+    overrides = {
+        "data.path": store,
+        "output_dir": out,
+        "data.workers": workers,
+        "data.val_path": "null",
+        "batch_size": settings["batch_size"],
+        "method.queue_size": settings["queue_size"],
+        "schedule.start_stage": "cycle1-rgb",
+        "schedule.cycles": 1,
+        "schedule.stage_epochs": 10000,
+        "max_steps": settings["steps"],
+        "log_every_steps": settings["log_every"],
+        "checkpoint_every_steps": 100000,
+        "keep_checkpoints": 1,
+        "monitor.augment_images": "false",
+    }
     if ctx.mode == "cpu":
         shapes = {k: v for k, v in ctx.settings["train"].items() if k not in ("batch_size", "method.queue_size")}
         overrides.update(shapes)
     launcher, env = launch_variant(ctx, "bf16")
     start = time.time()
-    ctx.run(train_command(launcher, [f"{k}={v}" for k, v in overrides.items()], settings["config"]), env,
-            label="end-to-end run")
+    ctx.run(
+        train_command(launcher, [f"{k}={v}" for k, v in overrides.items()], settings["config"]),
+        env,
+        label="end-to-end run",
+    )
     rec.figures.update(e2e_figures(out, settings, workers, time.time() - start))
     figures = rec.figures
     rec.check("all_steps_ran", figures["steps"] == settings["steps"], f"{figures['steps']} steps")
-    rec.check("throughput_logged", finite([figures["samples_per_s"], figures["data_wait_fraction"]])
-              and 0.0 <= figures["data_wait_fraction"] <= 1.0, str(figures))
+    rec.check(
+        "throughput_logged",
+        finite([figures["samples_per_s"], figures["data_wait_fraction"]])
+        and 0.0 <= figures["data_wait_fraction"] <= 1.0,
+        str(figures),
+    )
 
 
 def e2e_figures(out: Path, settings: dict, workers: int, seconds: float) -> dict:
@@ -657,24 +927,40 @@ def e2e_figures(out: Path, settings: dict, workers: int, seconds: float) -> dict
     waits = read_scalars(out / "tb", "train/data_wait_fraction")
     steps = sorted(rates)
     steady = steps[2:] or steps
-    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else None
+
     wall = None
     if len(steady) >= 2:  # wall clock between logged steps: also counts checkpoints and epoch ends
         first, last = steady[0], steady[-1]
         wall = (last - first) * settings["batch_size"] / (rates[last][1] - rates[first][1])
-    return {"steps": max(losses_of(out), default=0), "batch_size": settings["batch_size"], "workers": workers,
-            "mixed_precision": run_info(out).get("mixed_precision"), "logged_windows": len(steps),
-            "samples_per_s": mean([rates[s][0] for s in steady]),
-            "data_wait_fraction": mean([waits[s][0] for s in steady if s in waits]),
-            "data_wait_fraction_first_window": waits[steps[0]][0] if steps and steps[0] in waits else None,
-            "wall_samples_per_s": wall,
-            "mined_precision_logged": bool(read_scalars(out / "tb", "train/mined_precision")),
-            "run_seconds": round(seconds, 2), "cpu_count": os.cpu_count()}
+    return {
+        "steps": max(losses_of(out), default=0),
+        "batch_size": settings["batch_size"],
+        "workers": workers,
+        "mixed_precision": run_info(out).get("mixed_precision"),
+        "logged_windows": len(steps),
+        "samples_per_s": mean([rates[s][0] for s in steady]),
+        "data_wait_fraction": mean([waits[s][0] for s in steady if s in waits]),
+        "data_wait_fraction_first_window": waits[steps[0]][0] if steps and steps[0] in waits else None,
+        "wall_samples_per_s": wall,
+        "mined_precision_logged": bool(read_scalars(out / "tb", "train/mined_precision")),
+        "run_seconds": round(seconds, 2),
+        "cpu_count": os.cpu_count(),
+    }
 
 
-PART_FUNCTIONS = {"data": part_data, "gpu_tests": part_gpu_tests, "train_bf16_resume": part_train_bf16_resume,
-                  "train_fp16": part_train_fp16, "deepspeed_zero2": part_deepspeed_zero2, "eval": part_eval,
-                  "train_step": part_train_step, "train_e2e": part_train_e2e}
+PART_FUNCTIONS = {
+    "data": part_data,
+    "gpu_tests": part_gpu_tests,
+    "train_bf16_resume": part_train_bf16_resume,
+    "train_fp16": part_train_fp16,
+    "deepspeed_zero2": part_deepspeed_zero2,
+    "eval": part_eval,
+    "train_step": part_train_step,
+    "train_e2e": part_train_e2e,
+}
 
 
 def run_part_here(name: str, mode: str, work: Path, result: Path, deadline: float) -> int:
@@ -704,8 +990,20 @@ def run_part(name: str, mode: str, work: Path, timeout: float) -> dict:
     result, log = results / f"{name}.json", logs / f"{name}.log"
     result.unlink(missing_ok=True)
     start = time.time()
-    command = [sys.executable, str(Path(__file__).resolve()), "--run-part", name, "--device", mode, "--work-dir",
-               str(work), "--result", str(result), "--deadline", str(start + timeout)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--run-part",
+        name,
+        "--device",
+        mode,
+        "--work-dir",
+        str(work),
+        "--result",
+        str(result),
+        "--deadline",
+        str(start + timeout),
+    ]
     with open(log, "w") as handle:
         process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
         try:
@@ -714,8 +1012,18 @@ def run_part(name: str, mode: str, work: Path, timeout: float) -> dict:
             kill_tree(process.pid)
             process.wait()
             returncode = None
-    entry = {"status": "ok", "seconds": round(time.time() - start, 2), "timeout_s": timeout, "returncode": returncode,
-             "figures": {}, "checks": {}, "error": None, "notes": [], "commands": [], "log": str(log)}
+    entry = {
+        "status": "ok",
+        "seconds": round(time.time() - start, 2),
+        "timeout_s": timeout,
+        "returncode": returncode,
+        "figures": {},
+        "checks": {},
+        "error": None,
+        "notes": [],
+        "commands": [],
+        "log": str(log),
+    }
     if result.exists():
         entry.update(json.loads(result.read_text()))
     # A part that finished inside the grace period still ran past its cap: its figures stay, but
@@ -723,8 +1031,11 @@ def run_part(name: str, mode: str, work: Path, timeout: float) -> dict:
     over_cap = entry["seconds"] > timeout
     if returncode is None or over_cap or "time cap" in (entry["error"] or ""):
         entry["status"] = "timeout"
-        entry["error"] = entry["error"] or (f"killed after {timeout + KILL_GRACE_S:.0f} s" if returncode is None
-                                            else f"ran {entry['seconds']:.0f} s, past its time cap of {timeout:.0f} s")
+        entry["error"] = entry["error"] or (
+            f"killed after {timeout + KILL_GRACE_S:.0f} s"
+            if returncode is None
+            else f"ran {entry['seconds']:.0f} s, past its time cap of {timeout:.0f} s"
+        )
     elif returncode != 0 or entry["error"] or not all(entry["checks"].values()):
         entry["status"] = "failed"
         if not entry["error"]:
@@ -740,29 +1051,55 @@ def machine_info(mode: str) -> dict:
     import torch
 
     versions = {}
-    for package in ("torch", "torchvision", "torchaudio", "accelerate", "deepspeed", "transformers", "av", "lmdb",
-                    "webdataset", "tensorboard", "pytest"):
+    for package in (
+        "torch",
+        "torchvision",
+        "torchaudio",
+        "accelerate",
+        "deepspeed",
+        "transformers",
+        "av",
+        "lmdb",
+        "webdataset",
+        "tensorboard",
+        "pytest",
+    ):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     gpu = torch.cuda.get_device_name(0) if mode == "gpu" else None
     try:  # a copied working tree (a device machine) may have no .git, or no git at all
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = ""
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "load_average_1min": os.getloadavg()[0], "gpu": gpu, "cuda": torch.version.cuda if mode == "gpu" else None,
-            "packages": versions, "git_commit": commit or None}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+        "gpu": gpu,
+        "cuda": torch.version.cuda if mode == "gpu" else None,
+        "packages": versions,
+        "git_commit": commit or None,
+    }
 
 
 def summary_markdown(report: dict) -> str:
     machine = report["machine"]
-    lines = [f"# GPU check ({report['mode']}): {'all parts passed' if report['ok'] else 'FAILED'}", "",
-             (f"Machine: {machine.get('gpu') or 'no GPU'}, {machine['cpu_count']} CPUs, Python {machine['python']}, "
-              f"torch {machine['packages'].get('torch')}; {report['seconds']:.0f} s in this run."), "",
-             "| part | status | seconds | figures |", "| --- | --- | ---: | --- |"]
+    lines = [
+        f"# GPU check ({report['mode']}): {'all parts passed' if report['ok'] else 'FAILED'}",
+        "",
+        (
+            f"Machine: {machine.get('gpu') or 'no GPU'}, {machine['cpu_count']} CPUs, Python {machine['python']}, "
+            f"torch {machine['packages'].get('torch')}; {report['seconds']:.0f} s in this run."
+        ),
+        "",
+        "| part | status | seconds | figures |",
+        "| --- | --- | ---: | --- |",
+    ]
     for name, entry in report["parts"].items():
         figures = ", ".join(f"{k}={format_value(v)}" for k, v in flat_figures(entry["figures"]).items())
         lines.append(f"| {name} | {entry['status']} | {entry['seconds']:.1f} | {figures} |")
@@ -822,8 +1159,18 @@ def write_report(report: dict, path: Path) -> None:
 
 
 def skipped_entry(reason: str) -> dict:
-    return {"status": "skipped", "seconds": 0.0, "timeout_s": 0.0, "returncode": None, "figures": {}, "checks": {},
-            "error": reason, "notes": [], "commands": [], "log": None}
+    return {
+        "status": "skipped",
+        "seconds": 0.0,
+        "timeout_s": 0.0,
+        "returncode": None,
+        "figures": {},
+        "checks": {},
+        "error": reason,
+        "notes": [],
+        "commands": [],
+        "log": None,
+    }
 
 
 def drive(args) -> int:
@@ -838,9 +1185,16 @@ def drive(args) -> int:
     if any(p in NEEDS_DATA for p in parts) and "data" not in parts and not (small_data(work) / READY_MARKER).exists():
         parts.insert(0, "data")  # the stores the other parts read are not there yet
     started = time.time()
-    report = {"schema_version": SCHEMA_VERSION, "mode": mode, "machine": machine_info(mode),
-              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "seconds": 0.0,
-              "parts_run": parts, "parts": previous_parts(out, mode) if args.parts else {}, "ok": False}
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "mode": mode,
+        "machine": machine_info(mode),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": 0.0,
+        "parts_run": parts,
+        "parts": previous_parts(out, mode) if args.parts else {},
+        "ok": False,
+    }
     for name in parts:
         timeout = MODES[mode]["timeouts"][name] * args.timeout_scale
         if args.budget is not None:  # what is left of the whole run's budget caps this part too
@@ -856,8 +1210,11 @@ def drive(args) -> int:
         report["parts"][name] = entry
         report["seconds"] = round(time.time() - started, 2)
         write_report(report, out)  # after every part: a later crash of the driver keeps these
-        print(f"[gpu_check] {name}: {entry['status'].upper()} in {entry['seconds']:.1f} s"
-              + (f" -- {entry['error']}" if entry["error"] else ""), flush=True)
+        print(
+            f"[gpu_check] {name}: {entry['status'].upper()} in {entry['seconds']:.1f} s"
+            + (f" -- {entry['error']}" if entry["error"] else ""),
+            flush=True,
+        )
     write_report(report, out)
     print(summary_markdown(report), end="")
     print(f"[gpu_check] report: {out} and {out.with_suffix('.md')}")
@@ -867,15 +1224,26 @@ def drive(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", help=f"comma-separated subset of: {', '.join(PARTS)} (default: all)")
-    parser.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
-                        help="gpu: CUDA variants; cpu: tiny CPU variants (default: gpu when CUDA is available)")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "gpu", "cpu"],
+        default="auto",
+        help="gpu: CUDA variants; cpu: tiny CPU variants (default: gpu when CUDA is available)",
+    )
     parser.add_argument("--json", default="out/gpu_check.json", help="the report (a .md summary is written beside it)")
-    parser.add_argument("--work-dir", default="out/gpu_check_work",
-                        help="data, runs and logs; prepared data here is reused (carry it to skip preparing)")
+    parser.add_argument(
+        "--work-dir",
+        default="out/gpu_check_work",
+        help="data, runs and logs; prepared data here is reused (carry it to skip preparing)",
+    )
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every part's time cap")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the whole run: parts are capped by what is left, and parts with "
-                             "nothing left are reported as skipped (rerun them with --parts)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run: parts are capped by what is left, and parts with "
+        "nothing left are reported as skipped (rerun them with --parts)",
+    )
     parser.add_argument("--run-part", choices=PARTS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)

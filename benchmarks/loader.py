@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tricoclr.data import modalities as registry  # noqa: E402
 from tricoclr.config import DEFAULTS  # noqa: E402
+from tricoclr.data import modalities as registry  # noqa: E402
 from tricoclr.data import transforms  # noqa: E402
 from tricoclr.data.dataset import EpochLoader  # noqa: E402
 from tricoclr.data.samples import StageViews, build_sample  # noqa: E402
@@ -55,11 +55,39 @@ def make_data(out: Path, videos_per_class: int, seconds: float, size: int) -> No
     from data_tools.cli import main as data_cli
 
     synth = out / "synth"
-    steps = [["synth", "--out", synth, "--classes", 4, "--videos-per-class", videos_per_class,
-              "--seconds", seconds, "--size", size]]
+    steps = [
+        [
+            "synth",
+            "--out",
+            synth,
+            "--classes",
+            4,
+            "--videos-per-class",
+            videos_per_class,
+            "--seconds",
+            seconds,
+            "--size",
+            size,
+        ]
+    ]
     for store in STORES:
-        steps.append(["prepare", synth / "videos", "--out", out / f"prepared-{store}", "--format", store,
-                      "--flow", "farneback", "--size", size, "--shard-max-videos", max(1, videos_per_class), "--no-progress"])
+        steps.append(
+            [
+                "prepare",
+                synth / "videos",
+                "--out",
+                out / f"prepared-{store}",
+                "--format",
+                store,
+                "--flow",
+                "farneback",
+                "--size",
+                size,
+                "--shard-max-videos",
+                max(1, videos_per_class),
+                "--no-progress",
+            ]
+        )
     for argv in steps:
         if data_cli([str(a) for a in argv]) != 0:
             raise SystemExit(f"failed: tricoclr-data {' '.join(map(str, argv))}")
@@ -71,8 +99,15 @@ def find_store(data: Path, store: str) -> Path:
 
 def data_config(workers: int, frames: int, size: int) -> dict:
     cfg = copy.deepcopy(DEFAULTS["data"])
-    cfg.update(workers=workers, clip_frames=frames, clip_stride=1, size=size, spectrogram_steps=128,
-               shuffle_buffer=16, pin_memory=False)
+    cfg.update(
+        workers=workers,
+        clip_frames=frames,
+        clip_stride=1,
+        size=size,
+        spectrogram_steps=128,
+        shuffle_buffer=16,
+        pin_memory=False,
+    )
     return cfg
 
 
@@ -104,9 +139,11 @@ def time_batches(batches, seconds: float) -> dict:
     while time.perf_counter() - started < seconds:
         samples += len(next(batches)["video_index"])
     elapsed = time.perf_counter() - started
-    return {"samples_per_s": samples / elapsed,
-            "worker_cpu_ms_per_sample": 1000.0 * (children_cpu_seconds() - workers_cpu) / samples,
-            "main_cpu_ms_per_sample": 1000.0 * (time.process_time() - main_cpu) / samples}
+    return {
+        "samples_per_s": samples / elapsed,
+        "worker_cpu_ms_per_sample": 1000.0 * (children_cpu_seconds() - workers_cpu) / samples,
+        "main_cpu_ms_per_sample": 1000.0 * (time.process_time() - main_cpu) / samples,
+    }
 
 
 def pipeline_batches(path: Path, cfg: dict, batch_size: int):
@@ -120,8 +157,12 @@ def pipeline_batches(path: Path, cfg: dict, batch_size: int):
 def naive_batches(path: Path, cfg: dict, batch_size: int):
     """Endless batches of the naive loader, with the same DataLoader settings and workers."""
     workers = cfg["workers"]
-    yield from DataLoader(NaiveSamples(path, cfg), batch_size=batch_size, num_workers=workers,
-                          prefetch_factor=cfg["prefetch_factor"] if workers else None)
+    yield from DataLoader(
+        NaiveSamples(path, cfg),
+        batch_size=batch_size,
+        num_workers=workers,
+        prefetch_factor=cfg["prefetch_factor"] if workers else None,
+    )
 
 
 def measure_in_process(path: Path, make_sample, seconds: float) -> float:
@@ -157,8 +198,9 @@ def naive_sample(record, video_index: int, cfg: dict) -> dict:
     """CoCLR-style: decode every RGB and flow frame and the whole spectrogram, then slice two
     clips and apply the same worker-side augmentation as the real pipeline."""
     meta, spec = record.meta, clip_spec_of(cfg)
-    video = {name: record.frames(name, 0, meta[f"{name}_frames" if name == "flow" else "frames"])
-             for name in ("rgb", "flow")}
+    video = {
+        name: record.frames(name, 0, meta[f"{name}_frames" if name == "flow" else "frames"]) for name in ("rgb", "flow")
+    }
     spectrogram = record.spectrogram()
     starts = sample_clip_starts(int(meta["frames"]), spec, sample_generator(0, 0, video_index, 0, "clips"))
     sample = {"video_index": torch.tensor(video_index)}
@@ -172,7 +214,8 @@ def naive_sample(record, video_index: int, cfg: dict) -> dict:
                 sample[f"{name}.view{view}"] = augmented
         first, steps = spectrogram_span(start, spec, float(meta["fps"]))
         sample[f"audio.view{view}"] = registry.get("audio").augment(
-            spectrogram[:, first : first + steps], sample_generator(0, 0, video_index, view, "audio"), cfg)
+            spectrogram[:, first : first + steps], sample_generator(0, 0, video_index, view, "audio"), cfg
+        )
     return sample
 
 
@@ -195,8 +238,9 @@ class NaiveSamples(IterableDataset):
 def measure_device_aug(device: torch.device, batch_size: int, frames: int, size: int, seconds: float) -> float:
     """Samples per second of the batched photometric part: both RGB views of each sample."""
     clips = torch.randint(0, 256, (batch_size, 3, frames, size, size), dtype=torch.uint8, device=device)
-    params = [transforms.sample_photometric_params(sample_generator(0, 0, i, 1, "rgb/device"))
-              for i in range(batch_size)]
+    params = [
+        transforms.sample_photometric_params(sample_generator(0, 0, i, 1, "rgb/device")) for i in range(batch_size)
+    ]
     batched = {key: torch.stack([p[key] for p in params]) for key in params[0]}
 
     def step():
@@ -262,8 +306,11 @@ def run(args) -> dict:
         # CPU time of the loader's workers and of the main process during the timed window:
         # what one dedicated core per worker would deliver, whatever else the machine runs.
         "worker_cpu_ms_per_sample": pipeline["worker_cpu_ms_per_sample"] if args.workers else None,
-        "worker_cpu_samples_per_s": (1000.0 / pipeline["worker_cpu_ms_per_sample"]
-                                     if args.workers and pipeline["worker_cpu_ms_per_sample"] > 0 else None),
+        "worker_cpu_samples_per_s": (
+            1000.0 / pipeline["worker_cpu_ms_per_sample"]
+            if args.workers and pipeline["worker_cpu_ms_per_sample"] > 0
+            else None
+        ),
         "main_cpu_ms_per_sample": pipeline["main_cpu_ms_per_sample"],
         "baseline_samples_per_s_per_worker": baseline / workers,
         "speedup_per_worker": per_s / baseline if baseline else None,
@@ -279,8 +326,12 @@ def run(args) -> dict:
         "videos": len(metas),
         "video_seconds": sum(m["seconds"] for m in metas) / len(metas),
         "measured_s": {"loader": args.seconds, "baseline": baseline_seconds},
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
-                    "torch": torch.__version__},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "load_average_1m": os.getloadavg()[0],
+            "torch": torch.__version__,
+        },
     }
 
 
@@ -293,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=STORES, default="lmdb")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to time the loader")
-    parser.add_argument("--baseline-seconds", type=float,
-                        help="how long to time the naive loader (default --seconds; 0: skip it)")
-    parser.add_argument("--device-seconds", type=float, default=5.0, help="how long to time the device side (0: skip it)")
+    parser.add_argument(
+        "--baseline-seconds", type=float, help="how long to time the naive loader (default --seconds; 0: skip it)"
+    )
+    parser.add_argument(
+        "--device-seconds", type=float, default=5.0, help="how long to time the device side (0: skip it)"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--clip-frames", type=int, default=30)
     parser.add_argument("--size", type=int, default=128)

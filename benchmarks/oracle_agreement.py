@@ -33,8 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_tools import synth  # noqa: E402
-from tricoclr.data import modalities as registry  # noqa: E402
 from tricoclr.config import load_config  # noqa: E402
+from tricoclr.data import modalities as registry  # noqa: E402
 from tricoclr.data.store import open_store  # noqa: E402
 from tricoclr.demo import DEFAULT_CONFIG, VARIANTS, slug  # noqa: E402
 from tricoclr.eval.features import present_clips  # noqa: E402
@@ -55,7 +55,9 @@ def oracle_encoder_path(out: Path, seed: int, modality: str) -> Path:
     return runs / "pretrain_oracles" / "encoders" / f"pretrain-{modality}" / f"{modality}.safetensors"
 
 
-def read_clips(store_path: Path, data_cfg: dict, oracles) -> tuple[list[str], torch.Tensor, dict[str, list[torch.Tensor]]]:
+def read_clips(
+    store_path: Path, data_cfg: dict, oracles
+) -> tuple[list[str], torch.Tensor, dict[str, list[torch.Tensor]]]:
     store = open_store(store_path)
     ids, labels, clips = [], [], {m: [] for m in oracles}
     for record in store.iter_records():
@@ -75,8 +77,15 @@ def embed(encoder, modality: str, clips: list[torch.Tensor], level: str) -> torc
     return F.normalize(rows, dim=1)
 
 
-def mine_and_score(oracle: torch.Tensor, video_ids: torch.Tensor, keys: dict[str, torch.Tensor], topk: int,
-                   queue: int, similarity: str, oracle_dims) -> dict[str, float]:
+def mine_and_score(
+    oracle: torch.Tensor,
+    video_ids: torch.Tensor,
+    keys: dict[str, torch.Tensor],
+    topk: int,
+    queue: int,
+    similarity: str,
+    oracle_dims,
+) -> dict[str, float]:
     """% of the mined entries (other videos only) sharing the anchor's motion / sound / class.
 
     ``queue`` 0: every anchor ranks all entries; else each batch of 16 anchors ranks a random
@@ -87,9 +96,16 @@ def mine_and_score(oracle: torch.Tensor, video_ids: torch.Tensor, keys: dict[str
     for start in range(0, len(oracle), 16):
         anchors = torch.arange(start, min(start + 16, len(oracle)))
         pool = torch.randperm(len(oracle), generator=generator)[:queue] if queue else torch.arange(len(oracle))
-        mask = mine_positives(oracle[anchors], oracle[pool], topk, video_ids=video_ids[anchors],
-                              queue_video_ids=video_ids[pool], same_video_positives=True,
-                              similarity=similarity, oracle_dims=oracle_dims)
+        mask = mine_positives(
+            oracle[anchors],
+            oracle[pool],
+            topk,
+            video_ids=video_ids[anchors],
+            queue_video_ids=video_ids[pool],
+            same_video_positives=True,
+            similarity=similarity,
+            oracle_dims=oracle_dims,
+        )
         mined = mask[:, 1:] & (video_ids[anchors][:, None] != video_ids[pool][None, :])  # same-video: positives anyway
         total += int(mined.sum())
         for name, key in keys.items():
@@ -122,11 +138,19 @@ def main() -> None:
     parser.add_argument("--demo-out", required=True, help="a finished `tricoclr demo --out` folder")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--queue", type=int, default=0,
-                        help="rank a random QUEUE entries per batch of 16 anchors (the demo's queue: 128); 0: all")
-    parser.add_argument("--level", choices=["video", "clip"], default="video",
-                        help="entries are videos (mean over their evaluation windows) or single windows "
-                             "(closer to the training queue's clips; un-augmented)")
+    parser.add_argument(
+        "--queue",
+        type=int,
+        default=0,
+        help="rank a random QUEUE entries per batch of 16 anchors (the demo's queue: 128); 0: all",
+    )
+    parser.add_argument(
+        "--level",
+        choices=["video", "clip"],
+        default="video",
+        help="entries are videos (mean over their evaluation windows) or single windows "
+        "(closer to the training queue's clips; un-augmented)",
+    )
     args = parser.parse_args()
     started = time.time()
     out = Path(args.demo_out)
@@ -136,14 +160,19 @@ def main() -> None:
         raise SystemExit(f"no pre-trained oracle encoders under {out / 'runs' / 'seed0'}")
     ids, labels, clips = read_clips(out / "prepared" / "train", data_cfg, oracles)
     windows = torch.tensor([len(c) for c in clips[oracles[0]]])
-    if args.level == "clip" and any(not torch.equal(windows, torch.tensor([len(c) for c in clips[m]])) for m in oracles):
+    if args.level == "clip" and any(
+        not torch.equal(windows, torch.tensor([len(c) for c in clips[m]])) for m in oracles
+    ):
         raise SystemExit(f"{', '.join(oracles)} have different window counts per video: use --level video")
     video_ids = torch.arange(len(ids)) if args.level == "video" else torch.arange(len(ids)).repeat_interleave(windows)
     entry_labels = labels[video_ids]
     table = torch.tensor(synth.factor_indices(int(labels.max()) + 1))
     keys = {"motion": table[entry_labels, 1], "sound": table[entry_labels, 2], "class": entry_labels}
-    print(f"{len(ids)} train videos ({len(video_ids)} {args.level} entries) read in {time.time() - started:.0f} s; "
-          f"top-{args.topk} among {args.queue or 'all'} entries of other videos; agreement % (motion / sound / class)", flush=True)
+    print(
+        f"{len(ids)} train videos ({len(video_ids)} {args.level} entries) read in {time.time() - started:.0f} s; "
+        f"top-{args.topk} among {args.queue or 'all'} entries of other videos; agreement % (motion / sound / class)",
+        flush=True,
+    )
     for seed in range(args.seeds):
         encoders = {m: load_encoder(oracle_encoder_path(out, seed, m))[0] for m in oracles}
         parts = {m: embed(encoders[m], m, clips[m], args.level) for m in oracles}

@@ -46,7 +46,9 @@ def coclr_bytes_per_second(store_path: Path, quality: int = 95, max_videos: int 
         record = store.record(meta["id"])
         frames = record.frames("rgb", 0, int(meta["frames"]))
         for frame in frames:
-            ok, buf = cv2.imencode(".jpg", frame.permute(1, 2, 0).numpy()[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+            ok, buf = cv2.imencode(
+                ".jpg", frame.permute(1, 2, 0).numpy()[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality]
+            )
             rgb_bytes += len(buf)
         if meta.get("flow_method", "none") != "none":
             flows = record.frames("flow", 0, int(meta["frames"]))
@@ -68,12 +70,29 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["none", "farneback", "tvl1"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    results = {"machine": {"cpu": cpu_model(), "workers": 1}, "seconds_per_video": args.seconds,
-               "size": args.size, "methods": {}}
+    results = {
+        "machine": {"cpu": cpu_model(), "workers": 1},
+        "seconds_per_video": args.seconds,
+        "size": args.size,
+        "methods": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data_cli(["synth", "--out", str(tmp / "synth"), "--classes", "2", "--videos-per-class",
-                  str(max(1, args.videos // 2)), "--seconds", str(args.seconds), "--size", str(args.size * 4 // 3)])
+        data_cli(
+            [
+                "synth",
+                "--out",
+                str(tmp / "synth"),
+                "--classes",
+                "2",
+                "--videos-per-class",
+                str(max(1, args.videos // 2)),
+                "--seconds",
+                str(args.seconds),
+                "--size",
+                str(args.size * 4 // 3),
+            ]
+        )
         videos = sorted((tmp / "synth" / "videos").rglob("*.mp4"))
         for method in args.methods:
             count = args.tvl1_videos if method == "tvl1" else len(videos)
@@ -83,8 +102,23 @@ def main() -> int:
                 (source / video.name).symlink_to(video)
             out = tmp / f"prepared_{method}"
             start = time.perf_counter()
-            code = data_cli(["prepare", str(source), "--out", str(out), "--format", "lmdb", "--flow", method,
-                             "--size", str(args.size), "--workers", "1", "--no-progress"])
+            code = data_cli(
+                [
+                    "prepare",
+                    str(source),
+                    "--out",
+                    str(out),
+                    "--format",
+                    "lmdb",
+                    "--flow",
+                    method,
+                    "--size",
+                    str(args.size),
+                    "--workers",
+                    "1",
+                    "--no-progress",
+                ]
+            )
             elapsed = time.perf_counter() - start
             if code != 0:
                 raise SystemExit(f"prepare --flow {method} failed")

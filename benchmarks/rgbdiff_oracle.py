@@ -41,11 +41,21 @@ from tricoclr.config import load_config, pretrain_epochs  # noqa: E402
 from tricoclr.eval.report import markdown_table  # noqa: E402
 
 # name, modalities of the RGB stage, the oracle pre-trained for it (None: InfoNCE)
-ROWS = [("InfoNCE", ["rgb"], None), ("CoCLR, flow", ["rgb", "flow"], "flow"),
-        ("CoCLR, rgbdiff", ["rgb", "rgbdiff"], "rgbdiff")]
+ROWS = [
+    ("InfoNCE", ["rgb"], None),
+    ("CoCLR, flow", ["rgb", "flow"], "flow"),
+    ("CoCLR, rgbdiff", ["rgb", "rgbdiff"], "rgbdiff"),
+]
 COMPARISONS = [("CoCLR, rgbdiff", "InfoNCE"), ("CoCLR, flow", "InfoNCE"), ("CoCLR, rgbdiff", "CoCLR, flow")]
-SMOKE = dict(classes=4, videos_per_class=8, train_fraction=0.5, seconds=2.0, size=64, seeds=1,
-             overrides=["schedule.pretrain_epochs=1", "schedule.stage_epochs=1", "method.queue_size=128"])
+SMOKE = dict(
+    classes=4,
+    videos_per_class=8,
+    train_fraction=0.5,
+    seconds=2.0,
+    size=64,
+    seeds=1,
+    overrides=["schedule.pretrain_epochs=1", "schedule.stage_epochs=1", "method.queue_size=128"],
+)
 # The demo's tiny config names no backbone for rgbdiff (its registry default is S3D): the demo's.
 OVERRIDES = ["model.backbones.rgbdiff=tiny3d"]
 
@@ -69,21 +79,56 @@ class Timings:
 def prepare(out: Path, preset: dict, workers: int, timings: Timings) -> tuple[Path, Path]:
     """The demo's stores (with flow), timed; and a flow-less preparation of the same videos, timed."""
     synth = out / "synth"
-    timings.run("synthesize", (synth / "splits" / "testlist01.txt").exists(), lambda: demo._data_cli([
-        "synth", "--out", str(synth), "--classes", str(preset["classes"]), "--videos-per-class",
-        str(preset["videos_per_class"]), "--seconds", str(preset["seconds"]), "--train-fraction",
-        str(preset["train_fraction"]), "--workers", str(workers)]))
+    timings.run(
+        "synthesize",
+        (synth / "splits" / "testlist01.txt").exists(),
+        lambda: demo._data_cli(
+            [
+                "synth",
+                "--out",
+                str(synth),
+                "--classes",
+                str(preset["classes"]),
+                "--videos-per-class",
+                str(preset["videos_per_class"]),
+                "--seconds",
+                str(preset["seconds"]),
+                "--train-fraction",
+                str(preset["train_fraction"]),
+                "--workers",
+                str(workers),
+            ]
+        ),
+    )
     stores = {}
-    timings.run("prepare_with_flow", (out / "prepared" / "test" / "summary.json").exists(),
-                lambda: stores.update(zip(("synth", "train", "test"), demo.prepare_data(out, preset, workers))))
+    timings.run(
+        "prepare_with_flow",
+        (out / "prepared" / "test" / "summary.json").exists(),
+        lambda: stores.update(zip(("synth", "train", "test"), demo.prepare_data(out, preset, workers))),
+    )
     if not stores:
         stores = {"synth": out / "synth", "train": out / "prepared" / "train", "test": out / "prepared" / "test"}
 
     def without_flow():
         for split in ("train", "test"):
-            demo._data_cli(["prepare", str(stores["synth"] / "videos"), "--out", str(out / "prepared_noflow" / split),
-                            "--format", "lmdb", "--list", str(stores["synth"] / "splits" / f"{split}list01.txt"),
-                            "--flow", "none", "--size", str(preset["size"]), "--workers", str(workers)])
+            demo._data_cli(
+                [
+                    "prepare",
+                    str(stores["synth"] / "videos"),
+                    "--out",
+                    str(out / "prepared_noflow" / split),
+                    "--format",
+                    "lmdb",
+                    "--list",
+                    str(stores["synth"] / "splits" / f"{split}list01.txt"),
+                    "--flow",
+                    "none",
+                    "--size",
+                    str(preset["size"]),
+                    "--workers",
+                    str(workers),
+                ]
+            )
 
     timings.run("prepare_without_flow", (out / "prepared_noflow" / "test" / "summary.json").exists(), without_flow)
     return stores["train"], stores["test"]
@@ -92,8 +137,14 @@ def prepare(out: Path, preset: dict, workers: int, timings: Timings) -> tuple[Pa
 def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args, timings: Timings) -> dict[str, Path]:
     """Pre-train RGB and each oracle alone, then each row's RGB stage from those encoders."""
     runs = out / "runs" / f"seed{seed}"
-    common = [*preset["overrides"], f"seed={seed}", f"data.path={train_store}", f"data.workers={args.workers}",
-              "resume=true", *OVERRIDES]
+    common = [
+        *preset["overrides"],
+        f"seed={seed}",
+        f"data.path={train_store}",
+        f"data.workers={args.workers}",
+        "resume=true",
+        *OVERRIDES,
+    ]
     config = load_config(args.config, common)
     schedule = config["schedule"]
     # The recipe's epochs (configs/small.yaml): RGB's own, and the flow oracle's for both oracles.
@@ -102,8 +153,20 @@ def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args, timi
     for mod, epochs in (("rgb", pretrain["rgb"]), ("flow", pretrain["flow"]), ("rgbdiff", pretrain["flow"])):
         run_dir = runs / f"pretrain_{mod}"
         pretrained[mod] = run_dir / "encoders" / f"{mod}.safetensors"
-        timings.run(f"seed{seed}/pretrain_{mod}", pretrained[mod].exists(), lambda: demo._train(args.config, common + [
-            f"output_dir={run_dir}", f"modalities=[{mod}]", "schedule.cycles=0", f"schedule.pretrain_epochs={epochs}"]))
+        timings.run(
+            f"seed{seed}/pretrain_{mod}",
+            pretrained[mod].exists(),
+            lambda: demo._train(
+                args.config,
+                common
+                + [
+                    f"output_dir={run_dir}",
+                    f"modalities=[{mod}]",
+                    "schedule.cycles=0",
+                    f"schedule.pretrain_epochs={epochs}",
+                ],
+            ),
+        )
     encoders = {}
     for name, mods, _ in ROWS:
         run_dir = runs / demo.slug(name)
@@ -116,9 +179,18 @@ def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args, timi
                 target = run_dir / "encoders" / f"{mod}.safetensors"
                 if not (run_dir / "checkpoints").exists():
                     target.write_bytes(pretrained[mod].read_bytes())
-            demo._train(args.config, common + [
-                f"output_dir={run_dir}", f"modalities=[{','.join(mods)}]", f"schedule.start_stage={stage}",
-                "schedule.cycles=1", "schedule.order=[rgb]", f"schedule.pretrain_epochs={schedule['stage_epochs']}"])
+            demo._train(
+                args.config,
+                common
+                + [
+                    f"output_dir={run_dir}",
+                    f"modalities=[{','.join(mods)}]",
+                    f"schedule.start_stage={stage}",
+                    "schedule.cycles=1",
+                    "schedule.order=[rgb]",
+                    f"schedule.pretrain_epochs={schedule['stage_epochs']}",
+                ],
+            )
 
         timings.run(f"seed{seed}/{demo.slug(name)}", encoders[name].exists(), stage_run)
     return encoders
@@ -129,12 +201,26 @@ def wall_times(timings: dict, seeds: int) -> list[dict]:
     rows = []
     for name, mods, oracle in ROWS:
         prep = timings["prepare_with_flow" if "flow" in mods else "prepare_without_flow"]
-        per_seed = [sum(timings[f"seed{s}/{key}"] for key in (
-            "pretrain_rgb", *([f"pretrain_{oracle}"] if oracle else []), demo.slug(name), f"eval/{demo.slug(name)}"))
-            for s in range(seeds)]
-        rows.append({"model": name, "preparation_min": prep / 60,
-                     "training_and_eval_min_per_seed": sum(per_seed) / len(per_seed) / 60,
-                     "total_min_one_seed": (prep + sum(per_seed) / len(per_seed)) / 60})
+        per_seed = [
+            sum(
+                timings[f"seed{s}/{key}"]
+                for key in (
+                    "pretrain_rgb",
+                    *([f"pretrain_{oracle}"] if oracle else []),
+                    demo.slug(name),
+                    f"eval/{demo.slug(name)}",
+                )
+            )
+            for s in range(seeds)
+        ]
+        rows.append(
+            {
+                "model": name,
+                "preparation_min": prep / 60,
+                "training_and_eval_min_per_seed": sum(per_seed) / len(per_seed) / 60,
+                "total_min_one_seed": (prep + sum(per_seed) / len(per_seed)) / 60,
+            }
+        )
     return rows
 
 
@@ -159,8 +245,11 @@ def main() -> None:
         encoders = train_seed(out, seed, train_store, preset, args, timings)
         for name, path in encoders.items():
             result = {}
-            timings.run(f"seed{seed}/eval/{demo.slug(name)}", False, lambda: result.update(
-                demo.evaluate(path, train_store, test_store, args, seed)))
+            timings.run(
+                f"seed{seed}/eval/{demo.slug(name)}",
+                False,
+                lambda: result.update(demo.evaluate(path, train_store, test_store, args, seed)),
+            )
             per_seed.setdefault(name, []).append(result)
     write_results(out, preset, per_seed, timings.values)
 
@@ -176,11 +265,15 @@ def write_results(out: Path, preset: dict, per_seed: dict, timings: dict) -> Non
     times = wall_times(timings, preset["seeds"])
     results = {"rows": rows, "comparisons": comparisons, "wall_times": times, "settings": preset, "timings_s": timings}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    text = (f"RGB encoder on the synthesized test split (mean over {preset['seeds']} seed(s), 95% bootstrap CI "
-            "over test videos)\n\n" + markdown_table(rows, ["model", "modalities", "R@1", "R@5", "linear_top1"])
-            + "\nPaired differences (first minus second, 95% bootstrap CI):\n\n" + demo.comparison_table(comparisons)
-            + "\n\nWall time (minutes; preparation once, training and evaluation per seed):\n\n"
-            + markdown_table(times, ["model", "preparation_min", "training_and_eval_min_per_seed", "total_min_one_seed"]))
+    text = (
+        f"RGB encoder on the synthesized test split (mean over {preset['seeds']} seed(s), 95% bootstrap CI "
+        "over test videos)\n\n"
+        + markdown_table(rows, ["model", "modalities", "R@1", "R@5", "linear_top1"])
+        + "\nPaired differences (first minus second, 95% bootstrap CI):\n\n"
+        + demo.comparison_table(comparisons)
+        + "\n\nWall time (minutes; preparation once, training and evaluation per seed):\n\n"
+        + markdown_table(times, ["model", "preparation_min", "training_and_eval_min_per_seed", "total_min_one_seed"])
+    )
     (out / "results.md").write_text(text)
     print(text)
 

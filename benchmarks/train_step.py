@@ -64,10 +64,15 @@ def make_batch(batch_size: int, frames: int, size: int, steps: int, device) -> d
 OPTIONS = ("bf16", "channels_last", "fused_adam", "compile")
 # A variant is a set of options; "optimized" is all of them (compile on CUDA, or with --compile).
 # The default run times every variant; --variants picks some (the GPU check: fp32_eager,amp,optimized).
-VARIANTS = {"fp32_eager": (), "bf16": ("bf16",), "channels_last": ("channels_last",),
-            "fused_adam": ("fused_adam",), "compile": ("compile",),
-            "amp": ("bf16", "channels_last", "fused_adam"),  # the optimized path before compile
-            "optimized": OPTIONS}
+VARIANTS = {
+    "fp32_eager": (),
+    "bf16": ("bf16",),
+    "channels_last": ("channels_last",),
+    "fused_adam": ("fused_adam",),
+    "compile": ("compile",),
+    "amp": ("bf16", "channels_last", "fused_adam"),  # the optimized path before compile
+    "optimized": OPTIONS,
+}
 
 
 def variant_options(variant: str, args, device) -> tuple[str, ...]:
@@ -84,8 +89,13 @@ def compile_by_default(args, device) -> bool:
 
 def build(shapes: str, device, options: tuple[str, ...], queue_size: int, compile_mode: str = "default"):
     backbones, frames, size, steps = SHAPES[shapes]
-    config = load_config(overrides=[f"model.backbones={json.dumps(backbones)}", "method.batchnorm=local",
-                                    f"method.queue_size={queue_size}"])
+    config = load_config(
+        overrides=[
+            f"model.backbones={json.dumps(backbones)}",
+            "method.batchnorm=local",
+            f"method.queue_size={queue_size}",
+        ]
+    )
     torch.manual_seed(0)
     encoders = {m: build_encoder(config, m).to(device) for m in ("rgb", "flow", "audio")}
     if "channels_last" in options:
@@ -124,8 +134,15 @@ def step_fn(encoder, stage, optimizer, batch):
 
 # Ops that make the host wait for the device: reading a value (.item(), bool(), int(), float())
 # or an output whose shape depends on the data (nonzero, boolean-mask indexing, unique).
-HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-                 "aten::unique_dim", "aten::unique_consecutive", "aten::nonzero_static"}
+HOST_SYNC_OPS = {
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::nonzero_static",
+}
 # Indexing with a bool mask finds the mask's True entries first (a nonzero inside the kernel).
 MASK_INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
 NO_KERNEL_OPS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::lift_fresh", "aten::set_"}
@@ -184,8 +201,10 @@ def count_step(encoder, stage, optimizer, batch, device) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, \
-                warnings.catch_warnings(record=True) as caught:
+        with (
+            profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
+            warnings.catch_warnings(record=True) as caught,
+        ):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
@@ -200,14 +219,18 @@ def count_step(encoder, stage, optimizer, batch, device) -> dict:
     with counter:
         step_fn(encoder, stage, optimizer, batch)
     compiled = stage.frozen_compiled
-    return {"kernels_per_step": None if compiled else counter.kernels,
-            "host_syncs_per_step": len(counter.syncs), "host_syncs": counter.syncs[:20]}
+    return {
+        "kernels_per_step": None if compiled else counter.kernels,
+        "host_syncs_per_step": len(counter.syncs),
+        "host_syncs": counter.syncs[:20],
+    }
 
 
 def measure(variant: str, args, device) -> dict:
     options = variant_options(variant, args, device)
     encoder, stage, optimizer, (frames, size, steps) = build(
-        args.shapes, device, options, args.queue_size, getattr(args, "compile_mode", "default"))
+        args.shapes, device, options, args.queue_size, getattr(args, "compile_mode", "default")
+    )
     batch = make_batch(args.batch_size, frames, size, steps, device)
     if "channels_last" in options:
         for key in ("rgb.view1", "rgb.view2", "flow.view2"):
@@ -225,8 +248,13 @@ def measure(variant: str, args, device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {"options": list(options), "steps": count, "seconds_per_step": elapsed / count,
-            "samples_per_s": count * args.batch_size / elapsed, **counts}
+    return {
+        "options": list(options),
+        "steps": count,
+        "seconds_per_step": elapsed / count,
+        "samples_per_s": count * args.batch_size / elapsed,
+        **counts,
+    }
 
 
 def data_wait_share(args) -> dict | None:
@@ -236,9 +264,17 @@ def data_wait_share(args) -> dict | None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
-        config = load_config("configs/tiny.yaml", [f"data.path={args.data}", f"output_dir={out}",
-                                                    "schedule.start_stage=cycle1-rgb", "max_steps=20",
-                                                    "log_every_steps=1", f"data.workers={args.workers}"])
+        config = load_config(
+            "configs/tiny.yaml",
+            [
+                f"data.path={args.data}",
+                f"output_dir={out}",
+                "schedule.start_stage=cycle1-rgb",
+                "max_steps=20",
+                "log_every_steps=1",
+                f"data.workers={args.workers}",
+            ],
+        )
         trainer = Trainer(config)
         trainer.run()
     rows = [h for h in trainer.history if "data_wait_fraction" in h][2:]  # skip worker start-up
@@ -271,15 +307,23 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-steps", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--compile", action="store_true",
-                        help="on CPU: torch.compile in the optimized path too (always there on CUDA)")
-    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                        help="torch.compile's mode (model.compile_mode); reduce-overhead = CUDA graphs")
-    parser.add_argument("--variants", default=None,
-                        help=f"comma-separated, from {','.join(VARIANTS)}; default: all (compile on CUDA "
-                             "or with --compile)")
-    parser.add_argument("--no-profile", dest="profile", action="store_false",
-                        help="skip counting kernels and host syncs per step")
+    parser.add_argument(
+        "--compile", action="store_true", help="on CPU: torch.compile in the optimized path too (always there on CUDA)"
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile's mode (model.compile_mode); reduce-overhead = CUDA graphs",
+    )
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated, from {','.join(VARIANTS)}; default: all (compile on CUDA or with --compile)",
+    )
+    parser.add_argument(
+        "--no-profile", dest="profile", action="store_false", help="skip counting kernels and host syncs per step"
+    )
     parser.add_argument("--data", default=None, help="a prepared store: also measure the data-wait share (tiny run)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", default=None)
@@ -287,11 +331,16 @@ def main() -> int:
     device = torch.device(args.device)
     variants = selected_variants(args, device, parser)
     result = {
-        "shapes": args.shapes, "device": str(device), "batch_size": args.batch_size,
+        "shapes": args.shapes,
+        "device": str(device),
+        "batch_size": args.batch_size,
         "compile_mode": args.compile_mode,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        },
     }
     for variant in variants:
         result[variant] = measure(variant, args, device)
@@ -303,9 +352,11 @@ def main() -> int:
     if "optimized" in variants:
         result["optimized_path"] = ", ".join(variant_options("optimized", args, device))
     for variant in variants:
-        print(f"{variant:>14}: {result[variant]['samples_per_s']:9.2f} samples/s, "
-              f"{result['speedups'][variant]:.2f}x fp32 eager, kernels/step {result[variant].get('kernels_per_step')}, "
-              f"host syncs/step {result[variant].get('host_syncs_per_step')}")
+        print(
+            f"{variant:>14}: {result[variant]['samples_per_s']:9.2f} samples/s, "
+            f"{result['speedups'][variant]:.2f}x fp32 eager, kernels/step {result[variant].get('kernels_per_step')}, "
+            f"host syncs/step {result[variant].get('host_syncs_per_step')}"
+        )
     if result["speedup"] is not None:
         print(f"speedup (optimized / fp32 eager): {result['speedup']:.2f}x")
     if args.json:

@@ -176,9 +176,14 @@ def aligned_log_mel(collector: AudioCollector, t0: float, frames: int, fps: floa
     if collector.rate is None or wave.size == 0:
         return AudioResult(None, steps, notes=["audio stream decoded to no samples"])
     if steps < 1:
-        return AudioResult(None, 0, unusable=(
-            f"audio not kept: the video's {frames} frame(s) at {fps:g} fps span less than half a "
-            f"spectrogram step (1/{config.steps_per_second} s)"))
+        return AudioResult(
+            None,
+            0,
+            unusable=(
+                f"audio not kept: the video's {frames} frame(s) at {fps:g} fps span less than half a "
+                f"spectrogram step (1/{config.steps_per_second} s)"
+            ),
+        )
     damaged = ~(np.abs(wave) <= DAMAGED_SAMPLE_PEAK)  # also true for NaN
     damaged_samples = int(np.count_nonzero(damaged))
     if damaged_samples:
@@ -189,8 +194,10 @@ def aligned_log_mel(collector: AudioCollector, t0: float, frames: int, fps: floa
     aligned, covered = _align(wave_t, float(collector.start_time) - t0, steps * config.hop, config.sample_rate)
     result = AudioResult(None, steps, covered_seconds=covered)
     if damaged_samples:
-        result.problems.append(f"{damaged_samples} audio sample(s) were not numbers or far beyond full scale "
-                               "(a damaged float stream) and became silence")
+        result.problems.append(
+            f"{damaged_samples} audio sample(s) were not numbers or far beyond full scale "
+            "(a damaged float stream) and became silence"
+        )
     peak = float(aligned.abs().max()) if aligned.numel() else 0.0
     if peak < config.silence_peak:
         result.silent = True

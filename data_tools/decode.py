@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable, Iterator
 
 import av
 import numpy as np
@@ -99,7 +99,9 @@ class DecodeLog:
         return bool(np.any(np.abs(intervals - median) > 0.1 * median + 1e-3))
 
 
-def output_size(width: int, height: int, size: int, mode: str, sample_aspect: Fraction = Fraction(1)) -> tuple[int, int]:
+def output_size(
+    width: int, height: int, size: int, mode: str, sample_aspect: Fraction = Fraction(1)
+) -> tuple[int, int]:
     """(height, width) of the stored frames.
 
     ``mode="short"`` scales the shorter *display* side to ``size`` (anamorphic pixels are made
@@ -207,7 +209,10 @@ def open_media(path: str) -> tuple[av.container.InputContainer, MediaInfo]:
         audio = container.streams.audio[0] if container.streams.audio else None
         audio_problem = None
         if audio is not None and audio.codec_context is None:
-            audio, audio_problem = None, f"audio not kept: its codec has no decoder in this FFmpeg build (PyAV {av.__version__})"
+            audio, audio_problem = (
+                None,
+                f"audio not kept: its codec has no decoder in this FFmpeg build (PyAV {av.__version__})",
+            )
         info = MediaInfo(
             container_format=container.format.name,
             width=ctx.width,
@@ -229,8 +234,12 @@ def open_media(path: str) -> tuple[av.container.InputContainer, MediaInfo]:
 
 
 # Leading bytes of what downloaders save instead of a video (an error page, an API answer).
-_TEXT_PLACEHOLDERS = ((b"<!doctype html", "a web page (HTML)"), (b"<html", "a web page (HTML)"),
-                      (b"<?xml", "an XML document"), (b"{", "JSON text"))
+_TEXT_PLACEHOLDERS = (
+    (b"<!doctype html", "a web page (HTML)"),
+    (b"<html", "a web page (HTML)"),
+    (b"<?xml", "an XML document"),
+    (b"{", "JSON text"),
+)
 
 
 def describe_unopenable(path: str, exc: Exception) -> str:
@@ -277,7 +286,8 @@ def main_video_stream(container: av.container.InputContainer):
     if video.codec_context is None:
         raise MediaError(
             f"the video stream's codec has no decoder in this FFmpeg build (PyAV {av.__version__}): a codec too "
-            "new or too rare for it (AV1 needs one built with dav1d); re-encode the file, e.g. to H.264")
+            "new or too rare for it (AV1 needs one built with dav1d); re-encode the file, e.g. to H.264"
+        )
     return video
 
 
@@ -384,7 +394,7 @@ class VideoDecoder:
     def close(self) -> None:
         self.container.close()
 
-    def __enter__(self) -> "VideoDecoder":
+    def __enter__(self) -> VideoDecoder:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -571,7 +581,9 @@ def find_gaps(intervals: list[float], first_outputs: list[int]) -> list[Timestam
     threshold = max(GAP_MIN_INTERVALS * typical, GAP_MIN_SECONDS)
     times = np.concatenate([[0.0], np.cumsum(intervals)])
     return [
-        TimestampGap(round(float(times[k]) + typical, 6), round(float(times[k + 1]), 6), first_outputs[k], first_outputs[k + 1])
+        TimestampGap(
+            round(float(times[k]) + typical, 6), round(float(times[k + 1]), 6), first_outputs[k], first_outputs[k + 1]
+        )
         for k, interval in enumerate(intervals)
         if interval > threshold
     ]
@@ -613,7 +625,9 @@ def describe_problems(log: DecodeLog, info: MediaInfo) -> list[str]:
         problems.append(f"{gap.describe()} (frames missing; no clip is drawn across the gap)")
     if len(log.gaps) > MAX_GAPS_DESCRIBED:
         missing = sum(gap.seconds for gap in log.gaps[MAX_GAPS_DESCRIBED:])
-        problems.append(f"{len(log.gaps) - MAX_GAPS_DESCRIBED} more gap(s) without video frames ({missing:.2f} s in all)")
+        problems.append(
+            f"{len(log.gaps) - MAX_GAPS_DESCRIBED} more gap(s) without video frames ({missing:.2f} s in all)"
+        )
     lost = log.video_packets - log.discarded_packets - log.packet_errors - log.source_frames
     if lost > 0 and not log.stopped_early:
         # A damaged packet the decoder silently skipped: a frame is missing (its predecessor

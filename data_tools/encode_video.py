@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import av
 import numpy as np
@@ -64,12 +64,13 @@ class PrepareConfig:
     tvl1: TVL1Params | None = None  # TV-L1 methods; None: OpenCV's defaults
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "PrepareConfig":
+    def from_args(cls, args: argparse.Namespace) -> PrepareConfig:
         audio = None
         if not args.no_audio:
             audio = AudioConfig(sample_rate=args.audio_rate, n_mels=args.n_mels, n_fft=args.n_fft)
-        tvl1_changes = {field: getattr(args, option) for option, field in TVL1_OPTIONS.items()
-                        if getattr(args, option) is not None}
+        tvl1_changes = {
+            field: getattr(args, option) for option, field in TVL1_OPTIONS.items() if getattr(args, option) is not None
+        }
         return cls(
             fps=args.fps,
             size=args.size,
@@ -113,7 +114,11 @@ def process_video(
     except MediaError as exc:
         return failed_video_entry(video, str(exc)), None, None
     except av.error.FFmpegError as exc:  # FFmpeg refused the file's data past the checks
-        return failed_video_entry(video, f"the file could not be decoded: FFmpeg stopped with an error ({exc})"), None, None
+        return (
+            failed_video_entry(video, f"the file could not be decoded: FFmpeg stopped with an error ({exc})"),
+            None,
+            None,
+        )
     except Exception as exc:  # a bug of ours or a library's: the message says so, the run goes on
         reason = internal_error_reason("preparing the video", exc)
         return failed_video_entry(video, reason, internal_error=type(exc).__name__), None, None
@@ -190,7 +195,7 @@ def encode_frames(frames: Iterator[tuple[int, np.ndarray]], config: PrepareConfi
     return {**rgb.finish(), **flow.finish()}, rgb.count, flow.count, distinct, None
 
 
-def add_flow_fields(packer: "ChunkPacker", fields, quality: int) -> None:
+def add_flow_fields(packer: ChunkPacker, fields, quality: int) -> None:
     """Encode each (flow field (H, W, 2) float32 in pixels, repeat) as one JPEG added ``repeat`` times."""
     for field, repeat in fields:
         jpeg = encode_flow(field, quality)
@@ -241,7 +246,9 @@ def _flow_estimator(config: PrepareConfig):
     return _ESTIMATORS[key]
 
 
-def _video_meta(video, config: PrepareConfig, decoder: VideoDecoder, frames: int, flow_frames: int, distinct: int) -> dict:
+def _video_meta(
+    video, config: PrepareConfig, decoder: VideoDecoder, frames: int, flow_frames: int, distinct: int
+) -> dict:
     info, log = decoder.info, decoder.log
     meta = {
         "schema_version": schema.SCHEMA_VERSION,
@@ -301,7 +308,9 @@ def _video_meta(video, config: PrepareConfig, decoder: VideoDecoder, frames: int
     if log.gaps:
         meta["flags"].append("frame_gaps")
     if decoder.display.angle != decoder.display.rotation:
-        meta["notes"].append(f"display rotation of {decoder.display.angle:g} degrees applied as {decoder.display.rotation}")
+        meta["notes"].append(
+            f"display rotation of {decoder.display.angle:g} degrees applied as {decoder.display.rotation}"
+        )
     clip = ClipSpec(frames=max(1, round(config.clip_seconds * config.fps)))
     if video_too_short(frames, clip, meta["spans"]):
         meta["flags"].append("too_short_for_two_clips")
@@ -310,8 +319,9 @@ def _video_meta(video, config: PrepareConfig, decoder: VideoDecoder, frames: int
     return meta
 
 
-def _add_audio_or_note_why_not(meta: dict, collector: AudioCollector, decoder: VideoDecoder,
-                               config: PrepareConfig) -> bytes | None:
+def _add_audio_or_note_why_not(
+    meta: dict, collector: AudioCollector, decoder: VideoDecoder, config: PrepareConfig
+) -> bytes | None:
     """``_add_audio``, except that an unexpected error costs only the audio: the video is kept
     without it, ``partial``, with the error recorded as an internal one."""
     try:
@@ -360,5 +370,3 @@ def _set_status(meta: dict) -> None:
     problems = meta["problems"]
     meta["status"] = schema.STATUS_PARTIAL if problems else schema.STATUS_OK
     meta["reason"] = "; ".join(problems) if problems else None
-
-

@@ -20,8 +20,8 @@ and the encoding (``encode_flow``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -95,7 +95,9 @@ def is_batched_flow_method(name: str) -> bool:
 
 def _method(name: str, batched: bool) -> _Method:
     if name not in _FLOW_METHODS:
-        raise ValueError(f"unknown or unavailable flow method {name!r}; available: {', '.join(available_flow_methods())}")
+        raise ValueError(
+            f"unknown or unavailable flow method {name!r}; available: {', '.join(available_flow_methods())}"
+        )
     method = _FLOW_METHODS[name]
     if method.batched != batched:
         raise ValueError(f"flow method {name!r} is {'' if method.batched else 'not '}a batched method")

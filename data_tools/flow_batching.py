@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -117,8 +117,14 @@ class CrossVideoFlow:
     caller then gives workers no new video, which bounds the pool's memory.
     """
 
-    def __init__(self, estimate: PairFlowEstimator, config: PrepareConfig, batch_size: int, max_pairs: int,
-                 on_complete: Callable[[dict, dict[str, bytes]], None]):
+    def __init__(
+        self,
+        estimate: PairFlowEstimator,
+        config: PrepareConfig,
+        batch_size: int,
+        max_pairs: int,
+        on_complete: Callable[[dict, dict[str, bytes]], None],
+    ):
         if batch_size < 1 or max_pairs < 1:
             raise ValueError("the flow batch and the pool must hold at least one pair")
         self.config = config
@@ -173,9 +179,11 @@ class CrossVideoFlow:
             return None
         wall = max(time.monotonic() - self._started, 1e-9)
         busy = max(self.device.busy_seconds, 1e-9)
-        return (f"flow: {self.pairs_done} pairs in {self.batches} batches (mean {self.pairs_done / self.batches:.0f}), "
-                f"{self.pairs_done / busy:.1f} pairs/s of device time, "
-                f"{self.pairs_done / wall:.1f} pairs/s overall, device busy {100 * busy / wall:.0f} %")
+        return (
+            f"flow: {self.pairs_done} pairs in {self.batches} batches (mean {self.pairs_done / self.batches:.0f}), "
+            f"{self.pairs_done / busy:.1f} pairs/s of device time, "
+            f"{self.pairs_done / wall:.1f} pairs/s overall, device busy {100 * busy / wall:.0f} %"
+        )
 
     def _launch(self) -> None:
         while self.device.in_flight < 2:
@@ -194,5 +202,3 @@ class CrossVideoFlow:
                 self._started = time.monotonic()
             self.device.submit(batch, frames0, frames1)
             self.batches += 1
-
-

@@ -103,8 +103,10 @@ def format_statistics(stats: dict, title: str = "dataset") -> str:
             lines.append(f"  {kind[:-1]}: {item['source']}: {item['reason']}")
     internal = stats.get("internal_errors", {}).get("count", 0)
     if internal:
-        lines.append(f"  internal error: {internal} video(s) hit an unexpected error, not a fault of the input "
-                     f"(e.g. {', '.join(stats['internal_errors']['examples'][:3])}); please report it")
+        lines.append(
+            f"  internal error: {internal} video(s) hit an unexpected error, not a fault of the input "
+            f"(e.g. {', '.join(stats['internal_errors']['examples'][:3])}); please report it"
+        )
     return "\n".join(lines)
 
 
@@ -152,7 +154,9 @@ def _sample_rows(record: VideoRecord, frames_per_row: int) -> list[Image.Image]:
     rgb = [record.frames("rgb", int(i), 1)[0].permute(1, 2, 0).numpy() for i in indices]
     rows = [_row([Image.fromarray(img).resize(tile_size) for img in rgb])]
     if meta.get("flow_method", "none") != "none":
-        flows = [schema.dequantise_flow(record.frames("flow", int(i), 1)[0].numpy().astype(np.float32)) for i in indices]
+        flows = [
+            schema.dequantise_flow(record.frames("flow", int(i), 1)[0].numpy().astype(np.float32)) for i in indices
+        ]
         bound = max(max(float(np.percentile(np.hypot(f[0], f[1]), 99)) for f in flows), 1.0)
         rows.append(_row([Image.fromarray(flow_to_rgb(f, bound)).resize(tile_size) for f in flows]))
     if meta.get("has_audio"):
@@ -221,8 +225,12 @@ def contact_sheet(store: VideoStore, samples: int = 4, frames_per_row: int = 6) 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tricoclr-data inspect``."""
-    parser.add_argument("dir", metavar="DIR", help="a prepared dataset (or a folder of its part-* folders), or the "
-                                                   "URL of a WebDataset store (docs/url_stores.md)")
+    parser.add_argument(
+        "dir",
+        metavar="DIR",
+        help="a prepared dataset (or a folder of its part-* folders), or the "
+        "URL of a WebDataset store (docs/url_stores.md)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
     parser.add_argument("--png", metavar="FILE", help="write a contact sheet of a few samples")
     parser.add_argument("--samples", type=int, default=4, help="videos on the contact sheet")

@@ -103,8 +103,9 @@ def read_text_lines(path: str | Path) -> list[tuple[int, str]]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); "
-                         "save the file as UTF-8") from None
+        raise ValueError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
+        ) from None
     return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
@@ -186,8 +187,11 @@ def folders_without_videos(videos: list[str], ignored: list[str]) -> list[str]:
         parent = PurePosixPath(rel.rstrip("/")).parent
         if parent.parts and parent not in with_videos:
             skipped.setdefault(parent, []).append(rel)
-    return [f"{folder.as_posix()}/: none of its {len(files)} file(s) is prepared (e.g. {files[0]}): no video "
-            "extension (see --extensions), hidden or a bad link" for folder, files in sorted(skipped.items())]
+    return [
+        f"{folder.as_posix()}/: none of its {len(files)} file(s) is prepared (e.g. {files[0]}): no video "
+        "extension (see --extensions), hidden or a bad link"
+        for folder, files in sorted(skipped.items())
+    ]
 
 
 def walk_files(source: Path) -> list[tuple[str, str | None]]:
@@ -215,8 +219,12 @@ def walk_files(source: Path) -> list[tuple[str, str | None]]:
                 if entry.name.startswith("."):
                     found.append((f"{child.as_posix()}/", None))
                 elif real in above:
-                    found.append((f"{child.as_posix()}/", f"link loop: it leads to {real}, a folder that contains "
-                                  "it; not followed"))
+                    found.append(
+                        (
+                            f"{child.as_posix()}/",
+                            f"link loop: it leads to {real}, a folder that contains it; not followed",
+                        )
+                    )
                 else:
                     pending.append((Path(entry.path), child, above | {real}))
             elif entry.is_file():
@@ -271,12 +279,16 @@ def ucf101_label(where: str, rel: str, number: int | None, class_numbers: dict[i
     folder = label_from_folder(rel)
     if number is None or class_numbers is None:
         if folder is None:
-            raise ValueError(f"{where}: {rel!r} has no class folder (expected 'Class/file.avi') and no label "
-                             "number with a classInd.txt to name it")
+            raise ValueError(
+                f"{where}: {rel!r} has no class folder (expected 'Class/file.avi') and no label "
+                "number with a classInd.txt to name it"
+            )
         return folder
     if number not in class_numbers:
-        raise ValueError(f"{where}: label {number} of {rel!r} is not a class number "
-                         f"({min(class_numbers)}-{max(class_numbers)} in the class index)")
+        raise ValueError(
+            f"{where}: label {number} of {rel!r} is not a class number "
+            f"({min(class_numbers)}-{max(class_numbers)} in the class index)"
+        )
     named = class_numbers[number]
     if folder is not None and folder != named and folder in class_numbers.values():
         raise ValueError(f"{where}: {rel!r} is in class folder {folder!r} but its label {number} is {named!r}")
@@ -403,13 +415,20 @@ def guess_list_format(list_paths: list[Path]) -> str:
 
 
 def _entries_from_lists(
-    source: Path, list_paths: list[Path], list_format: str, subset: str, split: int,
+    source: Path,
+    list_paths: list[Path],
+    list_format: str,
+    subset: str,
+    split: int,
     class_numbers: dict[int, str] | None = None,
 ) -> tuple[list[tuple[str, str | None]], set[str]]:
     """(relative path, label) per listed video, and every class name the lists know."""
     if list_format == "ucf101":
-        entries = [(rel, ucf101_label(f"{path}:{line}", rel, number, class_numbers))
-                   for path in list_paths for line, rel, number in read_ucf101_list(path)]
+        entries = [
+            (rel, ucf101_label(f"{path}:{line}", rel, number, class_numbers))
+            for path in list_paths
+            for line, rel, number in read_ucf101_list(path)
+        ]
         return entries, {label for _, label in entries}
     if list_format == "hmdb51":
         return _hmdb51_entries(source, hmdb51_split_files(list_paths, split), subset)

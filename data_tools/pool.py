@@ -7,8 +7,8 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
-from typing import Callable, Iterator
 
 import torch
 
@@ -175,5 +175,3 @@ def _collect(worker: _Worker, timeout: float | None):
         worker.task = None
         return task, None, f"timed out after {timeout:g} s (--video-timeout)"
     return None
-
-

@@ -56,60 +56,113 @@ from tricoclr.durable import write_json_atomic
 
 # Arguments that do not change what is stored: a resumed run may use other values. The flow
 # device and batch do not either: each pair's TV-L1 flow is independent of its batch.
-FREE_ARGS = frozenset({
-    "workers", "progress", "video_timeout", "shard_size_mb", "shard_max_videos", "decode_threads",
-    "flow_device", "flow_batch", "flow_pool_pairs", "flow_compile",
-})
+FREE_ARGS = frozenset(
+    {
+        "workers",
+        "progress",
+        "video_timeout",
+        "shard_size_mb",
+        "shard_max_videos",
+        "decode_threads",
+        "flow_device",
+        "flow_batch",
+        "flow_pool_pairs",
+        "flow_compile",
+    }
+)
 # Scan warnings printed before the run; the summary keeps every one.
 SHOWN_WARNINGS = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tricoclr-data prepare``."""
-    parser.add_argument("source", metavar="SOURCE", help="folder of videos, read recursively (class subfolders = labels)")
+    parser.add_argument(
+        "source", metavar="SOURCE", help="folder of videos, read recursively (class subfolders = labels)"
+    )
     parser.add_argument("--out", required=True, help="output folder (a dataset, or its part folders)")
-    parser.add_argument("--format", choices=["webdataset", "lmdb"], default="webdataset",
-                        help="webdataset tar shards (sequential streaming) or LMDB (random access)")
+    parser.add_argument(
+        "--format",
+        choices=["webdataset", "lmdb"],
+        default="webdataset",
+        help="webdataset tar shards (sequential streaming) or LMDB (random access)",
+    )
     inputs = parser.add_argument_group("inputs and labels")
-    inputs.add_argument("--list", action="append", metavar="FILE",
-                        help="restrict to and label from a list: UCF101 split file, HMDB51 split files "
-                             "(a folder or glob), Kinetics CSV; repeatable")
+    inputs.add_argument(
+        "--list",
+        action="append",
+        metavar="FILE",
+        help="restrict to and label from a list: UCF101 split file, HMDB51 split files "
+        "(a folder or glob), Kinetics CSV; repeatable",
+    )
     inputs.add_argument("--list-format", choices=lists.LIST_FORMATS, help="default: guessed from the list's name")
-    inputs.add_argument("--list-subset", choices=sorted(lists.HMDB_SUBSET_CODES), default="all",
-                        help="HMDB51: which videos of the split (default: train and test)")
+    inputs.add_argument(
+        "--list-subset",
+        choices=sorted(lists.HMDB_SUBSET_CODES),
+        default="all",
+        help="HMDB51: which videos of the split (default: train and test)",
+    )
     inputs.add_argument("--list-split", type=int, default=1, help="HMDB51: split number when --list is a folder")
-    inputs.add_argument("--class-index", metavar="FILE",
-                        help="classInd.txt fixing label indices (default: one beside the list, else sorted names)")
-    inputs.add_argument("--extensions", default=None,
-                        help="comma-separated file extensions to read in a folder scan, or 'all' "
-                             "(default: common video extensions)")
+    inputs.add_argument(
+        "--class-index",
+        metavar="FILE",
+        help="classInd.txt fixing label indices (default: one beside the list, else sorted names)",
+    )
+    inputs.add_argument(
+        "--extensions",
+        default=None,
+        help="comma-separated file extensions to read in a folder scan, or 'all' (default: common video extensions)",
+    )
     video = parser.add_argument_group("video")
     video.add_argument("--fps", type=float, default=30.0, help="output frame rate (default 30)")
     video.add_argument("--size", type=int, default=128, help="shorter side in pixels (default 128)")
-    video.add_argument("--resize", choices=["short", "square"], default="short",
-                       help="short: keep aspect; square: squash to size x size as the paper")
-    video.add_argument("--flow", choices=available_flow_methods(), default=default_flow_method(),
-                       help="optical flow method (default: tvl1 when OpenCV contrib is installed); "
-                            "tvl1-torch: the same TV-L1 in PyTorch, batched across videos on --flow-device")
+    video.add_argument(
+        "--resize",
+        choices=["short", "square"],
+        default="short",
+        help="short: keep aspect; square: squash to size x size as the paper",
+    )
+    video.add_argument(
+        "--flow",
+        choices=available_flow_methods(),
+        default=default_flow_method(),
+        help="optical flow method (default: tvl1 when OpenCV contrib is installed); "
+        "tvl1-torch: the same TV-L1 in PyTorch, batched across videos on --flow-device",
+    )
     video.add_argument("--rgb-quality", type=int, default=90, help="JPEG quality of RGB frames")
     video.add_argument("--flow-quality", type=int, default=90, help="JPEG quality of flow frames")
-    video.add_argument("--chunk-frames", type=int, default=schema.DEFAULT_CHUNK_FRAMES,
-                       help="frames per stored chunk (a clip reads only its chunks)")
-    video.add_argument("--clip-seconds", type=float, default=1.0,
-                       help="training clip length, to flag videos too short for two clips")
+    video.add_argument(
+        "--chunk-frames",
+        type=int,
+        default=schema.DEFAULT_CHUNK_FRAMES,
+        help="frames per stored chunk (a clip reads only its chunks)",
+    )
+    video.add_argument(
+        "--clip-seconds", type=float, default=1.0, help="training clip length, to flag videos too short for two clips"
+    )
     flow = parser.add_argument_group(
         "flow on a device (--flow tvl1-torch)",
         "workers decode; the main process batches pairs of frames from many videos through the device",
     )
     flow.add_argument("--flow-device", help="torch device for the flow (default: cuda when available, else cpu)")
-    flow.add_argument("--flow-batch", type=int,
-                      help=f"pairs per device call, from many videos (default: {FLOW_BATCH_DEFAULTS['cuda']} on "
-                           f"cuda, {FLOW_BATCH_DEFAULTS['cpu']} on cpu); lower it if the device runs out of memory")
-    flow.add_argument("--flow-pool-pairs", type=int,
-                      help="pause decoding new videos while this many pairs await their flow (bounds memory; "
-                           f"default: {FLOW_POOL_BATCHES} batches)")
-    flow.add_argument("--no-flow-compile", dest="flow_compile", action="store_false", default=None,
-                      help="run TV-L1 eagerly (default: torch.compile on cuda, ~8x faster after a ~1.5 min compile)")
+    flow.add_argument(
+        "--flow-batch",
+        type=int,
+        help=f"pairs per device call, from many videos (default: {FLOW_BATCH_DEFAULTS['cuda']} on "
+        f"cuda, {FLOW_BATCH_DEFAULTS['cpu']} on cpu); lower it if the device runs out of memory",
+    )
+    flow.add_argument(
+        "--flow-pool-pairs",
+        type=int,
+        help="pause decoding new videos while this many pairs await their flow (bounds memory; "
+        f"default: {FLOW_POOL_BATCHES} batches)",
+    )
+    flow.add_argument(
+        "--no-flow-compile",
+        dest="flow_compile",
+        action="store_false",
+        default=None,
+        help="run TV-L1 eagerly (default: torch.compile on cuda, ~8x faster after a ~1.5 min compile)",
+    )
     tvl1 = parser.add_argument_group(
         "TV-L1 parameters (--flow tvl1 and tvl1-torch; default: OpenCV's, as CoCLR)",
         "changing them changes the flow; they are recorded in each video's meta (flow_params)",
@@ -125,8 +178,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     audio.add_argument("--n-mels", type=int, default=schema.AUDIO_N_MELS)
     audio.add_argument("--n-fft", type=int, default=schema.AUDIO_N_FFT)
     run = parser.add_argument_group("running")
-    run.add_argument("--workers", type=int, default=_cpu_count(),
-                     help="worker processes (default: all CPUs; 0 = in this process)")
+    run.add_argument(
+        "--workers", type=int, default=_cpu_count(), help="worker processes (default: all CPUs; 0 = in this process)"
+    )
     run.add_argument("--video-timeout", type=float, default=0, help="seconds before a video is abandoned (0: none)")
     run.add_argument("--decode-threads", type=int, default=1, help="decoder threads per worker")
     run.add_argument("--shard-size-mb", type=float, default=256, help="webdataset: target shard size")
@@ -145,11 +199,16 @@ def _flow_device_settings(args) -> tuple[str, int, int] | None:
 
     Raises ValueError for device options without a batched method, TV-L1 parameters without a
     TV-L1 method, or a device that is not there."""
-    device_options = [name for name in ("flow_device", "flow_batch", "flow_pool_pairs", "flow_compile")
-                      if getattr(args, name) is not None]
+    device_options = [
+        name
+        for name in ("flow_device", "flow_batch", "flow_pool_pairs", "flow_compile")
+        if getattr(args, name) is not None
+    ]
     tvl1_options = [name for name in TVL1_OPTIONS if getattr(args, name) is not None]
     if tvl1_options and args.flow not in TVL1_METHODS:
-        raise ValueError(f"--{tvl1_options[0].replace('_', '-')} needs a TV-L1 --flow ({', '.join(sorted(TVL1_METHODS))})")
+        raise ValueError(
+            f"--{tvl1_options[0].replace('_', '-')} needs a TV-L1 --flow ({', '.join(sorted(TVL1_METHODS))})"
+        )
     if not is_batched_flow_method(args.flow):
         if device_options:
             raise ValueError(f"--{device_options[0].replace('_', '-')} applies to a batched --flow (tvl1-torch) only")
@@ -185,8 +244,11 @@ def run(args: argparse.Namespace) -> int:
     for warning in inputs.warnings[:SHOWN_WARNINGS]:  # what the scan skipped on purpose; all in the summary
         print(f"tricoclr-data prepare: warning: {warning}", file=sys.stderr)
     if len(inputs.warnings) > SHOWN_WARNINGS:
-        print(f"tricoclr-data prepare: warning: and {len(inputs.warnings) - SHOWN_WARNINGS} more skipped paths "
-              f"(all in {schema.SUMMARY_FILE}'s scan_warnings)", file=sys.stderr)
+        print(
+            f"tricoclr-data prepare: warning: and {len(inputs.warnings) - SHOWN_WARNINGS} more skipped paths "
+            f"(all in {schema.SUMMARY_FILE}'s scan_warnings)",
+            file=sys.stderr,
+        )
     try:
         _check_or_record_args(part_dir, args)
         writer = PartWriter(part_dir, args.format, int(args.shard_size_mb * (1 << 20)), args.shard_max_videos)
@@ -195,7 +257,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     write_json_atomic(part_dir / schema.CLASSES_FILE, {"names": inputs.class_names, "from": inputs.class_names_from})
 
-    mine = [v for v in inputs.videos if args.num_shards is None or lists.part_of(v.id, args.num_shards) == args.shard_index]
+    mine = [
+        v for v in inputs.videos if args.num_shards is None or lists.part_of(v.id, args.num_shards) == args.shard_index
+    ]
     todo = sorted((v for v in mine if v.id not in writer.done), key=lambda v: lists.processing_order(v.id))
     try:
         _process_all(todo, config, writer, args, already=len(mine) - len(todo), flow_device=flow_device)
@@ -208,8 +272,10 @@ def run(args: argparse.Namespace) -> int:
 def _collect_inputs(args) -> lists.InputList:
     extensions = lists.VIDEO_EXTENSIONS
     if args.extensions:
-        extensions = None if args.extensions == "all" else frozenset(
-            "." + e.strip().lstrip(".").lower() for e in args.extensions.split(",") if e.strip()
+        extensions = (
+            None
+            if args.extensions == "all"
+            else frozenset("." + e.strip().lstrip(".").lower() for e in args.extensions.split(",") if e.strip())
         )
     return lists.collect_inputs(
         args.source, args.list, args.list_format, args.class_index, args.list_subset, args.list_split, extensions
@@ -264,8 +330,14 @@ def _check_or_record_args(part_dir: Path, args) -> None:
     write_json_atomic(path, wanted)
 
 
-def _process_all(todo: list, config: PrepareConfig, writer: PartWriter, args, already: int,
-                 flow_device: tuple[str, int, int] | None = None) -> None:
+def _process_all(
+    todo: list,
+    config: PrepareConfig,
+    writer: PartWriter,
+    args,
+    already: int,
+    flow_device: tuple[str, int, int] | None = None,
+) -> None:
     """Run the workers and write every video; with a batched flow method, ``flow_device``
     (device, batch, pool pairs) sets up the cross-video flow between the two."""
     counts = {"ok": 0, "partial": 0, "failed": 0}
@@ -285,8 +357,13 @@ def _process_all(todo: list, config: PrepareConfig, writer: PartWriter, args, al
     try:
         with bar:
             for video, result, crash in run_tasks(
-                todo, process_video, config, args.workers, args.video_timeout or None,
-                hold=flow.full if flow else None, tick=flow.service if flow else None,
+                todo,
+                process_video,
+                config,
+                args.workers,
+                args.video_timeout or None,
+                hold=flow.full if flow else None,
+                tick=flow.service if flow else None,
             ):
                 entry, parts, pending = result if crash is None else (failed_video_entry(video, crash), None, None)
                 if pending is not None:
@@ -312,8 +389,10 @@ def _finish(part_dir: Path, inputs: lists.InputList, args) -> None:
     write_json_atomic(part_dir / schema.SUMMARY_FILE, stats)
     print(format_statistics(stats, title=f"prepared {part_dir}"))
     if inputs.ignored:
-        print(f"ignored {len(inputs.ignored)} file(s) that are hidden, lack a video extension or are link loops "
-              f"or broken links (e.g. {', '.join(inputs.ignored[:3])}); see --extensions and the warnings above")
+        print(
+            f"ignored {len(inputs.ignored)} file(s) that are hidden, lack a video extension or are link loops "
+            f"or broken links (e.g. {', '.join(inputs.ignored[:3])}); see --extensions and the warnings above"
+        )
     if inputs.duplicates:
         print(f"{len(inputs.duplicates)} duplicate list entries were prepared once")
 

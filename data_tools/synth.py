@@ -220,16 +220,13 @@ MOTIONS: tuple[Motion, ...] = (
 # every other one, and its own pitch range / timbre, so log-mel spectrograms differ too.
 SOUNDS: tuple[Sound, ...] = (
     Sound("Drum", "drum", 110.0, 0.5, (0.0,), (0.3,), (0.0,), -12.0, "percussive", 0.09),
-    Sound("Flute", "sine", 660.0, 1.2, (0.0, 1 / 3, 2 / 3), (0.3, 0.3, 0.3), (0.0, 4.0, 7.0),
-          0.0, "sustained"),
+    Sound("Flute", "sine", 660.0, 1.2, (0.0, 1 / 3, 2 / 3), (0.3, 0.3, 0.3), (0.0, 4.0, 7.0), 0.0, "sustained"),
     Sound("Buzz", "saw", 220.0, 1.0, (0.0,), (0.6,), (0.0,), 12.0, "sustained"),
     Sound("Bell", "bell", 880.0, 1.5, (0.0,), (0.95,), (0.0,), 0.0, "percussive", 0.45),
     Sound("Chirp", "sine", 2600.0, 0.25, (0.0,), (0.36,), (0.0,), -12.0, "sustained"),
-    Sound("Organ", "square", 330.0, 1.0, (0.0, 0.375, 0.75), (0.3, 0.3, 0.2), (0.0, -5.0, 2.0),
-          0.0, "sustained"),
+    Sound("Organ", "square", 330.0, 1.0, (0.0, 0.375, 0.75), (0.3, 0.3, 0.2), (0.0, -5.0, 2.0), 0.0, "sustained"),
     Sound("Whistle", "whistle", 1500.0, 0.4, (0.0,), (0.4,), (0.0,), 0.0, "tremolo"),
-    Sound("Clap", "clap", 3000.0, 1.0, (0.0, 0.15), (0.12, 0.12), (0.0, 0.0), 0.0,
-          "percussive", 0.04),
+    Sound("Clap", "clap", 3000.0, 1.0, (0.0, 0.15), (0.12, 0.12), (0.0, 0.0), 0.0, "percussive", 0.04),
 )
 
 
@@ -307,8 +304,9 @@ def hsv_to_rgb(hue_deg: float, saturation: float, value: float) -> tuple[float, 
     return (float(r), float(g), float(b))
 
 
-def sample_nuisance(rng: np.random.Generator, appearance: Appearance, scenes: int = 0,
-                    camera: bool = False, colour: str = "class") -> Nuisance:
+def sample_nuisance(
+    rng: np.random.Generator, appearance: Appearance, scenes: int = 0, camera: bool = False, colour: str = "class"
+) -> Nuisance:
     """Draw one video's nuisance parameters.
 
     ``colour`` "class": the object's hue stays within 10 degrees of its appearance's hue;
@@ -356,10 +354,12 @@ def _sample_base_nuisance(rng: np.random.Generator, appearance: Appearance) -> N
     bg_hue = rng.uniform(0, 360)
     bg_value = rng.uniform(0.15, 0.85)
     bg1 = hsv_to_rgb(bg_hue, rng.uniform(0.0, 0.55), bg_value)
-    bg2 = hsv_to_rgb(bg_hue + rng.uniform(-60, 60), rng.uniform(0.0, 0.55),
-                     float(np.clip(bg_value * rng.uniform(0.6, 1.4), 0.05, 0.95)))
-    obj = hsv_to_rgb(appearance.hue + rng.uniform(-10, 10), rng.uniform(0.65, 1.0),
-                     rng.uniform(0.7, 1.0))
+    bg2 = hsv_to_rgb(
+        bg_hue + rng.uniform(-60, 60),
+        rng.uniform(0.0, 0.55),
+        float(np.clip(bg_value * rng.uniform(0.6, 1.4), 0.05, 0.95)),
+    )
+    obj = hsv_to_rgb(appearance.hue + rng.uniform(-10, 10), rng.uniform(0.65, 1.0), rng.uniform(0.7, 1.0))
     return Nuisance(
         bg_kind=str(rng.choice(BACKGROUND_KINDS)),
         bg_rgb1=bg1,
@@ -445,8 +445,7 @@ def harmonic_sum(phase: np.ndarray, max_hz: float, rate: int, odd_only: bool) ->
     return sum(np.sin(k * phase) / k for k in ks)
 
 
-def timbre_wave(sound: Sound, freq: np.ndarray, t: np.ndarray, rate: int,
-                rng: np.random.Generator) -> np.ndarray:
+def timbre_wave(sound: Sound, freq: np.ndarray, t: np.ndarray, rate: int, rng: np.random.Generator) -> np.ndarray:
     """The raw waveform of ``sound``'s timbre at instantaneous frequency ``freq`` (Hz)."""
     phase = 2 * np.pi * np.cumsum(freq) / rate
     kind = sound.timbre
@@ -467,8 +466,9 @@ def timbre_wave(sound: Sound, freq: np.ndarray, t: np.ndarray, rate: int,
     raise ValueError(f"unknown timbre {kind!r}")
 
 
-def synth_audio(sound: Sound, nuisance: Nuisance, seconds: float, rate: int,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def synth_audio(
+    sound: Sound, nuisance: Nuisance, seconds: float, rate: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """One video's mono audio (float32 in [-1, 1]) and its envelope (the visual trace's source)."""
     n = int(math.ceil(seconds * rate - 1e-6))  # covers the video's last frame
     t = np.arange(n) / rate
@@ -565,8 +565,7 @@ def texture_pattern(texture: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return 0.5 + 0.5 * np.clip(4.0 * s, -1.0, 1.0)
 
 
-def render_background(nuisance: Nuisance, size: int, rng: np.random.Generator,
-                      canvas: float = 1.0) -> np.ndarray:
+def render_background(nuisance: Nuisance, size: int, rng: np.random.Generator, canvas: float = 1.0) -> np.ndarray:
     """The backdrop (side x side x 3 with side = round(size * canvas), float32, 0..255 with
     brightness applied); patterns keep their frequency per frame width whatever the canvas."""
     side = int(round(size * canvas))
@@ -610,9 +609,16 @@ def camera_offsets(nuisance: Nuisance, times: np.ndarray, size: int, canvas: flo
     return np.round(bounced * size).astype(np.int64)
 
 
-def render_frames(spec: ClassSpec, nuisance: Nuisance, trace: np.ndarray, fps: float, size: int,
-                  rng: np.random.Generator, trace_depth: float = TRACE_DEPTH,
-                  backdrop_rng: np.random.Generator | None = None):
+def render_frames(
+    spec: ClassSpec,
+    nuisance: Nuisance,
+    trace: np.ndarray,
+    fps: float,
+    size: int,
+    rng: np.random.Generator,
+    trace_depth: float = TRACE_DEPTH,
+    backdrop_rng: np.random.Generator | None = None,
+):
     """Yield the video's frames (size x size x 3 uint8), one per entry of ``trace``.
 
     ``trace`` (the per-frame sound envelope, 0..1) dims the object by up to ``trace_depth``.
@@ -700,8 +706,7 @@ def write_mp4(path: Path, frames, audio: np.ndarray, fps: int, size: int, rate: 
             for packet in video.encode(frame):
                 container.mux(packet)
             # keep the audio in step with the video, so the file is interleaved
-            sent = encode_audio_until(container, sound, audio, sent,
-                                      int(round((index + 1) * rate / fps)), rate)
+            sent = encode_audio_until(container, sound, audio, sent, int(round((index + 1) * rate / fps)), rate)
         encode_audio_until(container, sound, audio, sent, len(audio), rate)
         for stream in (video, sound):
             for packet in stream.encode(None):
@@ -737,8 +742,7 @@ def video_rng(seed: int, class_index: int, video_index: int) -> np.random.Genera
     return np.random.default_rng([seed, class_index, video_index])
 
 
-def make_video_content(job: VideoJob, trace_depth: float = TRACE_DEPTH,
-                       radius: tuple[float, float] | None = None):
+def make_video_content(job: VideoJob, trace_depth: float = TRACE_DEPTH, radius: tuple[float, float] | None = None):
     """(spec, nuisance, frame iterator, audio, per-frame trace) of one video, without writing.
 
     ``radius`` (diagnostics only) redraws the object's radius from that range.
@@ -780,8 +784,7 @@ def train_count(videos_per_class: int, train_fraction: float) -> int:
     return count
 
 
-def write_splits(out: Path, table: list[ClassSpec], videos_per_class: int,
-                 train_fraction: float) -> tuple[int, int]:
+def write_splits(out: Path, table: list[ClassSpec], videos_per_class: int, train_fraction: float) -> tuple[int, int]:
     """classInd.txt, trainlist01.txt and testlist01.txt in UCF101's format; (#train, #test).
 
     The first videos of each class (by index) train, the rest test: videos are i.i.d., so any
@@ -829,10 +832,21 @@ def describe_classes(table: list[ClassSpec], options: dict) -> dict:
     }
 
 
-def synthesize(out, classes: int = 10, videos_per_class: int = 10, seconds: float = 10.0,
-               fps: int = 30, size: int = 128, seed: int = 0, workers: int = 1,
-               audio_rate: int = 22050, train_fraction: float = 0.7, scenes: int = SCENES,
-               camera: bool = True, colour: str = "video") -> dict:
+def synthesize(
+    out,
+    classes: int = 10,
+    videos_per_class: int = 10,
+    seconds: float = 10.0,
+    fps: int = 30,
+    size: int = 128,
+    seed: int = 0,
+    workers: int = 1,
+    audio_rate: int = 22050,
+    train_fraction: float = 0.7,
+    scenes: int = SCENES,
+    camera: bool = True,
+    colour: str = "video",
+) -> dict:
     """Write the whole dataset under ``out``; returns a summary (counts, seconds, elapsed).
 
     ``scenes`` (0: every video its own backdrop), ``camera`` (False: a static camera) and
@@ -841,8 +855,7 @@ def synthesize(out, classes: int = 10, videos_per_class: int = 10, seconds: floa
     if scenes < 0 or colour not in OBJECT_COLOURS:
         raise ValueError(f"need scenes >= 0 and colour in {OBJECT_COLOURS}")
     if videos_per_class < 1 or seconds <= 0 or fps < 1 or size < 16 or audio_rate < 8000:
-        raise ValueError("need videos_per_class >= 1, seconds > 0, fps >= 1, size >= 16, "
-                         "audio_rate >= 8000")
+        raise ValueError("need videos_per_class >= 1, seconds > 0, fps >= 1, size >= 16, audio_rate >= 8000")
     started = time.perf_counter()
     out = Path(out)
     table = class_table(classes)
@@ -851,9 +864,22 @@ def synthesize(out, classes: int = 10, videos_per_class: int = 10, seconds: floa
         folder = out / "videos" / spec.name
         folder.mkdir(parents=True, exist_ok=True)
         for video in range(videos_per_class):
-            jobs.append(VideoJob(str(folder / video_name(spec.name, video)), classes, spec.index,
-                                 video, seed, float(seconds), int(fps), int(size),
-                                 int(audio_rate), int(scenes), bool(camera), colour))
+            jobs.append(
+                VideoJob(
+                    str(folder / video_name(spec.name, video)),
+                    classes,
+                    spec.index,
+                    video,
+                    seed,
+                    float(seconds),
+                    int(fps),
+                    int(size),
+                    int(audio_rate),
+                    int(scenes),
+                    bool(camera),
+                    colour,
+                )
+            )
     if workers <= 1:
         for job in jobs:
             make_video(job)
@@ -863,10 +889,19 @@ def synthesize(out, classes: int = 10, videos_per_class: int = 10, seconds: floa
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             list(pool.map(make_video, jobs, chunksize=1))
     n_train, n_test = write_splits(out, table, videos_per_class, train_fraction)
-    options = {"classes": classes, "videos_per_class": videos_per_class, "seconds": seconds,
-               "fps": fps, "size": size, "seed": seed, "audio_rate": audio_rate,
-               "train_fraction": train_fraction, "scenes": scenes, "camera": camera,
-               "object_colour": colour}
+    options = {
+        "classes": classes,
+        "videos_per_class": videos_per_class,
+        "seconds": seconds,
+        "fps": fps,
+        "size": size,
+        "seed": seed,
+        "audio_rate": audio_rate,
+        "train_fraction": train_fraction,
+        "scenes": scenes,
+        "camera": camera,
+        "object_colour": colour,
+    }
     (out / "classes.json").write_text(json.dumps(describe_classes(table, options), indent=2))
     return {
         "out": str(out),
@@ -894,25 +929,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes, one video each")
     parser.add_argument("--audio-rate", type=int, default=22050, help="AAC mono sample rate")
-    parser.add_argument("--train-fraction", type=float, default=0.7,
-                        help="share of each class's videos in trainlist01.txt")
-    parser.add_argument("--scenes", type=int, default=SCENES,
-                        help="backdrops shared by the videos (each video films one); 0: every video its own")
-    parser.add_argument("--static-camera", action="store_true",
-                        help="no camera pan (the backdrop does not move)")
-    parser.add_argument("--object-colour", choices=OBJECT_COLOURS, default="video",
-                        help="the object's hue: drawn per video (default) or near its class's hue")
+    parser.add_argument(
+        "--train-fraction", type=float, default=0.7, help="share of each class's videos in trainlist01.txt"
+    )
+    parser.add_argument(
+        "--scenes",
+        type=int,
+        default=SCENES,
+        help="backdrops shared by the videos (each video films one); 0: every video its own",
+    )
+    parser.add_argument("--static-camera", action="store_true", help="no camera pan (the backdrop does not move)")
+    parser.add_argument(
+        "--object-colour",
+        choices=OBJECT_COLOURS,
+        default="video",
+        help="the object's hue: drawn per video (default) or near its class's hue",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``synth`` from parsed arguments; prints a one-line summary, returns the exit code."""
-    summary = synthesize(args.out, classes=args.classes, videos_per_class=args.videos_per_class,
-                         seconds=args.seconds, fps=args.fps, size=args.size, seed=args.seed,
-                         workers=args.workers, audio_rate=args.audio_rate,
-                         train_fraction=args.train_fraction, scenes=args.scenes,
-                         camera=not args.static_camera, colour=args.object_colour)
-    print(f"synth: {summary['videos']} videos ({summary['classes']} classes, "
-          f"{summary['train']} train / {summary['test']} test, "
-          f"{summary['seconds_per_video']:g} s each) in {summary['out']} "
-          f"in {summary['elapsed_s']:.1f} s")
+    summary = synthesize(
+        args.out,
+        classes=args.classes,
+        videos_per_class=args.videos_per_class,
+        seconds=args.seconds,
+        fps=args.fps,
+        size=args.size,
+        seed=args.seed,
+        workers=args.workers,
+        audio_rate=args.audio_rate,
+        train_fraction=args.train_fraction,
+        scenes=args.scenes,
+        camera=not args.static_camera,
+        colour=args.object_colour,
+    )
+    print(
+        f"synth: {summary['videos']} videos ({summary['classes']} classes, "
+        f"{summary['train']} train / {summary['test']} test, "
+        f"{summary['seconds_per_video']:g} s each) in {summary['out']} "
+        f"in {summary['elapsed_s']:.1f} s"
+    )
     return 0

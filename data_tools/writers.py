@@ -25,8 +25,8 @@ from pathlib import Path
 import lmdb
 
 from tricoclr.data import schema
-from tricoclr.durable import fsync_dir
 from tricoclr.data.store import iter_shard_samples, read_manifest, release_environment
+from tricoclr.durable import fsync_dir
 
 try:
     import fcntl

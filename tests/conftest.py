@@ -41,8 +41,24 @@ def synth_dataset(tmp_path_factory) -> Path:
 
 
 def _prepare(synth: Path, out: Path, fmt: str, split: str) -> Path:
-    _data_cli(["prepare", synth / "videos", "--out", out, "--format", fmt, "--list",
-               synth / "splits" / f"{split}list01.txt", "--flow", "farneback", "--size", 64, "--workers", 1])
+    _data_cli(
+        [
+            "prepare",
+            synth / "videos",
+            "--out",
+            out,
+            "--format",
+            fmt,
+            "--list",
+            synth / "splits" / f"{split}list01.txt",
+            "--flow",
+            "farneback",
+            "--size",
+            64,
+            "--workers",
+            1,
+        ]
+    )
     return out
 
 
@@ -64,9 +80,16 @@ def train_wds(synth_dataset, tmp_path_factory) -> Path:
 def tiny_overrides(data_path: Path, output_dir: Path, **extra) -> list[str]:
     """The tiny config shrunk further for tests: small clips and queue, few steps."""
     overrides = {
-        "data.path": str(data_path), "output_dir": str(output_dir), "data.workers": 0,
-        "batch_size": 4, "data.clip_frames": 4, "data.clip_stride": 2, "data.size": 32,
-        "data.spectrogram_steps": 32, "method.queue_size": 16, "checkpoint_every_steps": 1000,
+        "data.path": str(data_path),
+        "output_dir": str(output_dir),
+        "data.workers": 0,
+        "batch_size": 4,
+        "data.clip_frames": 4,
+        "data.clip_stride": 2,
+        "data.size": 32,
+        "data.spectrogram_steps": 32,
+        "method.queue_size": 16,
+        "checkpoint_every_steps": 1000,
         "log_every_steps": 1,
     }
     overrides.update(extra)

@@ -23,8 +23,15 @@ from tricoclr.data.dataset import EpochLoader, StageViews  # noqa: E402
 def main(argv: list[str]) -> int:
     store, out, batch_size, epochs, data_cfg = argv[0], Path(argv[1]), int(argv[2]), int(argv[3]), json.loads(argv[4])
     state = PartialState(cpu=True)  # CPU processes with gloo (what ACCELERATE_USE_CPU asks the Accelerator)
-    loader = EpochLoader(store, StageViews(both_views=("rgb",)), data_cfg, seed=0, batch_size=batch_size,
-                         rank=state.process_index, world_size=state.num_processes)
+    loader = EpochLoader(
+        store,
+        StageViews(both_views=("rgb",)),
+        data_cfg,
+        seed=0,
+        batch_size=batch_size,
+        rank=state.process_index,
+        world_size=state.num_processes,
+    )
     batches = {}
     for epoch in range(epochs):
         loader.set_epoch(epoch)

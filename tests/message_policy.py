@@ -24,8 +24,24 @@ OWN_WORDS_START = re.compile(r"^[a-z0-9]")
 PARENTHESISED = re.compile(r"\([^()]*\)")
 SECONDS = re.compile(r"\d+(\.\d+)? s\b")
 VIDEO_WORDS = (
-    "video", "audio", "file", "frame", "packet", "stream", "timestamp", "header", "decod", "media",
-    "picture", "codec", "container", "spectrogram", "sample", "reading", "download", "listed",
+    "video",
+    "audio",
+    "file",
+    "frame",
+    "packet",
+    "stream",
+    "timestamp",
+    "header",
+    "decod",
+    "media",
+    "picture",
+    "codec",
+    "container",
+    "spectrogram",
+    "sample",
+    "reading",
+    "download",
+    "listed",
 )
 
 

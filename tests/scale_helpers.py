@@ -42,24 +42,35 @@ from tricoclr.trainer import PreemptionRequested, Trainer, TrainerHooks  # noqa:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--dump", required=True, type=Path)
-    parser.add_argument("--bn-eval", action="store_true",
-                        help="keep every batch norm in eval mode (running statistics): a micro-batch's "
-                             "outputs then do not depend on the other samples of its batch")
-    parser.add_argument("--count-allreduce", action="store_true",
-                        help="DDP comm hook that logs each gradient all-reduce and the micro-step it ran in")
+    parser.add_argument(
+        "--bn-eval",
+        action="store_true",
+        help="keep every batch norm in eval mode (running statistics): a micro-batch's "
+        "outputs then do not depend on the other samples of its batch",
+    )
+    parser.add_argument(
+        "--count-allreduce",
+        action="store_true",
+        help="DDP comm hook that logs each gradient all-reduce and the micro-step it ran in",
+    )
     parser.add_argument("--record-grads", action="store_true")
     parser.add_argument("--print-steps", action="store_true", help="print 'STEP n rank r pid p' per step")
     parser.add_argument("--nan-steps", default="", help="comma-separated global steps whose loss is NaN")
     parser.add_argument("--nan-from", type=int, default=None, help="every step from this one has a NaN loss")
     parser.add_argument("--nan-rank", type=int, default=None, help="only this rank sees the NaN loss")
-    parser.add_argument("--crash-in-checkpoint", type=int, default=None,
-                        help="SIGKILL this process half-way through writing the checkpoint of this step")
+    parser.add_argument(
+        "--crash-in-checkpoint",
+        type=int,
+        default=None,
+        help="SIGKILL this process half-way through writing the checkpoint of this step",
+    )
     parser.add_argument("overrides", nargs="*")
     return parser.parse_args(argv)
 
 
 def freeze_batchnorm(module: torch.nn.Module) -> None:
     """BN layers stay in eval mode whatever ``train()`` asks (also in deep copies of the module)."""
+
     def stay_in_eval(self, mode=True):
         return torch.nn.Module.train(self, False)
 
@@ -102,12 +113,18 @@ class Probe(TrainerHooks):
 
             def counting_allreduce(state, bucket):
                 # Called by DDP for each gradient bucket it all-reduces.
-                self.comm_calls.append({"step": trainer.global_step + 1, "sync_gradients": acc.sync_gradients,
-                                        "micro_step_counter": acc.step})
+                self.comm_calls.append(
+                    {
+                        "step": trainer.global_step + 1,
+                        "sync_gradients": acc.sync_gradients,
+                        "micro_step_counter": acc.step,
+                    }
+                )
                 return default_hooks.allreduce_hook(None, bucket)
 
             model.register_comm_hook(None, counting_allreduce)
         if self.args.record_grads:
+
             def record(opt, args, kwargs):
                 grads = [p.grad.detach().flatten() for group in opt.param_groups for p in group["params"]]
                 self.grads[f"step{trainer.global_step + 1}"] = torch.cat(grads).cpu().clone()
@@ -121,16 +138,23 @@ class Probe(TrainerHooks):
 
     def stage_finished(self, plan, stage, encoders) -> None:
         tensors = {f"queue.{k}": v.detach().cpu().contiguous() for k, v in stage.queue.state_dict().items()}
-        tensors.update({f"momentum.{k}": v.detach().cpu().contiguous()
-                        for k, v in stage.momentum_encoder.state_dict().items()})
-        tensors.update({f"encoder.{k}": v.detach().cpu().contiguous()
-                        for k, v in encoders[plan.trained].state_dict().items()})
+        tensors.update(
+            {f"momentum.{k}": v.detach().cpu().contiguous() for k, v in stage.momentum_encoder.state_dict().items()}
+        )
+        tensors.update(
+            {f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoders[plan.trained].state_dict().items()}
+        )
         save_file(tensors, str(self.out / f"{plan.name}.safetensors"))
 
     def write_summary(self) -> None:
         acc = self.trainer.accelerator
-        summary = {"losses": self.losses, "global_step": self.trainer.global_step, "comm_calls": self.comm_calls,
-                   "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type.value)}
+        summary = {
+            "losses": self.losses,
+            "global_step": self.trainer.global_step,
+            "comm_calls": self.comm_calls,
+            "world_size": acc.num_processes,
+            "distributed_type": str(acc.distributed_type.value),
+        }
         (self.out / "summary.json").write_text(json.dumps(summary))
         if self.grads:
             save_file(self.grads, str(self.out / "grads.safetensors"))
@@ -199,14 +223,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_command(num_processes: int, port: int, args: list[str], num_machines: int = 1,
-                       machine_rank: int = 0, script: str = "tests/scale_helpers.py") -> list[str]:
+def accelerate_command(
+    num_processes: int,
+    port: int,
+    args: list[str],
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    script: str = "tests/scale_helpers.py",
+) -> list[str]:
     """``accelerate launch`` of ``script`` on CPU processes (with ``cpu_env()``: ACCELERATE_USE_CPU=1
     is what makes --multi_gpu start CPU processes with gloo)."""
     launcher = str(Path(sys.executable).parent / "accelerate")
-    command = [launcher, "launch", "--multi_gpu", "--num_processes", str(num_processes),
-               "--num_machines", str(num_machines), "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port)]
+    command = [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        str(num_machines),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
     if num_machines > 1:
         command += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
     return command + [script, *args]

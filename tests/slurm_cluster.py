@@ -22,8 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu/slurm-wlm", "/usr/lib/aarch64-linux-gnu/slurm-wlm", "/usr/lib64/slurm",
-               "/usr/lib/slurm")
+PLUGIN_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/slurm-wlm",
+    "/usr/lib/aarch64-linux-gnu/slurm-wlm",
+    "/usr/lib64/slurm",
+    "/usr/lib/slurm",
+)
 DAEMONS = ("munged", "slurmctld", "slurmd")
 PATH_WITH_SBIN = f"{os.environ.get('PATH', '')}:/usr/sbin:/usr/local/sbin"
 
@@ -40,8 +44,9 @@ def _free_port() -> int:
 
 def _node_resources() -> tuple[int, int]:
     """(CPUs, RealMemory in MiB) as slurmd sees this machine (``slurmd -C``)."""
-    text = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, env={"PATH": PATH_WITH_SBIN},
-                          timeout=30, check=False).stdout
+    text = subprocess.run(
+        ["slurmd", "-C"], capture_output=True, text=True, env={"PATH": PATH_WITH_SBIN}, timeout=30, check=False
+    ).stdout
     found = dict(re.findall(r"(CPUs|RealMemory)=(\d+)", text))
     if "CPUs" not in found or "RealMemory" not in found:
         raise SlurmUnavailable(f"`slurmd -C` did not report CPUs and RealMemory: {text!r}")
@@ -52,41 +57,43 @@ def slurm_conf(folder: Path, proctrack: str, cpus: int, memory_mb: int, ports: t
     plugin_dir = next((d for d in PLUGIN_DIRS if Path(d, "proctrack_linuxproc.so").exists()), None)
     if plugin_dir is None:
         raise SlurmUnavailable(f"no SLURM plugin folder among {PLUGIN_DIRS}")
-    return "\n".join([
-        "ClusterName=tricoclr-test",
-        "SlurmctldHost=localhost",
-        f"SlurmctldPort={ports[0]}",
-        f"SlurmdPort={ports[1]}",
-        "AuthType=auth/munge",
-        f"AuthInfo=socket={folder}/munge/socket,cred_expire=5",
-        "CredType=cred/munge",
-        "SlurmUser=root",
-        "SlurmdUser=root",
-        f"PluginDir={plugin_dir}",
-        f"StateSaveLocation={folder}/state",
-        f"SlurmdSpoolDir={folder}/spool",
-        f"SlurmctldPidFile={folder}/slurmctld.pid",
-        f"SlurmdPidFile={folder}/slurmd.pid",
-        f"SlurmctldLogFile={folder}/log/slurmctld.log",
-        f"SlurmdLogFile={folder}/log/slurmd.log",
-        f"ProctrackType=proctrack/{proctrack}",
-        "TaskPlugin=task/none",
-        "SchedulerType=sched/builtin",
-        "SchedulerParameters=sched_interval=2",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_CPU",
-        "GresTypes=gpu",
-        "ReturnToService=2",
-        "MpiDefault=none",
-        "JobCompType=jobcomp/none",
-        "AccountingStorageType=accounting_storage/none",
-        "JobAcctGatherType=jobacct_gather/none",
-        "KillWait=30",
-        "MinJobAge=3600",
-        f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:2 State=UNKNOWN",
-        "PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4",
-        "",
-    ])
+    return "\n".join(
+        [
+            "ClusterName=tricoclr-test",
+            "SlurmctldHost=localhost",
+            f"SlurmctldPort={ports[0]}",
+            f"SlurmdPort={ports[1]}",
+            "AuthType=auth/munge",
+            f"AuthInfo=socket={folder}/munge/socket,cred_expire=5",
+            "CredType=cred/munge",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"PluginDir={plugin_dir}",
+            f"StateSaveLocation={folder}/state",
+            f"SlurmdSpoolDir={folder}/spool",
+            f"SlurmctldPidFile={folder}/slurmctld.pid",
+            f"SlurmdPidFile={folder}/slurmd.pid",
+            f"SlurmctldLogFile={folder}/log/slurmctld.log",
+            f"SlurmdLogFile={folder}/log/slurmd.log",
+            f"ProctrackType=proctrack/{proctrack}",
+            "TaskPlugin=task/none",
+            "SchedulerType=sched/builtin",
+            "SchedulerParameters=sched_interval=2",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "GresTypes=gpu",
+            "ReturnToService=2",
+            "MpiDefault=none",
+            "JobCompType=jobcomp/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "KillWait=30",
+            "MinJobAge=3600",
+            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:2 State=UNKNOWN",
+            "PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4",
+            "",
+        ]
+    )
 
 
 @dataclass
@@ -99,8 +106,15 @@ class Cluster:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def command(self, *args: str, check: bool = True, env: dict | None = None, cwd=None) -> str:
-        result = subprocess.run(list(args), capture_output=True, text=True, timeout=60, cwd=cwd, check=False,
-                                env=dict(env or os.environ, **self.env))
+        result = subprocess.run(
+            list(args),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=cwd,
+            check=False,
+            env=dict(env or os.environ, **self.env),
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result.stdout
@@ -127,8 +141,10 @@ class Cluster:
                 return info
             if int(info.get("Restarts", 0)) > max_restarts or time.monotonic() > deadline:
                 self.command("scancel", str(job_id), check=False)
-                raise AssertionError(f"job {job_id} still {info['JobState']} after {info.get('Restarts')} requeues "
-                                     f"(limit {max_restarts}) or {timeout} s:\n{self.log_tail()}")
+                raise AssertionError(
+                    f"job {job_id} still {info['JobState']} after {info.get('Restarts')} requeues "
+                    f"(limit {max_restarts}) or {timeout} s:\n{self.log_tail()}"
+                )
             time.sleep(0.5)
 
     def wait_for_state(self, job_id: int, state: str, timeout: float) -> dict:
@@ -172,18 +188,19 @@ def why_unavailable() -> str | None:
     """Why SLURM cannot start here, or None."""
     if os.name != "posix" or os.geteuid() != 0:
         return "the one-node SLURM cluster runs its daemons as root; this test process is not root"
-    missing = [d for d in (*DAEMONS, "sbatch", "srun", "scontrol")
-               if shutil.which(d, path=PATH_WITH_SBIN) is None]
+    missing = [d for d in (*DAEMONS, "sbatch", "srun", "scontrol") if shutil.which(d, path=PATH_WITH_SBIN) is None]
     if missing:
-        return (f"SLURM/munge not installed (missing {', '.join(missing)}): "
-                "apt-get install slurm-wlm munge (Debian/Ubuntu)")
+        return (
+            f"SLURM/munge not installed (missing {', '.join(missing)}): apt-get install slurm-wlm munge (Debian/Ubuntu)"
+        )
     return None
 
 
 def _start(cluster: Cluster, name: str, args: list[str]) -> None:
     with open(cluster.folder / "log" / f"{name}.out", "w") as log:
-        cluster.processes[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                                   env=dict(os.environ, PATH=PATH_WITH_SBIN, **cluster.env))
+        cluster.processes[name] = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PATH=PATH_WITH_SBIN, **cluster.env)
+        )
 
 
 def start_cluster(folder: Path, proctrack: str = "linuxproc", timeout: float = 60) -> Cluster:
@@ -207,9 +224,20 @@ def start_cluster(folder: Path, proctrack: str = "linuxproc", timeout: float = 6
     (folder / "gres.conf").write_text(f"NodeName=localhost Name=gpu File={folder}/gpus/gpu[0-1]\n")
     (folder / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\n")
     cluster = Cluster(folder, proctrack, {"SLURM_CONF": str(conf)})
-    _start(cluster, "munged", ["munged", "--foreground", "--force", f"--socket={folder}/munge/socket",
-                               f"--key-file={key}", f"--pid-file={folder}/munge/munged.pid",
-                               f"--log-file={folder}/log/munged.log", f"--seed-file={folder}/munge/seed"])
+    _start(
+        cluster,
+        "munged",
+        [
+            "munged",
+            "--foreground",
+            "--force",
+            f"--socket={folder}/munge/socket",
+            f"--key-file={key}",
+            f"--pid-file={folder}/munge/munged.pid",
+            f"--log-file={folder}/log/munged.log",
+            f"--seed-file={folder}/munge/seed",
+        ],
+    )
     _start(cluster, "slurmctld", ["slurmctld", "-D", "-i", "-f", str(conf)])
     _start(cluster, "slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(conf)])
     deadline = time.monotonic() + timeout
@@ -223,8 +251,11 @@ def start_cluster(folder: Path, proctrack: str = "linuxproc", timeout: float = 6
             return cluster
         time.sleep(0.5)
     cluster.stop()
-    outputs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
-                        for p in sorted((folder / "log").glob("*.out")))
-    raise SlurmUnavailable(f"the one-node cluster did not come up (node state {state!r}, exited: "
-                           f"{[n for n, p in cluster.processes.items() if p.poll() is not None]}):\n"
-                           f"{outputs}\n{cluster.log_tail()}")
+    outputs = "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted((folder / "log").glob("*.out"))
+    )
+    raise SlurmUnavailable(
+        f"the one-node cluster did not come up (node state {state!r}, exited: "
+        f"{[n for n, p in cluster.processes.items() if p.poll() is not None]}):\n"
+        f"{outputs}\n{cluster.log_tail()}"
+    )

@@ -46,8 +46,10 @@ from data_tools.inspect_data import format_statistics, statistics_from_entries
 from tricoclr.data.store import open_store
 
 RED = (255, 0, 0)
-ERROR_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Video unavailable</title></head>"
-              b"<body>This video is no longer available.</body></html>\n")
+ERROR_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Video unavailable</title></head>"
+    b"<body>This video is no longer available.</body></html>\n"
+)
 
 
 def _still(height: int = 48, width: int = 64) -> np.ndarray:
@@ -111,9 +113,14 @@ def test_download_placeholders_say_what_the_file_is(archive):
     _, manifest = archive
     empty, page = manifest["empty.mp4"], manifest["error_page.mp4"]
     assert empty["status"] == page["status"] == "failed"
-    assert empty["reason"] == "cannot open as media: the file is empty (0 bytes), as an interrupted or failed download leaves it"
-    assert page["reason"] == (f"cannot open as media: the file is a web page (HTML) of {len(ERROR_PAGE)} bytes, "
-                              "not a video: a download saved a server's answer instead")
+    assert (
+        empty["reason"]
+        == "cannot open as media: the file is empty (0 bytes), as an interrupted or failed download leaves it"
+    )
+    assert page["reason"] == (
+        f"cannot open as media: the file is a web page (HTML) of {len(ERROR_PAGE)} bytes, "
+        "not a video: a download saved a server's answer instead"
+    )
 
 
 def test_a_picture_stream_before_the_video_is_not_taken_for_it(archive):
@@ -132,7 +139,10 @@ def test_an_audio_file_with_cover_art_is_not_a_video(archive):
     _, manifest = archive
     entry = manifest["song_with_cover.m4a.mp4"]  # was prepared as a one-frame video
     assert entry["status"] == "failed"
-    assert entry["reason"] == "no video stream (streams: audio, video); its only picture is a cover image (attached picture)"
+    assert (
+        entry["reason"]
+        == "no video stream (streams: audio, video); its only picture is a cover image (attached picture)"
+    )
 
 
 def test_a_codec_without_a_decoder(archive):
@@ -151,8 +161,9 @@ def test_damaged_float_audio_becomes_silence_and_the_video_partial(archive):
     out, manifest = archive
     entry = manifest["damaged_float_audio.mkv"]
     assert entry["status"] == "partial" and entry["frames"] == 60 and entry["has_audio"]
-    assert entry["reason"] == ("160 audio sample(s) were not numbers or far beyond full scale "
-                               "(a damaged float stream) and became silence")
+    assert entry["reason"] == (
+        "160 audio sample(s) were not numbers or far beyond full scale (a damaged float stream) and became silence"
+    )
     spectrogram = open_store(out).record(entry["id"]).spectrogram()
     assert spectrogram.shape == (128, 256) and torch.isfinite(spectrogram).all()
     assert int(spectrogram.mean(dim=1).argmax()) == mel_bin_for_frequency(500, AudioConfig())
@@ -205,7 +216,9 @@ def test_the_policy_accepts_sentences_that_quote_a_library():
 def test_an_unexpected_error_is_caught_per_video_and_counted_as_internal(tmp_path):
     # A resize mode the command line never lets through: a bug in a caller, not bad input.
     make_video(tmp_path / "fine.mp4", seconds=0.5)
-    video = lists.InputVideo(id="fine", source="fine.mp4", path=str(tmp_path / "fine.mp4"), label=None, label_index=None)
+    video = lists.InputVideo(
+        id="fine", source="fine.mp4", path=str(tmp_path / "fine.mp4"), label=None, label_index=None
+    )
     entry, parts, pending = process_video(video, PrepareConfig(resize="diagonal", flow="none"))
     assert parts is None and pending is None
     assert entry["status"] == "failed" and entry["internal_error"] == "ValueError"

@@ -75,7 +75,18 @@ def test_every_input_has_exactly_one_line(bad_source, bad_out, manifest):
     lines = (bad_out / schema.MANIFEST_FILE).read_text().splitlines()
     assert sorted(json.loads(line)["source"] for line in lines) == sorted(videos)
     for entry in manifest.values():
-        for key in ("id", "source", "label", "label_index", "status", "reason", "frames", "seconds", "has_audio", "bytes"):
+        for key in (
+            "id",
+            "source",
+            "label",
+            "label_index",
+            "status",
+            "reason",
+            "frames",
+            "seconds",
+            "has_audio",
+            "bytes",
+        ):
             assert key in entry, (entry["source"], key)
         assert entry["status"] in ("ok", "partial", "failed")
         assert (entry["reason"] is None) == (entry["status"] == "ok"), entry

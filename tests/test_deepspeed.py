@@ -15,16 +15,17 @@ import importlib.util
 import subprocess
 
 import pytest
+import scale_helpers as helpers
 import torch
 from conftest import REPO, tiny_overrides
 from safetensors.torch import load_file
 
-import scale_helpers as helpers
 from tricoclr.checkpoint import newest_checkpoint
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("transformers") is None,
-    reason="DeepSpeed path needs `pip install -e .[deepspeed]` (deepspeed and transformers)")
+    reason="DeepSpeed path needs `pip install -e .[deepspeed]` (deepspeed and transformers)",
+)
 
 STAGES = ["pretrain-rgb", "pretrain-flow", "cycle1-rgb", "cycle1-flow"]
 
@@ -32,8 +33,14 @@ STAGES = ["pretrain-rgb", "pretrain-flow", "cycle1-rgb", "cycle1-flow"]
 def overrides(data, out, **extra):
     # deterministic=false: torch's deterministic mode fills every new tensor, and ZeRO-2 allocates
     # gradient buckets of 5e8 elements per micro-step (seconds each on CPU). SGD: see test_scale.py.
-    base = dict(modalities="[rgb,flow]", max_steps_per_stage=2, batch_size=2, grad_accum_steps=2,
-                deterministic="false", **{"optim.grad_clip": 0.5, "optim.name": "sgd", "optim.lr": 0.05})
+    base = dict(
+        modalities="[rgb,flow]",
+        max_steps_per_stage=2,
+        batch_size=2,
+        grad_accum_steps=2,
+        deterministic="false",
+        **{"optim.grad_clip": 0.5, "optim.name": "sgd", "optim.lr": 0.05},
+    )
     base.update(extra)
     return tiny_overrides(data, out, **base)
 
@@ -52,7 +59,9 @@ def deepspeed_launch(zero_stage, dump, args):
 @pytest.fixture(scope="module")
 def without_deepspeed(train_lmdb, tmp_path_factory):
     root = tmp_path_factory.mktemp("plain")
-    assert helpers.main(["--dump", str(root / "dump"), "--record-grads", "--", *overrides(train_lmdb, root / "out")]) == 0
+    assert (
+        helpers.main(["--dump", str(root / "dump"), "--record-grads", "--", *overrides(train_lmdb, root / "out")]) == 0
+    )
     # Clipping is active in these runs (so matching them shows DeepSpeed clips as configured).
     norms = [float(g.norm()) for g in load_file(str(root / "dump" / "rank0" / "grads.safetensors")).values()]
     assert max(norms) == pytest.approx(0.5, rel=1e-4)
@@ -67,13 +76,17 @@ def assert_matches(dump, reference):
         for name in ours:
             assert ours[name].dtype == theirs[name].dtype, name
             assert torch.allclose(ours[name].float(), theirs[name].float(), rtol=1e-5, atol=1e-6), (
-                f"{stage}: {name} max diff {(ours[name].float() - theirs[name].float()).abs().max()}")
+                f"{stage}: {name} max diff {(ours[name].float() - theirs[name].float()).abs().max()}"
+            )
 
 
 @pytest.mark.slow
 def test_zero1_matches_the_run_without_deepspeed(train_lmdb, tmp_path, without_deepspeed):
     deepspeed_launch(1, tmp_path / "dump", overrides(train_lmdb, tmp_path / "out"))
-    losses, expected = helpers.load_summary(tmp_path / "dump")["losses"], helpers.load_summary(without_deepspeed)["losses"]
+    losses, expected = (
+        helpers.load_summary(tmp_path / "dump")["losses"],
+        helpers.load_summary(without_deepspeed)["losses"],
+    )
     assert losses.keys() == expected.keys()
     assert all(losses[s] == pytest.approx(expected[s], rel=1e-5) for s in losses)
     assert_matches(tmp_path / "dump", without_deepspeed)

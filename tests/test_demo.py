@@ -25,7 +25,10 @@ REQUIRED_KEYS = {"model", "modalities", "R@1", "R@5", "R@10", "linear_top1"}
 def _demo(out: Path) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "tricoclr.cli", "demo", "--quick", "--out", str(out), "--workers", "1"],
-        capture_output=True, text=True, timeout=900, cwd=out.parent,  # not the repository: paths must resolve anyway
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=out.parent,  # not the repository: paths must resolve anyway
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -55,7 +58,9 @@ def test_quick_demo_writes_the_ablation_and_reuses_finished_work(tmp_path):
     assert rows["InfoNCE"]["modalities"] == "RGB"
     assert rows["TriCoCLR, standardized oracle"]["modalities"] == "RGB+Flow+Audio"
     # Each row's extra overrides reach its training run (the resolved config records them).
-    resolved = yaml.safe_load((out / "runs" / "seed0" / slug("TriCoCLR, standardized oracle") / "config.yaml").read_text())
+    resolved = yaml.safe_load(
+        (out / "runs" / "seed0" / slug("TriCoCLR, standardized oracle") / "config.yaml").read_text()
+    )
     assert resolved["method"]["oracle_similarity"] == "standardized"
     resolved = yaml.safe_load((out / "runs" / "seed0" / slug("TriCoCLR") / "config.yaml").read_text())
     assert resolved["method"]["oracle_similarity"] == "cosine_sum"

@@ -49,7 +49,7 @@ def test_single_process_equals_torch_batch_norm(batch_norm, shape):
     assert isinstance(converted, GlobalBatchNorm)
     assert (converted.momentum, converted.eps) == (reference.momentum, reference.eps)
     generator = torch.Generator().manual_seed(1)
-    for step in range(2):  # two steps: running statistics accumulate the same way
+    for _step in range(2):  # two steps: running statistics accumulate the same way
         x = (torch.randn(shape, generator=generator) * 3 + 1).requires_grad_(True)
         x_reference = x.detach().clone().requires_grad_(True)
         upstream = torch.randn(shape, generator=generator)
@@ -71,7 +71,8 @@ def test_single_process_equals_torch_batch_norm(batch_norm, shape):
 
 def test_convert_replaces_nested_batch_norms_and_keeps_their_state():
     model = nn.Sequential(
-        nn.Conv3d(2, 4, 1), nn.BatchNorm3d(4, momentum=0.01),
+        nn.Conv3d(2, 4, 1),
+        nn.BatchNorm3d(4, momentum=0.01),
         nn.Sequential(nn.Flatten(1), nn.BatchNorm1d(4 * 8, eps=1e-3, affine=False)),
     )
     model[1].running_mean.fill_(0.5)
@@ -112,9 +113,7 @@ def global_inputs():
 
 
 def _worker(process_rank: int, processes: int, port: int) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=process_rank, world_size=processes
-    )
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=process_rank, world_size=processes)
     try:
         assert world_size() == processes and rank() == process_rank
         # gather: rank order

@@ -65,14 +65,20 @@ def test_repository_paths_named_in_docs_and_docstrings_exist():
     for folder in CODE_FOLDERS:
         for path in sorted((REPO / folder).rglob("*.py")):
             texts += [(str(path.relative_to(REPO)), text) for text in docstrings(path)]
-    missing = sorted({f"{where}: {name}" for where, text in texts for name in REPO_PATH.findall(text)
-                      if not (REPO / name).exists()})
+    missing = sorted(
+        {f"{where}: {name}" for where, text in texts for name in REPO_PATH.findall(text) if not (REPO / name).exists()}
+    )
     assert not missing, "\n".join(missing)
 
 
 def test_nothing_outside_the_tests_points_outside_the_repository():
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.splitlines()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     found = []
     for name in files:
         path = REPO / name

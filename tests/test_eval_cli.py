@@ -53,8 +53,20 @@ def trained_rgb(train_lmdb, tmp_path_factory) -> Path:
 
 def _prepare(videos: Path, out: Path, *options) -> Path:
     """A fast in-process prepare (no flow unless asked)."""
-    argv = ["prepare", videos, "--out", out, "--format", "lmdb", "--size", 64, "--workers", 0,
-            "--no-progress", *options]
+    argv = [
+        "prepare",
+        videos,
+        "--out",
+        out,
+        "--format",
+        "lmdb",
+        "--size",
+        64,
+        "--workers",
+        0,
+        "--no-progress",
+        *options,
+    ]
     if "--flow" not in options:
         argv += ["--flow", "none"]
     assert data_main([str(a) for a in argv]) == 0
@@ -86,8 +98,26 @@ def partly_audible_test_store(synth_dataset, tmp_path_factory) -> Path:
 
 
 def _eval(task: str, encoder, train, test, out: Path, *options) -> dict:
-    assert main(["eval", task, "--encoder", str(encoder), "--train", str(train), "--test", str(test),
-                 "--json", str(out), "--workers", "0", *map(str, options)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                task,
+                "--encoder",
+                str(encoder),
+                "--train",
+                str(train),
+                "--test",
+                str(test),
+                "--json",
+                str(out),
+                "--workers",
+                "0",
+                *map(str, options),
+            ]
+        )
+        == 0
+    )
     return json.loads(out.read_text())
 
 
@@ -126,24 +156,39 @@ def _check_recalls(metrics: dict, num_train: int, num_test: int) -> None:
 # ---- retrieval --------------------------------------------------------------------------------
 
 
-def test_retrieval_of_a_random_encoder_writes_json_table_figure_and_projector(train_lmdb, test_lmdb, small_config,
-                                                                              tmp_path):
+def test_retrieval_of_a_random_encoder_writes_json_table_figure_and_projector(
+    train_lmdb, test_lmdb, small_config, tmp_path
+):
     out = tmp_path / "results" / "random.json"
-    metrics = _eval("retrieval", "random", train_lmdb, test_lmdb, out, "--config", small_config,
-                    "--cache-dir", tmp_path / "cache", "--png", tmp_path / "figure.png",
-                    "--projector", tmp_path / "projector")
+    metrics = _eval(
+        "retrieval",
+        "random",
+        train_lmdb,
+        test_lmdb,
+        out,
+        "--config",
+        small_config,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--png",
+        tmp_path / "figure.png",
+        "--projector",
+        tmp_path / "projector",
+    )
     _check_recalls(metrics, num_train=12, num_test=4)
     assert metrics["excluded"] == {"train": 0, "test": 0}
     assert metrics["data"] == SMALL_CLIP and metrics["model"] == "random init"
 
     table = out.with_suffix(".md").read_text().splitlines()
-    assert table[0].split("|")[1:-1] == [f" {c} " for c in ["model", "RGB", "Flow", "Audio", "RGBDiff",
-                                                              *RECALL_KEYS, "chance_R@1"]]
+    assert table[0].split("|")[1:-1] == [
+        f" {c} " for c in ["model", "RGB", "Flow", "Audio", "RGBDiff", *RECALL_KEYS, "chance_R@1"]
+    ]
     assert table[2].startswith("| random init | ✓ |  |  |  | ") and len(table) == 3
 
     # One row per test class (4), a query and its 5 neighbours per row: the report's documented size.
-    expected = retrieval_figure([torch.zeros(3, 8, 8)] * 4, [[torch.zeros(3, 8, 8)] * 5] * 4, [0] * 4,
-                                [[0] * 5] * 4, tmp_path / "blank.png").size
+    expected = retrieval_figure(
+        [torch.zeros(3, 8, 8)] * 4, [[torch.zeros(3, 8, 8)] * 5] * 4, [0] * 4, [[0] * 5] * 4, tmp_path / "blank.png"
+    ).size
     with Image.open(tmp_path / "figure.png") as figure:
         assert figure.size == expected
         assert len(figure.convert("RGB").getcolors(maxcolors=1 << 20)) > 1000  # real frames, not a blank canvas
@@ -164,11 +209,27 @@ def _console_command() -> list[str]:
 
 def test_retrieval_of_a_trained_encoder_from_the_command_line(trained_rgb, train_lmdb, test_lmdb, tmp_path):
     out = tmp_path / "trained.json"
-    command = [*_console_command(), "eval", "retrieval", "--encoder", trained_rgb, "--train", train_lmdb,
-               "--test", test_lmdb, "--json", out, "--workers", "0", "--cache-dir", tmp_path / "cache"]
+    command = [
+        *_console_command(),
+        "eval",
+        "retrieval",
+        "--encoder",
+        trained_rgb,
+        "--train",
+        train_lmdb,
+        "--test",
+        test_lmdb,
+        "--json",
+        out,
+        "--workers",
+        "0",
+        "--cache-dir",
+        tmp_path / "cache",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(c) for c in command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=180)
+    result = subprocess.run(
+        [str(c) for c in command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(out.read_text())
     _check_recalls(metrics, num_train=12, num_test=4)
@@ -178,15 +239,37 @@ def test_retrieval_of_a_trained_encoder_from_the_command_line(trained_rgb, train
     assert "| infonce (pretrain-rgb) | ✓ |" in result.stdout
 
 
-def test_audio_and_flow_encoders_are_evaluated_and_inaudible_videos_counted(train_lmdb, test_lmdb,
-                                                                           partly_audible_test_store, small_config,
-                                                                           tmp_path):
-    audio = _eval("retrieval", "random", train_lmdb, partly_audible_test_store, tmp_path / "audio.json",
-                  "--config", small_config, "--modality", "audio", "--no-cache")
+def test_audio_and_flow_encoders_are_evaluated_and_inaudible_videos_counted(
+    train_lmdb, test_lmdb, partly_audible_test_store, small_config, tmp_path
+):
+    audio = _eval(
+        "retrieval",
+        "random",
+        train_lmdb,
+        partly_audible_test_store,
+        tmp_path / "audio.json",
+        "--config",
+        small_config,
+        "--modality",
+        "audio",
+        "--no-cache",
+    )
     _check_recalls(audio, num_train=12, num_test=2)
     assert audio["excluded"] == {"train": 0, "test": 2} and audio["modality"] == "audio"
-    flow = _eval("retrieval", "random", train_lmdb, test_lmdb, tmp_path / "flow.json",
-                 "--config", small_config, "--modality", "flow", "--no-cache", "--png", tmp_path / "flow.png")
+    flow = _eval(
+        "retrieval",
+        "random",
+        train_lmdb,
+        test_lmdb,
+        tmp_path / "flow.json",
+        "--config",
+        small_config,
+        "--modality",
+        "flow",
+        "--no-cache",
+        "--png",
+        tmp_path / "flow.png",
+    )
     _check_recalls(flow, num_train=12, num_test=4)
     assert (tmp_path / "flow.png").exists()  # thumbnails are RGB frames whatever the modality
     assert "[flow encoder]" in (tmp_path / "flow.md").read_text()
@@ -231,8 +314,10 @@ def test_features_do_not_depend_on_the_store_format(train_lmdb, train_wds):
 def test_the_cache_is_used_and_keyed_by_the_encoder_file(train_lmdb, test_lmdb, tmp_path):
     cache = tmp_path / "cache"
     first_file = _random_encoder_file(tmp_path / "a" / "rgb.safetensors", seed=1)
-    run = lambda encoder, name: _eval("retrieval", encoder, train_lmdb, test_lmdb, tmp_path / name,
-                                      "--cache-dir", cache)
+
+    def run(encoder, name):
+        return _eval("retrieval", encoder, train_lmdb, test_lmdb, tmp_path / name, "--cache-dir", cache)
+
     with ForwardCounter() as computed:
         first = run(first_file, "first.json")
     assert computed.calls > 0 and len(list(cache.glob("*.safetensors"))) == 2  # train and test
@@ -254,8 +339,15 @@ def test_stores_prepared_with_different_class_lists_are_refused(synth_dataset, t
     names = [line.split(" ", 1)[1] for line in (synth_dataset / "splits" / "classInd.txt").read_text().splitlines()]
     reordered = tmp_path / "classInd.txt"
     reordered.write_text("".join(f"{i + 1} {name}\n" for i, name in enumerate(reversed(names))))
-    other = _prepare(synth_dataset / "videos", tmp_path / "other_test", "--list", synth_dataset / "splits" / "testlist01.txt",
-                     "--class-index", reordered, "--no-audio")
+    other = _prepare(
+        synth_dataset / "videos",
+        tmp_path / "other_test",
+        "--list",
+        synth_dataset / "splits" / "testlist01.txt",
+        "--class-index",
+        reordered,
+        "--no-audio",
+    )
     with pytest.raises(SystemExit, match="label mismatch.*another order"):
         _eval("retrieval", "random", train_lmdb, other, tmp_path / "x.json", "--config", small_config, "--no-cache")
     assert not (tmp_path / "x.json").exists()
@@ -277,8 +369,17 @@ def test_unlabelled_stores_are_refused(synth_dataset, train_lmdb, small_config, 
 
 
 def test_linear_probe_reports_top1_and_top5(train_lmdb, test_lmdb, small_config, tmp_path):
-    metrics = _eval("linear", "random", train_lmdb, test_lmdb, tmp_path / "linear.json", "--config", small_config,
-                    "--cache-dir", tmp_path / "cache")
+    metrics = _eval(
+        "linear",
+        "random",
+        train_lmdb,
+        test_lmdb,
+        tmp_path / "linear.json",
+        "--config",
+        small_config,
+        "--cache-dir",
+        tmp_path / "cache",
+    )
     assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 100.0
     assert metrics["top5"] == 100.0  # 4 classes: all are within the top 5
     assert metrics["selection"]["num_fit"] + metrics["selection"]["num_val"] == metrics["num_train"] == 12
@@ -287,8 +388,23 @@ def test_linear_probe_reports_top1_and_top5(train_lmdb, test_lmdb, small_config,
 
 
 def _finetune(train, test, config, json_path: Path, epochs: int, output_dir: Path) -> dict:
-    return _eval("finetune", "random", train, test, json_path, "--config", config, "--finetune-epochs", epochs,
-                 "--finetune-batch-size", 4, "--output-dir", output_dir, "--max-clips", 4)
+    return _eval(
+        "finetune",
+        "random",
+        train,
+        test,
+        json_path,
+        "--config",
+        config,
+        "--finetune-epochs",
+        epochs,
+        "--finetune-batch-size",
+        4,
+        "--output-dir",
+        output_dir,
+        "--max-clips",
+        4,
+    )
 
 
 def test_finetune_checkpoints_and_resumes_exactly(train_lmdb, test_lmdb, small_config, tmp_path):
@@ -315,17 +431,63 @@ def test_finetune_checkpoints_and_resumes_exactly(train_lmdb, test_lmdb, small_c
 def test_finetune_refuses_a_checkpoint_of_another_run(train_lmdb, test_lmdb, small_config, tmp_path):
     _finetune(train_lmdb, test_lmdb, small_config, tmp_path / "a.json", 1, tmp_path / "ft")
     with pytest.raises(SystemExit, match="another fine-tuning run.*seed"):
-        _eval("finetune", "random", train_lmdb, test_lmdb, tmp_path / "b.json", "--config", small_config,
-              "--finetune-epochs", 2, "--finetune-batch-size", 4, "--output-dir", tmp_path / "ft", "--seed", 3)
+        _eval(
+            "finetune",
+            "random",
+            train_lmdb,
+            test_lmdb,
+            tmp_path / "b.json",
+            "--config",
+            small_config,
+            "--finetune-epochs",
+            2,
+            "--finetune-batch-size",
+            4,
+            "--output-dir",
+            tmp_path / "ft",
+            "--seed",
+            3,
+        )
 
 
 def test_finetune_under_accelerate_launch(train_lmdb, test_lmdb, small_config, tmp_path):
     out = tmp_path / "launched.json"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "tricoclr.cli", "eval", "finetune", "--encoder", "random", "--config", small_config,
-               "--train", train_lmdb, "--test", test_lmdb, "--json", out, "--workers", "0",
-               "--finetune-epochs", "1", "--finetune-batch-size", "4", "--max-clips", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "tricoclr.cli",
+        "eval",
+        "finetune",
+        "--encoder",
+        "random",
+        "--config",
+        small_config,
+        "--train",
+        train_lmdb,
+        "--test",
+        test_lmdb,
+        "--json",
+        out,
+        "--workers",
+        "0",
+        "--finetune-epochs",
+        "1",
+        "--finetune-batch-size",
+        "4",
+        "--max-clips",
+        "2",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([str(c) for c in command], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -21,11 +21,18 @@ from tricoclr.eval.report import (
 def test_markdown_table_with_modality_checks_and_ci():
     rows = [
         {"model": "CoCLR", "modalities": "RGB+Flow", "R@1": 44.5, "R@5": 60.6},
-        {"model": "TriCoCLR", "modalities": ["rgb", "flow", "audio"], "R@1": 45.93, "R@1_ci": (44.21, 47.6),
-         "R@5": 64.1, "R@5_ci": 1.25},
+        {
+            "model": "TriCoCLR",
+            "modalities": ["rgb", "flow", "audio"],
+            "R@1": 45.93,
+            "R@1_ci": (44.21, 47.6),
+            "R@5": 64.1,
+            "R@5_ci": 1.25,
+        },
     ]
-    table = markdown_table(rows, ["model", "modalities", "R@1", "R@5", "num_test"],
-                           modality_columns=["RGB", "Flow", "Audio"])
+    table = markdown_table(
+        rows, ["model", "modalities", "R@1", "R@5", "num_test"], modality_columns=["RGB", "Flow", "Audio"]
+    )
     assert table == (
         "| model | RGB | Flow | Audio | R@1 | R@5 | num_test |\n"
         "| --- | :---: | :---: | :---: | ---: | ---: | --- |\n"
@@ -44,17 +51,27 @@ def test_markdown_table_plain_columns_and_ints():
 
 
 def test_markdown_table_signed_for_differences():
-    rows = [{"difference": "A − B", "R@1": 2.25, "R@1_ci": [-0.04, 4.4]}, {"difference": "C − D", "R@1": -1.6, "R@1_ci": [-3.1, 0.0]}]
+    rows = [
+        {"difference": "A − B", "R@1": 2.25, "R@1_ci": [-0.04, 4.4]},
+        {"difference": "C − D", "R@1": -1.6, "R@1_ci": [-3.1, 0.0]},
+    ]
     table = markdown_table(rows, ["difference", "R@1"], signed=True)
-    assert table.splitlines() == ["| difference | R@1 |", "| --- | ---: |",
-                                  "| A − B | +2.2 [-0.0, +4.4] |", "| C − D | -1.6 [-3.1, +0.0] |"]
+    assert table.splitlines() == [
+        "| difference | R@1 |",
+        "| --- | ---: |",
+        "| A − B | +2.2 [-0.0, +4.4] |",
+        "| C − D | -1.6 [-3.1, +0.0] |",
+    ]
     assert "| 2.2 [-0.0, 4.4] |" in markdown_table(rows, ["difference", "R@1"])  # unsigned by default
 
 
 def test_markdown_table_rejects_unknown_modality():
     with pytest.raises(ValueError, match="unknown modality"):
-        markdown_table([{"model": "x", "modalities": "RGB+Depth"}], ["model", "modalities"],
-                       modality_columns=["RGB", "Flow", "Audio"])
+        markdown_table(
+            [{"model": "x", "modalities": "RGB+Depth"}],
+            ["model", "modalities"],
+            modality_columns=["RGB", "Flow", "Audio"],
+        )
 
 
 def test_retrieval_figure_size_and_border_colours(tmp_path):
@@ -66,9 +83,19 @@ def test_retrieval_figure_size_and_border_colours(tmp_path):
     neighbours = [[frame, chw_float, frame, frame, frame]] * 2
     neighbour_labels = [[1, 0, 1, 2, 1], [0, 0, 0, 0, 0]]
     path = tmp_path / "figs" / "retrieval.png"
-    retrieval_figure([frame, frame], neighbours, [1, 0], neighbour_labels, path,
-                     class_names=["Archery", "Basketball", "a very long class name indeed"],
-                     tile=tile, border=border, pad=pad, caption_height=caption, query_gap=gap)
+    retrieval_figure(
+        [frame, frame],
+        neighbours,
+        [1, 0],
+        neighbour_labels,
+        path,
+        class_names=["Archery", "Basketball", "a very long class name indeed"],
+        tile=tile,
+        border=border,
+        pad=pad,
+        caption_height=caption,
+        query_gap=gap,
+    )
 
     with Image.open(path) as png:
         image = np.asarray(png.convert("RGB"))
@@ -91,7 +118,7 @@ def test_retrieval_figure_size_and_border_colours(tmp_path):
     second_top = pad + cell + caption + pad
     assert pixel(pad + cell + pad + gap + 1, second_top + 1) == RIGHT_COLOUR
     # Captions are drawn in black below the tiles.
-    assert (image[top + cell: top + cell + caption, pad: pad + cell] < 100).all(axis=2).any()
+    assert (image[top + cell : top + cell + caption, pad : pad + cell] < 100).all(axis=2).any()
 
 
 def test_write_projector_writes_all_files(tmp_path):

@@ -83,7 +83,9 @@ def test_centring_uses_only_the_train_mean():
 
 def test_chunked_neighbours_equal_unchunked():
     generator = torch.Generator().manual_seed(2)
-    train, test = center_and_normalise(torch.randn(300, 16, generator=generator), torch.randn(257, 16, generator=generator))
+    train, test = center_and_normalise(
+        torch.randn(300, 16, generator=generator), torch.randn(257, 16, generator=generator)
+    )
     chunked = nearest_neighbours(train, test, k=7, chunk_size=64)
     whole = nearest_neighbours(train, test, k=7, chunk_size=10_000)
     assert torch.equal(chunked[0], whole[0])

@@ -23,8 +23,10 @@ def test_enqueue_writes_in_fifo_order_and_wraps_around():
     assert queue.keys[:3, 0].tolist() == [1, 2, 3]
     assert int(queue.ptr) == 3 and queue.fill_fraction == 0.75 and not queue.is_full
     queue.enqueue(
-        rows([4, 5, 6], 2), oracle=rows([40, 50, 60], 1),
-        video_ids=torch.tensor([4, 5, 6]), labels=torch.tensor([0, 1, 2]),
+        rows([4, 5, 6], 2),
+        oracle=rows([40, 50, 60], 1),
+        video_ids=torch.tensor([4, 5, 6]),
+        labels=torch.tensor([0, 1, 2]),
     )
     # Slot 3 gets 4, then the oldest two (1, 2) are overwritten by 5, 6.
     assert queue.keys[:, 0].tolist() == [5, 6, 3, 4]
@@ -55,8 +57,9 @@ def test_enqueue_detaches_and_casts():
 
 def test_state_dict_round_trip_restores_every_buffer():
     queue = FeatureQueue(size=5, dim=3, oracle_dim=4)
-    queue.enqueue(torch.randn(3, 3), oracle=torch.randn(3, 4), video_ids=torch.tensor([9, 8, 7]),
-                  labels=torch.tensor([1, 1, 0]))
+    queue.enqueue(
+        torch.randn(3, 3), oracle=torch.randn(3, 4), video_ids=torch.tensor([9, 8, 7]), labels=torch.tensor([1, 1, 0])
+    )
     state = queue.state_dict()
     assert set(state) == {"keys", "oracle", "video_ids", "labels", "ptr", "num_filled"}
     restored = FeatureQueue(size=5, dim=3, oracle_dim=4)

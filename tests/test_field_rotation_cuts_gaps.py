@@ -131,9 +131,17 @@ def ffmpeg_display_matrix(clockwise: float, hflip: bool = False, vflip: bool = F
 
 @pytest.mark.parametrize(
     "clockwise, hflip, vflip, rotation, mirror",
-    [(0, False, False, 0, False), (90, False, False, 90, False), (180, False, False, 180, False),
-     (-90, False, False, 270, False), (0, True, False, 0, True), (0, False, True, 180, True),
-     (90, True, False, 90, True), (-90, True, False, 270, True), (80, False, False, 90, False)],
+    [
+        (0, False, False, 0, False),
+        (90, False, False, 90, False),
+        (180, False, False, 180, False),
+        (-90, False, False, 270, False),
+        (0, True, False, 0, True),
+        (0, False, True, 180, True),
+        (90, True, False, 90, True),
+        (-90, True, False, 270, True),
+        (80, False, False, 90, False),
+    ],
 )
 def test_display_matrix_decomposition(clockwise, hflip, vflip, rotation, mirror):
     """Every matrix FFmpeg can write (rotation and flips) is read back as the rotation and mirror
@@ -321,7 +329,8 @@ def test_training_loader_reads_no_frame_across_a_gap(gaps):
     loader = EpochLoader(str(store.root), StageViews(both_views=("rgb",)), cfg, seed=0, batch_size=1)
     reads: dict[str, list[int]] = {}
     loader.dataset.store.on_read = lambda video_id, part, nbytes: (
-        reads.setdefault(video_id, []).append(int(part.split("_")[1])) if part.startswith("rgb") else None)
+        reads.setdefault(video_id, []).append(int(part.split("_")[1])) if part.startswith("rgb") else None
+    )
     for epoch in range(5):
         loader.set_epoch(epoch)
         list(loader)

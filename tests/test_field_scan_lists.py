@@ -31,8 +31,20 @@ QUICK = ("--flow", "none", "--size", "32")
 
 def prepare_cli(source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The real command line, ``tricoclr-data prepare``, in a child process."""
-    argv = [sys.executable, "-m", "data_tools.cli", "prepare", str(source), "--out", str(out), *QUICK,
-            "--workers", "0", "--no-progress", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "data_tools.cli",
+        "prepare",
+        str(source),
+        "--out",
+        str(out),
+        *QUICK,
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
     return subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -55,14 +67,20 @@ def test_field_links_are_links():
 
 def test_folder_scan_over_links_equals_the_list(tmp_path):
     scanned = run_prepare(LINKED / "src", tmp_path / "scan", *QUICK[2:], flow="none")
-    listed = run_prepare(LINKED / "src", tmp_path / "list", *QUICK[2:], "--list", str(LINKED / "list_all.txt"),
-                         flow="none")
-    expected = {"Run/run_01.mp4": "Run", "Run/linked_clip.mp4": "Run", "Jump/jump_01.mp4": "Jump",
-                "Jump/jump_02.mp4": "Jump"}
+    listed = run_prepare(
+        LINKED / "src", tmp_path / "list", *QUICK[2:], "--list", str(LINKED / "list_all.txt"), flow="none"
+    )
+    expected = {
+        "Run/run_01.mp4": "Run",
+        "Run/linked_clip.mp4": "Run",
+        "Jump/jump_01.mp4": "Jump",
+        "Jump/jump_02.mp4": "Jump",
+    }
     assert {source: entry["label"] for source, entry in scanned.items()} == expected
     assert all(entry["status"] == "ok" for entry in scanned.values())
     assert {s: (e["id"], e["label_index"]) for s, e in scanned.items()} == {
-        s: (e["id"], e["label_index"]) for s, e in listed.items()}
+        s: (e["id"], e["label_index"]) for s, e in listed.items()
+    }
     for out in (tmp_path / "scan", tmp_path / "list"):
         assert json.loads((out / schema.CLASSES_FILE).read_text())["names"] == ["Jump", "Run"]
         assert summary(out)["labels"] == {"Jump": 2, "Run": 2}
@@ -103,17 +121,22 @@ def test_a_class_folder_of_which_nothing_is_kept_is_named(tmp_path):
         (src / "Swim" / name).write_bytes(b"")
     found, ignored, warnings = lists.scan_folder(src)
     assert found == ["Run/run_01.mp4"] and ignored == ["Swim/a.mp4.part", "Swim/b.mp4.part"]
-    assert warnings == ["Swim/: none of its 2 file(s) is prepared (e.g. Swim/a.mp4.part): no video extension "
-                        "(see --extensions), hidden or a bad link"]
+    assert warnings == [
+        "Swim/: none of its 2 file(s) is prepared (e.g. Swim/a.mp4.part): no video extension "
+        "(see --extensions), hidden or a bad link"
+    ]
 
 
 # ---- lists with spaces, CRLF, BOM, non-ASCII names ----------------------------------------------
 
 
-@pytest.mark.parametrize("list_name, expected", [
-    ("trainlist01.txt", {"Jump/plain.mp4": "Jump", "Jump/my clip (2).mp4": "Jump", "Tanzen/Übung_ä.mp4": "Tanzen"}),
-    ("trainlist02.txt", {"Playing Guitar/take 01.mp4": "Playing Guitar"}),
-])
+@pytest.mark.parametrize(
+    "list_name, expected",
+    [
+        ("trainlist01.txt", {"Jump/plain.mp4": "Jump", "Jump/my clip (2).mp4": "Jump", "Tanzen/Übung_ä.mp4": "Tanzen"}),
+        ("trainlist02.txt", {"Playing Guitar/take 01.mp4": "Playing Guitar"}),
+    ],
+)
 def test_field_lists_with_spaces_prepare_every_file_with_its_class(tmp_path, list_name, expected):
     assert b"\r\n" in (SPACES / "lists" / list_name).read_bytes()  # written on Windows
     result = prepare_cli(SPACES / "src", tmp_path / "out", "--list", str(SPACES / "lists" / list_name))
@@ -125,18 +148,21 @@ def test_field_lists_with_spaces_prepare_every_file_with_its_class(tmp_path, lis
     assert indices == {source: classes.index(label) for source, label in expected.items()}
 
 
-@pytest.mark.parametrize("line, number_first, expected", [
-    ("Jump/my clip (2).mp4 1\r\n", False, ("Jump/my clip (2).mp4", 1)),
-    ("Playing Guitar/take 01.mp4\t2", False, ("Playing Guitar/take 01.mp4", 2)),
-    ("  Tanzen/Übung_ä.mp4 3  ", False, ("Tanzen/Übung_ä.mp4", 3)),
-    ("Jump/clip 2.mp4", False, ("Jump/clip 2.mp4", None)),  # "2.mp4" is no number: all path
-    ("Jump/plain.mp4", False, ("Jump/plain.mp4", None)),
-    ("Jump/clip ٣", False, ("Jump/clip ٣", None)),  # only ASCII digits are a label
-    ("2 Playing Guitar\r\n", True, ("Playing Guitar", 2)),
-    ("10\tair drumming", True, ("air drumming", 10)),
-    ("Jump", True, ("Jump", None)),
-    ("24 7 Fitness", True, ("7 Fitness", 24)),
-])
+@pytest.mark.parametrize(
+    "line, number_first, expected",
+    [
+        ("Jump/my clip (2).mp4 1\r\n", False, ("Jump/my clip (2).mp4", 1)),
+        ("Playing Guitar/take 01.mp4\t2", False, ("Playing Guitar/take 01.mp4", 2)),
+        ("  Tanzen/Übung_ä.mp4 3  ", False, ("Tanzen/Übung_ä.mp4", 3)),
+        ("Jump/clip 2.mp4", False, ("Jump/clip 2.mp4", None)),  # "2.mp4" is no number: all path
+        ("Jump/plain.mp4", False, ("Jump/plain.mp4", None)),
+        ("Jump/clip ٣", False, ("Jump/clip ٣", None)),  # only ASCII digits are a label
+        ("2 Playing Guitar\r\n", True, ("Playing Guitar", 2)),
+        ("10\tair drumming", True, ("air drumming", 10)),
+        ("Jump", True, ("Jump", None)),
+        ("24 7 Fitness", True, ("7 Fitness", 24)),
+    ],
+)
 def test_one_rule_splits_list_and_class_index_lines(line, number_first, expected):
     assert lists.split_numbered_line(line, number_first) == expected
 
@@ -166,8 +192,11 @@ def test_a_label_number_names_the_class_and_contradictions_are_errors(tmp_path):
     index = str(SPACES / "lists" / "classInd.txt")
     loose = tmp_path / "loose.txt"
     loose.write_text("Jump/plain.mp4 1\nTanzen/Übung_ä.mp4 2\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"loose.txt:2: 'Tanzen/Übung_ä.mp4' is in class folder 'Tanzen' but its "
-                                         r"label 2 is 'Playing Guitar'"):
+    with pytest.raises(
+        ValueError,
+        match=r"loose.txt:2: 'Tanzen/Übung_ä.mp4' is in class folder 'Tanzen' but its "
+        r"label 2 is 'Playing Guitar'",
+    ):
         lists.collect_inputs(SPACES / "src", [str(loose)], class_index=index)
     loose.write_text("Jump/plain.mp4 7\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"label 7 of 'Jump/plain.mp4' is not a class number \(1-3"):

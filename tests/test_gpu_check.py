@@ -24,8 +24,17 @@ HAS_DEEPSPEED = all(importlib.util.find_spec(m) is not None for m in ("deepspeed
 
 def run_check(tmp_path, *args, timeout=900):
     report = tmp_path / "report.json"
-    command = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--json", str(report),
-               "--work-dir", str(tmp_path / "work"), *args]
+    command = [
+        sys.executable,
+        "benchmarks/gpu_check.py",
+        "--device",
+        "cpu",
+        "--json",
+        str(report),
+        "--work-dir",
+        str(tmp_path / "work"),
+        *args,
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
     return result, (json.loads(report.read_text()) if report.exists() else None)
 

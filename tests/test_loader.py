@@ -31,13 +31,22 @@ FRAMES, STRIDE, SIZE, STEPS = 4, 2, 32, 32
 
 def data_cfg(workers: int = 0, **extra) -> dict:
     cfg = copy.deepcopy(DEFAULTS["data"])
-    cfg.update(workers=workers, clip_frames=FRAMES, clip_stride=STRIDE, size=SIZE, spectrogram_steps=STEPS,
-               shuffle_buffer=4, prefetch_factor=2, **extra)
+    cfg.update(
+        workers=workers,
+        clip_frames=FRAMES,
+        clip_stride=STRIDE,
+        size=SIZE,
+        spectrogram_steps=STEPS,
+        shuffle_buffer=4,
+        prefetch_factor=2,
+        **extra,
+    )
     return cfg
 
 
-def epoch_batches(path, views=COOPERATIVE, workers=0, batch_size=2, epoch=0, start_batch=0, seed=0,
-                  rank=0, world_size=1) -> list[dict]:
+def epoch_batches(
+    path, views=COOPERATIVE, workers=0, batch_size=2, epoch=0, start_batch=0, seed=0, rank=0, world_size=1
+) -> list[dict]:
     """One epoch of one rank; the loader (and its LMDB environment) is closed before returning."""
     loader = EpochLoader(str(path), views, data_cfg(workers), seed, batch_size, rank=rank, world_size=world_size)
     loader.set_epoch(epoch, start_batch)
@@ -96,8 +105,19 @@ def test_cooperative_batch_layout(store, request):
     path = request.getfixturevalue(store)
     metas = open_store(path).videos()
     batch = epoch_batches(path)[0]
-    assert set(batch) == {"video_index", "video_id", "label", BROKEN_KEY, "rgb.view1", "rgb.view2",
-                          "rgb.view1.params", "rgb.view2.params", "flow.view2", "flow.view2.params", "audio.view2"}
+    assert set(batch) == {
+        "video_index",
+        "video_id",
+        "label",
+        BROKEN_KEY,
+        "rgb.view1",
+        "rgb.view2",
+        "rgb.view1.params",
+        "rgb.view2.params",
+        "flow.view2",
+        "flow.view2.params",
+        "audio.view2",
+    }
     assert batch["rgb.view1"].shape == batch["rgb.view2"].shape == (2, 3, FRAMES, SIZE, SIZE)
     assert batch["rgb.view1"].dtype == torch.uint8  # photometric part on the device
     # flow travels quantised; the device applies its per-clip affine (dequantise, gain, flip, normalise)
@@ -148,8 +168,9 @@ def test_rgb_only_stage_reads_only_the_sampled_rgb_chunks(train_lmdb):
     for i in indices_of(batches):
         starts = sampled_starts(metas[i], 3, 1, i)
         # record() reads the meta from the store; then the chunks of the two clips, nothing else.
-        expected[metas[i]["id"]] = {schema.META_PART} | clip_chunks(metas[i], "rgb", starts[0]) | clip_chunks(
-            metas[i], "rgb", starts[1])
+        expected[metas[i]["id"]] = (
+            {schema.META_PART} | clip_chunks(metas[i], "rgb", starts[0]) | clip_chunks(metas[i], "rgb", starts[1])
+        )
     assert reads == expected
 
 
@@ -162,7 +183,8 @@ def test_samplers_read_the_frames_of_the_key_clip(train_lmdb):
         parts = reads[metas[i]["id"]]
         assert {p for p in parts if p.startswith("flow")} == clip_chunks(metas[i], "flow", starts[1])
         assert {p for p in parts if p.startswith("rgb")} == clip_chunks(metas[i], "rgb", starts[0]) | clip_chunks(
-            metas[i], "rgb", starts[1])
+            metas[i], "rgb", starts[1]
+        )
         assert schema.AUDIO_PART in parts
 
 
@@ -170,7 +192,11 @@ def test_samplers_read_the_frames_of_the_key_clip(train_lmdb):
 def test_rgb_only_stage_has_no_flow_or_audio(store, request):
     batch = epoch_batches(request.getfixturevalue(store), views=RGB_ONLY)[0]
     assert {k for k in batch if k.startswith(("rgb", "flow", "audio"))} == {
-        "rgb.view1", "rgb.view2", "rgb.view1.params", "rgb.view2.params"}
+        "rgb.view1",
+        "rgb.view2",
+        "rgb.view1.params",
+        "rgb.view2.params",
+    }
 
 
 # ---- determinism ------------------------------------------------------------------------------
@@ -235,8 +261,12 @@ def test_wds_two_ranks_two_workers_no_duplicates_equal_batches(shards, train_wds
 def test_the_circle_is_cut_into_consecutive_pieces_each_sample_once():
     counts = [("s0", 5), ("s1", 0), ("s2", 3), ("s3", 4)]  # 12 samples; s1 has none usable
     pieces = cut_circle(counts, offset=7, sizes=[4, 4, 3, 1])
-    assert pieces == [[("s2", 2, 3), ("s3", 0, 3)], [("s3", 3, 4), ("s0", 0, 3)], [("s0", 3, 5), ("s2", 0, 1)],
-                      [("s2", 1, 2)]]
+    assert pieces == [
+        [("s2", 2, 3), ("s3", 0, 3)],
+        [("s3", 3, 4), ("s0", 0, 3)],
+        [("s0", 3, 5), ("s2", 0, 1)],
+        [("s2", 1, 2)],
+    ]
     covered = [(shard, p) for piece in pieces for shard, first, end in piece for p in range(first, end)]
     assert sorted(covered) == sorted((shard, p) for shard, n in counts for p in range(n))
 
@@ -263,8 +293,11 @@ def test_resume_point_follows_the_loaders_chunk_cycle():
 
 def test_rebatch_joins_chunks_into_whole_batches_in_order():
     def chunk(first, n):
-        return {"video_index": torch.arange(first, first + n), "video_id": [f"v{i}" for i in range(first, first + n)],
-                "x.params": {"scale": torch.arange(first, first + n).float()}}
+        return {
+            "video_index": torch.arange(first, first + n),
+            "video_id": [f"v{i}" for i in range(first, first + n)],
+            "x.params": {"scale": torch.arange(first, first + n).float()},
+        }
 
     whole = chunk(0, 3)
     batches = list(rebatch([whole, chunk(3, 2), chunk(5, 3), chunk(8, 1)], 3))
@@ -332,8 +365,9 @@ def test_wds_truncated_shard_keeps_ranks_in_step(wds_small_shards, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     before = DataStats.broken_records
     ranks = [epoch_batches(path, views=RGB_ONLY, workers=2, batch_size=1, rank=r, world_size=2) for r in range(2)]
-    clean = [epoch_batches(wds_small_shards, views=RGB_ONLY, workers=2, batch_size=1, rank=r, world_size=2)
-             for r in range(2)]
+    clean = [
+        epoch_batches(wds_small_shards, views=RGB_ONLY, workers=2, batch_size=1, rank=r, world_size=2) for r in range(2)
+    ]
     assert [len(r) for r in ranks] == [len(r) for r in clean]
     assert DataStats.broken_records - before >= 1
 
@@ -349,5 +383,6 @@ def test_lmdb_resume_yields_exactly_the_remaining_batches(train_lmdb):
 def test_wds_resume_with_workers_yields_exactly_the_remaining_batches(wds_small_shards):
     full = epoch_batches(wds_small_shards, workers=2, batch_size=1, epoch=4)
     for start in (1, 3):
-        assert_batches_equal(epoch_batches(wds_small_shards, workers=2, batch_size=1, epoch=4, start_batch=start),
-                             full[start:])
+        assert_batches_equal(
+            epoch_batches(wds_small_shards, workers=2, batch_size=1, epoch=4, start_batch=start), full[start:]
+        )

@@ -48,8 +48,14 @@ def store60(train_wds, tmp_path_factory) -> Path:
 
 
 def one_epoch_of_every_rank(path, workers, batch_size, world_size, epoch=0) -> list[list[int]]:
-    return [indices_of(epoch_batches(path, views=RGB_ONLY, workers=workers, batch_size=batch_size, epoch=epoch,
-                                     rank=r, world_size=world_size)) for r in range(world_size)]
+    return [
+        indices_of(
+            epoch_batches(
+                path, views=RGB_ONLY, workers=workers, batch_size=batch_size, epoch=epoch, rank=r, world_size=world_size
+            )
+        )
+        for r in range(world_size)
+    ]
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])

@@ -71,9 +71,7 @@ def test_multi_positive_with_only_the_key_equals_infonce():
     logits = contrastive_logits(query, key, queue, 0.07)
     key_only = torch.zeros_like(logits, dtype=torch.bool)
     key_only[:, 0] = True
-    torch.testing.assert_close(
-        multi_positive_loss(logits, key_only), infonce_loss(query, key, queue, 0.07)
-    )
+    torch.testing.assert_close(multi_positive_loss(logits, key_only), infonce_loss(query, key, queue, 0.07))
 
 
 def test_all_columns_positive_gives_zero_loss():

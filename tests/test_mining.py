@@ -91,8 +91,12 @@ def test_same_video_entries_are_positives_and_excluded_from_the_top_k():
     video_ids = torch.tensor([7, 8])
     queue_video_ids = torch.tensor([7, 3, 4, 7])
     mask = mine_positives(
-        oracle, queue_oracle, k=1,
-        video_ids=video_ids, queue_video_ids=queue_video_ids, same_video_positives=True,
+        oracle,
+        queue_oracle,
+        k=1,
+        video_ids=video_ids,
+        queue_video_ids=queue_video_ids,
+        same_video_positives=True,
     )
     # Row 0: entries 0 and 3 are its video; the top-1 among the others is entry 1 (0.8), not
     # entry 0 (1.0, already positive). Row 1: no same-video entry; top-1 is entry 2.
@@ -106,9 +110,13 @@ def test_same_video_positives_apply_before_the_queue_is_full_and_ignore_unfilled
     video_ids = torch.tensor([5, -1])  # -1: unknown video
     queue_video_ids = torch.tensor([5, -1, -1, 2])  # -1: unfilled slots
     mask = mine_positives(
-        torch.ones(2, 3), torch.ones(4, 3), k=2,
-        video_ids=video_ids, queue_video_ids=queue_video_ids,
-        same_video_positives=True, queue_full=False,
+        torch.ones(2, 3),
+        torch.ones(4, 3),
+        k=2,
+        video_ids=video_ids,
+        queue_video_ids=queue_video_ids,
+        same_video_positives=True,
+        queue_full=False,
     )
     assert torch.equal(mask, mask_of([[0, 1], [0]], 5))
 
@@ -161,8 +169,15 @@ def test_cosine_sum_is_the_default_and_bit_identical_to_the_plain_dot_product():
     video_ids, queue_video_ids = torch.arange(8), torch.arange(40) % 10
     expected = old_mine_positives(oracle, queue_oracle, 5, video_ids, queue_video_ids)
     for extra in ({}, {"similarity": "cosine_sum"}, {"similarity": "cosine_sum", "oracle_dims": (16, 16)}):
-        mask = mine_positives(oracle, queue_oracle, 5, video_ids=video_ids, queue_video_ids=queue_video_ids,
-                              same_video_positives=True, **extra)
+        mask = mine_positives(
+            oracle,
+            queue_oracle,
+            5,
+            video_ids=video_ids,
+            queue_video_ids=queue_video_ids,
+            same_video_positives=True,
+            **extra,
+        )
         assert torch.equal(mask, expected)
 
 

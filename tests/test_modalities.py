@@ -19,8 +19,15 @@ from tricoclr.method import build_schedule
 from tricoclr.models.encoder import Encoder, load_encoder, save_encoder
 from tricoclr.trainer import Trainer
 
-SMALL = {"clip_frames": 4, "clip_stride": 2, "size": 32, "spectrogram_steps": 32, "crop_scale": (0.3, 1.0),
-         "min_gap_frames": 0, "short_policy": "overlap"}
+SMALL = {
+    "clip_frames": 4,
+    "clip_stride": 2,
+    "size": 32,
+    "spectrogram_steps": 32,
+    "crop_scale": (0.3, 1.0),
+    "min_gap_frames": 0,
+    "short_policy": "overlap",
+}
 TINY_RGBDIFF = {"model.backbones.rgbdiff": "tiny3d"}
 
 
@@ -42,8 +49,9 @@ def test_a_malformed_entry_or_a_second_registration_is_refused():
     with pytest.raises(ValueError, match="either read stored parts or be derived"):
         registry.Modality("x", "video", 1, "tiny3d", rgb.read, rgb.augment, rgb.present)
     with pytest.raises(ValueError, match="unregistered"):
-        registry.register(registry.Modality("x", "video", 3, "tiny3d", rgb.read, rgb.augment, rgb.present,
-                                            derived_from="depth"))
+        registry.register(
+            registry.Modality("x", "video", 3, "tiny3d", rgb.read, rgb.augment, rgb.present, derived_from="depth")
+        )
     with pytest.raises(ValueError, match="built in"):
         registry.unregister("rgb")
 
@@ -68,8 +76,9 @@ def test_rgbdiff_is_the_difference_of_the_views_rgb_crop_before_jitter(train_lmd
 
 
 def test_a_webdataset_stage_of_rgbdiff_alone_reads_the_stored_rgb(train_wds):
-    stream = WebDatasetPairStream(train_wds, StageViews(("rgbdiff",)), SMALL, seed=0, batch_size=2, rank=0,
-                                  world_size=1, num_workers=1)
+    stream = WebDatasetPairStream(
+        train_wds, StageViews(("rgbdiff",)), SMALL, seed=0, batch_size=2, rank=0, world_size=1, num_workers=1
+    )
     assert stream.wanted_modalities == {"meta", "rgb"}
     assert stream._wanted_member("v_x.rgb_00000.tcf") and not stream._wanted_member("v_x.flow_00000.tcf")
 
@@ -80,11 +89,17 @@ def _losses_finite(summary) -> bool:
 
 def test_coclr_with_the_rgbdiff_oracle_trains_end_to_end(train_lmdb, tmp_path):
     out = tmp_path / "run"
-    config = load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb,rgbdiff]",
-                                                             max_steps_per_stage=2, **TINY_RGBDIFF))
+    config = load_config(
+        "configs/tiny.yaml",
+        tiny_overrides(train_lmdb, out, modalities="[rgb,rgbdiff]", max_steps_per_stage=2, **TINY_RGBDIFF),
+    )
     summary = Trainer(config).run()
-    assert [p.name for p in build_schedule(config)] == ["pretrain-rgb", "pretrain-rgbdiff", "cycle1-rgb",
-                                                        "cycle1-rgbdiff"]
+    assert [p.name for p in build_schedule(config)] == [
+        "pretrain-rgb",
+        "pretrain-rgbdiff",
+        "cycle1-rgb",
+        "cycle1-rgbdiff",
+    ]
     assert summary["global_step"] == 8 and _losses_finite(summary)
     encoder, meta = load_encoder(out / "encoders" / "cycle1-rgb" / "rgb.safetensors")
     assert meta["stage"] == "cycle1-rgb"
@@ -94,8 +109,10 @@ def test_coclr_with_the_rgbdiff_oracle_trains_end_to_end(train_lmdb, tmp_path):
 
 def test_four_modalities_train_each_against_three_frozen_samplers(train_lmdb, tmp_path):
     out = tmp_path / "run"
-    config = load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb,flow,audio,rgbdiff]",
-                                                             max_steps_per_stage=1, **TINY_RGBDIFF))
+    config = load_config(
+        "configs/tiny.yaml",
+        tiny_overrides(train_lmdb, out, modalities="[rgb,flow,audio,rgbdiff]", max_steps_per_stage=1, **TINY_RGBDIFF),
+    )
     schedule = build_schedule(config)
     assert len(schedule) == 8 and all(len(p.samplers) == 3 for p in schedule[4:])
     summary = Trainer(config).run()
@@ -107,19 +124,71 @@ def test_four_modalities_train_each_against_three_frozen_samplers(train_lmdb, tm
 def test_an_rgbdiff_encoder_is_evaluated_and_exported(train_lmdb, test_lmdb, tmp_path):
     torch.manual_seed(0)
     encoder_file = tmp_path / "rgbdiff.safetensors"
-    save_encoder(Encoder("tiny3d", 3), encoder_file, modality="rgbdiff",
-                 extra={"data": {k: SMALL[k] for k in ("clip_frames", "clip_stride", "size", "spectrogram_steps")}})
+    save_encoder(
+        Encoder("tiny3d", 3),
+        encoder_file,
+        modality="rgbdiff",
+        extra={"data": {k: SMALL[k] for k in ("clip_frames", "clip_stride", "size", "spectrogram_steps")}},
+    )
     out = tmp_path / "retrieval.json"
-    assert main(["eval", "retrieval", "--encoder", str(encoder_file), "--train", str(train_lmdb), "--test",
-                 str(test_lmdb), "--json", str(out), "--workers", "0", "--no-cache", "--modality", "rgbdiff"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "retrieval",
+                "--encoder",
+                str(encoder_file),
+                "--train",
+                str(train_lmdb),
+                "--test",
+                str(test_lmdb),
+                "--json",
+                str(out),
+                "--workers",
+                "0",
+                "--no-cache",
+                "--modality",
+                "rgbdiff",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     assert metrics["modality"] == "rgbdiff" and metrics["num_test"] == 4 and 0 <= metrics["R@1"] <= 100
     assert "[rgbdiff encoder]" in out.with_suffix(".md").read_text()
-    common = ["--encoder", str(encoder_file), "--train", str(train_lmdb), "--test", str(test_lmdb), "--workers", "0",
-              "--modality", "rgbdiff"]
+    common = [
+        "--encoder",
+        str(encoder_file),
+        "--train",
+        str(train_lmdb),
+        "--test",
+        str(test_lmdb),
+        "--workers",
+        "0",
+        "--modality",
+        "rgbdiff",
+    ]
     assert main(["eval", "linear", *common, "--no-cache", "--json", str(tmp_path / "linear.json")]) == 0
-    assert main(["eval", "finetune", *common, "--json", str(tmp_path / "finetune.json"), "--finetune-epochs", "1",
-                 "--finetune-batch-size", "4", "--output-dir", str(tmp_path / "finetune"), "--max-clips", "2"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "finetune",
+                *common,
+                "--json",
+                str(tmp_path / "finetune.json"),
+                "--finetune-epochs",
+                "1",
+                "--finetune-batch-size",
+                "4",
+                "--output-dir",
+                str(tmp_path / "finetune"),
+                "--max-clips",
+                "2",
+            ]
+        )
+        == 0
+    )
     for task in ("linear", "finetune"):
         metrics = json.loads((tmp_path / f"{task}.json").read_text())
         assert metrics["modality"] == "rgbdiff" and 0 <= metrics["top1"] <= 100 and metrics["num_test"] == 4
@@ -138,8 +207,12 @@ def test_a_record_reads_an_array_part_by_name(train_lmdb):
 
 
 def test_every_built_in_modality_is_drawn_as_colour_images_in_unit_range():
-    batches = {"rgb": torch.rand(2, 3, 4, 8, 8), "flow": torch.randn(2, 2, 4, 8, 8),
-               "audio": torch.randn(2, 1, 16, 32), "rgbdiff": torch.randn(2, 3, 3, 8, 8)}
+    batches = {
+        "rgb": torch.rand(2, 3, 4, 8, 8),
+        "flow": torch.randn(2, 2, 4, 8, 8),
+        "audio": torch.randn(2, 1, 16, 32),
+        "rgbdiff": torch.randn(2, 3, 3, 8, 8),
+    }
     for name, batch in batches.items():
         images = registry.get(name).draw(batch)
         assert images.shape[:2] == (2, 3) and images.dim() == 4, name

@@ -46,8 +46,13 @@ def present_brightness(curve: torch.Tensor, data_cfg: dict) -> torch.Tensor:
 
 def build_curve_mlp(in_channels: int, **options) -> tuple[nn.Module, int]:
     """(B, C, 1, T) -> (B, 16): the curve resampled to CURVE_POINTS, then a two-layer MLP."""
-    return nn.Sequential(nn.Flatten(1, 2), nn.AdaptiveAvgPool1d(CURVE_POINTS), nn.Flatten(),
-                         nn.Linear(in_channels * CURVE_POINTS, 16), nn.ReLU()), 16
+    return nn.Sequential(
+        nn.Flatten(1, 2),
+        nn.AdaptiveAvgPool1d(CURVE_POINTS),
+        nn.Flatten(),
+        nn.Linear(in_channels * CURVE_POINTS, 16),
+        nn.ReLU(),
+    ), 16
 
 
 @pytest.fixture
@@ -55,21 +60,35 @@ def brightness():
     """The toy modality registered for one test (and removed after, so other tests see four)."""
     if "curve_mlp" not in BACKBONES:
         register_backbone("curve_mlp")(build_curve_mlp)
-    registry.register(registry.Modality(
-        name="brightness", layout="spectrogram", in_channels=1, default_backbone="curve_mlp",
-        stored_parts=("rgb",), read=read_brightness, augment=augment_brightness, present=present_brightness,
-        draw=registry.draw_spectrogram,
-    ))
+    registry.register(
+        registry.Modality(
+            name="brightness",
+            layout="spectrogram",
+            in_channels=1,
+            default_backbone="curve_mlp",
+            stored_parts=("rgb",),
+            read=read_brightness,
+            augment=augment_brightness,
+            present=present_brightness,
+            draw=registry.draw_spectrogram,
+        )
+    )
     yield "brightness"
     registry.unregister("brightness")
 
 
-def test_a_fifth_modality_from_outside_the_package_trains_and_is_evaluated(brightness, train_lmdb, test_lmdb,
-                                                                           tmp_path):
+def test_a_fifth_modality_from_outside_the_package_trains_and_is_evaluated(brightness, train_lmdb, test_lmdb, tmp_path):
     out = tmp_path / "run"
-    config = load_config("configs/tiny.yaml", tiny_overrides(
-        train_lmdb, out, modalities="[rgb,flow,audio,rgbdiff,brightness]", max_steps_per_stage=1,
-        **{"model.backbones.rgbdiff": "tiny3d"}))
+    config = load_config(
+        "configs/tiny.yaml",
+        tiny_overrides(
+            train_lmdb,
+            out,
+            modalities="[rgb,flow,audio,rgbdiff,brightness]",
+            max_steps_per_stage=1,
+            **{"model.backbones.rgbdiff": "tiny3d"},
+        ),
+    )
     schedule = build_schedule(config)
     assert len(schedule) == 10 and all(len(plan.samplers) == 4 for plan in schedule[5:])
     summary = Trainer(config).run()
@@ -78,9 +97,28 @@ def test_a_fifth_modality_from_outside_the_package_trains_and_is_evaluated(brigh
     encoder_file = out / "encoders" / "cycle1-brightness" / "brightness.safetensors"
     assert encoder_file.exists()
     result = tmp_path / "brightness.json"
-    assert main(["eval", "retrieval", "--encoder", str(encoder_file), "--train", str(train_lmdb), "--test",
-                 str(test_lmdb), "--json", str(result), "--workers", "0", "--no-cache",
-                 "--png", str(tmp_path / "brightness.png")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "retrieval",
+                "--encoder",
+                str(encoder_file),
+                "--train",
+                str(train_lmdb),
+                "--test",
+                str(test_lmdb),
+                "--json",
+                str(result),
+                "--workers",
+                "0",
+                "--no-cache",
+                "--png",
+                str(tmp_path / "brightness.png"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(result.read_text())
     assert metrics["modality"] == "brightness" and metrics["num_test"] == 4 and 0 <= metrics["R@1"] <= 100
     assert metrics["trained_with"] == ["rgb", "flow", "audio", "rgbdiff", "brightness"]

@@ -108,8 +108,12 @@ def test_encoder_outputs_and_architecture():
     assert [type(layer) for layer in encoder.head] == [nn.Linear, nn.ReLU, nn.Linear]
     assert encoder.head[0].out_features == 128  # head_hidden defaults to feature_dim
     assert encoder.architecture == {
-        "backbone": "tiny3d", "in_channels": 3, "feature_dim": 128,
-        "embed_dim": 16, "head_hidden": 128, "backbone_options": {},
+        "backbone": "tiny3d",
+        "in_channels": 3,
+        "feature_dim": 128,
+        "embed_dim": 16,
+        "head_hidden": 128,
+        "backbone_options": {},
     }
 
 

@@ -230,8 +230,15 @@ def small_source(tmp_path_factory):
     src = tmp_path_factory.mktemp("small_src")
     for i in range(8):
         label = ["Jump", "Swim"][i % 2]
-        make_video(src / label / f"v{i}.mp4", seconds=1.5, width=48, height=48, dx=1 + i % 3, seed=i,
-                   audio=tone(300 + 100 * i, 1.5, 16000) if i % 3 else None)
+        make_video(
+            src / label / f"v{i}.mp4",
+            seconds=1.5,
+            width=48,
+            height=48,
+            dx=1 + i % 3,
+            seed=i,
+            audio=tone(300 + 100 * i, 1.5, 16000) if i % 3 else None,
+        )
     (src / "Jump" / "broken.mp4").write_bytes(b"\x00" * 1000)
     return src
 
@@ -249,7 +256,9 @@ def test_both_formats_store_identical_records(small_source, tmp_path):
     for record in wds_store.iter_records():
         twin = lmdb_store.record(record.id)
         for modality in ("rgb", "flow"):
-            assert torch.equal(record.frames(modality, 0, record.meta["frames"]), twin.frames(modality, 0, record.meta["frames"]))
+            assert torch.equal(
+                record.frames(modality, 0, record.meta["frames"]), twin.frames(modality, 0, record.meta["frames"])
+            )
         if record.meta["has_audio"]:
             assert torch.equal(record.spectrogram(), twin.spectrogram())
         seen += 1
@@ -290,8 +299,11 @@ def _run_and_kill(argv, manifest, min_lines, extra_delay):
     """Start a preparation in a child process; SIGKILL it once the manifest has ``min_lines``
     lines plus ``extra_delay`` seconds (or when it ends by itself)."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "data_tools.prepare", *argv], cwd=REPO, env=subprocess_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "data_tools.prepare", *argv],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
     while child.poll() is None and time.monotonic() < deadline:

@@ -66,7 +66,9 @@ def test_same_flow_as_opencv_tvl1(source, batch3, tmp_path):
     reference = tmp_path / "opencv"
     opencv_manifest = run_prepare(source, reference, *QUICK, flow="tvl1")
     torch_flows, opencv_flows = _flows(out), _flows(reference)
-    assert set(torch_flows) == set(opencv_flows) == {"Walk/square.mp4", "Walk/wide.mp4", "Run/slow.mp4", "Run/still.mp4"}
+    assert (
+        set(torch_flows) == set(opencv_flows) == {"Walk/square.mp4", "Walk/wide.mp4", "Run/slow.mp4", "Run/still.mp4"}
+    )
     for name, flow in torch_flows.items():
         assert flow.shape == opencv_flows[name].shape
         diff = (flow.int() - opencv_flows[name].int()).abs()
@@ -106,13 +108,26 @@ def test_flow_does_not_depend_on_batch_or_workers(source, batch3, tmp_path):
     out3, manifest3 = batch3
     # Batches of 64 from a worker process; a pool of one pair pauses decoding at every video.
     out64 = tmp_path / "b64"
-    manifest64 = run_prepare(source, out64, *QUICK, "--flow-batch", "64", "--workers", "1", "--flow-pool-pairs", "1",
-                             fmt="webdataset", flow="tvl1-torch")
+    manifest64 = run_prepare(
+        source,
+        out64,
+        *QUICK,
+        "--flow-batch",
+        "64",
+        "--workers",
+        "1",
+        "--flow-pool-pairs",
+        "1",
+        fmt="webdataset",
+        flow="tvl1-torch",
+    )
     flows3, flows64 = _flows(out3), _flows(out64)
     for name in flows3:
         assert torch.equal(flows3[name], flows64[name]), name
     where = ("shard", "part")
-    assert {k: _without(v, where) for k, v in manifest3.items()} == {k: _without(v, where) for k, v in manifest64.items()}
+    assert {k: _without(v, where) for k, v in manifest3.items()} == {
+        k: _without(v, where) for k, v in manifest64.items()
+    }
 
 
 def test_kill_and_rerun_gives_every_video_exactly_once(tmp_path):
@@ -120,8 +135,19 @@ def test_kill_and_rerun_gives_every_video_exactly_once(tmp_path):
     for i in range(6):
         make_video(src / f"v{i}.mp4", seconds=2.0, width=32, height=32, dx=1 + i % 2, seed=i)
     out = tmp_path / "out"
-    argv = prepare_argv(src, out, *QUICK, "--flow-batch", "8", "--workers", "1", "--shard-max-videos", "2",
-                        fmt="webdataset", flow="tvl1-torch")
+    argv = prepare_argv(
+        src,
+        out,
+        *QUICK,
+        "--flow-batch",
+        "8",
+        "--workers",
+        "1",
+        "--shard-max-videos",
+        "2",
+        fmt="webdataset",
+        flow="tvl1-torch",
+    )
     manifest = out / schema.MANIFEST_FILE
     assert _run_and_kill(argv, manifest, 1, 0.2) == -signal.SIGKILL
     assert len(manifest.read_bytes().splitlines()) < 6  # the kill left videos in the flow pool
@@ -143,8 +169,9 @@ def test_registered_with_opencv_defaults_and_free_device_options(source, batch3,
     config = PrepareConfig.from_args(parser.parse_args(["src", "--out", "o", "--flow", "tvl1-torch"]))
     assert config.tvl1 is None  # CLI defaults: OpenCV's, recorded as such
     recorded = flow_params_meta("tvl1-torch", config.tvl1)
-    assert recorded == {k: v for k, v in dataclasses.asdict(TVL1Params()).items()
-                        if k not in ("check_every", "median_chunk_pixels")}
+    assert recorded == {
+        k: v for k, v in dataclasses.asdict(TVL1Params()).items() if k not in ("check_every", "median_chunk_pixels")
+    }
     assert flow_params_meta("tvl1", None) is None  # OpenCV's metas stay as they were
     # The device, batch and pool do not shape the data: a resume may change them.
     out, _ = batch3
@@ -154,12 +181,15 @@ def test_registered_with_opencv_defaults_and_free_device_options(source, batch3,
     assert "tvl1_scales" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra", [
-    ("--flow", "farneback", "--flow-batch", "8"),
-    ("--flow", "farneback", "--tvl1-scales", "3"),
-    ("--flow", "tvl1-torch", "--flow-batch", "0"),
-    ("--flow", "tvl1-torch", "--flow-device", "nonsense"),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--flow", "farneback", "--flow-batch", "8"),
+        ("--flow", "farneback", "--tvl1-scales", "3"),
+        ("--flow", "tvl1-torch", "--flow-batch", "0"),
+        ("--flow", "tvl1-torch", "--flow-device", "nonsense"),
+    ],
+)
 def test_bad_flow_options_are_refused(tmp_path, extra, capsys):
     argv = [str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress", *extra]
     assert prepare.main(argv) == 2

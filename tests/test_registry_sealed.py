@@ -20,7 +20,6 @@ stale.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from conftest import REPO
 
@@ -72,8 +71,12 @@ def _name_branches(tree: ast.AST, names: set[str]) -> list[int]:
             lines.append(node.pattern.lineno)
         elif isinstance(node, ast.Subscript) and _is_name_keyed_dict(node.value, names):
             lines.append(node.lineno)
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-              and _is_name_keyed_dict(node.func.value, names)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and _is_name_keyed_dict(node.func.value, names)
+        ):
             lines.append(node.lineno)
     return lines
 
@@ -86,14 +89,19 @@ def _is_shape_query(node: ast.AST) -> bool:
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "size":
         return bool(node.args) and not _is_zero(node.args[0])
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len":
-        return any(_is_shape_query(arg) or (isinstance(arg, ast.Attribute) and arg.attr == "shape")
-                   for arg in node.args)
+        return any(
+            _is_shape_query(arg) or (isinstance(arg, ast.Attribute) and arg.attr == "shape") for arg in node.args
+        )
     if isinstance(node, ast.Attribute) and node.attr in ("ndim", "in_channels"):
         return True
     if isinstance(node, ast.Name) and node.id == "in_channels":
         return True
-    return (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "shape"
-            and not _is_zero(node.slice))
+    return (
+        isinstance(node, ast.Subscript)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "shape"
+        and not _is_zero(node.slice)
+    )
 
 
 def _is_zero(node: ast.AST) -> bool:
@@ -148,7 +156,8 @@ def test_no_module_outside_the_registry_branches_on_a_modality_name_rank_or_chan
     offending = {key: lines for key, lines in _branches().items() if key not in JUSTIFIED}
     assert not offending, (
         "branches on a modality's name, rank or channels outside tricoclr/data/modalities.py "
-        f"(declare it in the registry entry instead): {offending}")
+        f"(declare it in the registry entry instead): {offending}"
+    )
 
 
 def test_the_justified_exceptions_are_still_needed():
@@ -167,11 +176,17 @@ def test_the_rule_catches_the_branches_it_forbids():
     ]
     for source in caught:
         assert _name_branches(ast.parse(source), names), source
-    for source in ('image = t[:, :, 0] if t.dim() == 5 else t', 'if x.shape[1] == 2:\n    x = x[:, :1]',
-                   'if spec.in_channels == 2 and b == "s3d": pass'):
+    for source in (
+        "image = t[:, :, 0] if t.dim() == 5 else t",
+        "if x.shape[1] == 2:\n    x = x[:, :1]",
+        'if spec.in_channels == 2 and b == "s3d": pass',
+    ):
         assert _rank_branches(ast.parse(source)), source
-    allowed = ['if x.dim() != 2:\n    raise ValueError("2-d")', 'name = registry.get(modality).display_name',
-               'if conv.in_channels != in_channels: pass']
+    allowed = [
+        'if x.dim() != 2:\n    raise ValueError("2-d")',
+        "name = registry.get(modality).display_name",
+        "if conv.in_channels != in_channels: pass",
+    ]
     for source in allowed:
         tree = ast.parse(source)
         assert not _name_branches(tree, names) and not _rank_branches(tree), source

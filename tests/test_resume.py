@@ -15,11 +15,11 @@ import subprocess
 import sys
 
 import pytest
+import scale_helpers as helpers
 import torch
 from conftest import REPO, tiny_overrides
 from safetensors.torch import load_file
 
-import scale_helpers as helpers
 from tricoclr.checkpoint import STAGE_TENSORS, STATE_FILE, newest_checkpoint
 
 STAGES = ["pretrain-rgb", "pretrain-flow", "cycle1-rgb", "cycle1-flow"]
@@ -27,8 +27,13 @@ STEPS = 12
 
 
 def overrides(data, out, **extra):
-    base = dict(modalities="[rgb,flow]", max_steps_per_stage=3, deterministic="true", checkpoint_every_steps=2,
-                keep_checkpoints=3)
+    base = dict(
+        modalities="[rgb,flow]",
+        max_steps_per_stage=3,
+        deterministic="true",
+        checkpoint_every_steps=2,
+        keep_checkpoints=3,
+    )
     base.update(extra)
     return tiny_overrides(data, out, **base)
 
@@ -62,8 +67,9 @@ def uninterrupted(train_lmdb, tmp_path_factory):
 def test_kill_9_at_an_arbitrary_step_then_the_same_command_finishes_bit_identical(train_lmdb, tmp_path, uninterrupted):
     out = tmp_path / "out"
     command = helper_command(tmp_path / "dump", overrides(train_lmdb, out), "--print-steps")
-    process = subprocess.Popen(command, cwd=REPO, env=helpers.cpu_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=helpers.cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         for line in process.stdout:
             if line.startswith("STEP 5 "):  # mid-stage, after the checkpoint of step 4
@@ -86,8 +92,14 @@ def test_kill_9_at_an_arbitrary_step_then_the_same_command_finishes_bit_identica
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_valid(train_lmdb, tmp_path, uninterrupted):
     out = tmp_path / "out"
     args = overrides(train_lmdb, out)
-    crashed = subprocess.run(helper_command(tmp_path / "dump", args, "--crash-in-checkpoint", "6"), cwd=REPO,
-                             env=helpers.cpu_env(), capture_output=True, text=True, timeout=300)
+    crashed = subprocess.run(
+        helper_command(tmp_path / "dump", args, "--crash-in-checkpoint", "6"),
+        cwd=REPO,
+        env=helpers.cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     checkpoints = out / "checkpoints"
     assert (checkpoints / ".tmp-step-00000006" / STAGE_TENSORS).exists()  # half-written, never renamed
@@ -106,8 +118,14 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_valid(train_
     optimizer = torch.load(previous / "optimizer.bin", weights_only=True)  # Accelerate's, plain tensors
     assert optimizer["state"]
 
-    rerun = subprocess.run(helper_command(tmp_path / "dump", args), cwd=REPO, env=helpers.cpu_env(),
-                           capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        helper_command(tmp_path / "dump", args),
+        cwd=REPO,
+        env=helpers.cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming from {previous}" in rerun.stderr
     assert not list(checkpoints.glob(".tmp-*"))
@@ -122,8 +140,16 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_no_trace(train_lmdb, tmp_pa
     helpers.main(["--dump", str(one / "dump"), "--", *overrides(train_lmdb, one / "out", max_steps=1, **small)])
     skipped = tmp_path / "skipped"
     with caplog.at_level("WARNING", logger="tricoclr.train"):
-        helpers.main(["--dump", str(skipped / "dump"), "--nan-steps", "2", "--",
-                      *overrides(train_lmdb, skipped / "out", max_steps=3, **small)])
+        helpers.main(
+            [
+                "--dump",
+                str(skipped / "dump"),
+                "--nan-steps",
+                "2",
+                "--",
+                *overrides(train_lmdb, skipped / "out", max_steps=3, **small),
+            ]
+        )
     assert "non-finite loss at step 2" in caplog.text
     assert sorted(helpers.load_summary(skipped / "dump")["losses"]) == [1, 3]  # it went on after the skip
 
@@ -143,12 +169,21 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_no_trace(train_lmdb, tmp_pa
 
 def test_repeated_non_finite_losses_stop_the_run_with_the_last_good_checkpoint(train_lmdb, tmp_path):
     out = tmp_path / "out"
-    args = overrides(train_lmdb, out, modalities="[rgb]", checkpoint_every_steps=1, keep_checkpoints=10,
-                     max_steps_per_stage="null", max_steps=20)
+    args = overrides(
+        train_lmdb,
+        out,
+        modalities="[rgb]",
+        checkpoint_every_steps=1,
+        keep_checkpoints=10,
+        max_steps_per_stage="null",
+        max_steps=20,
+    )
     with pytest.raises(FloatingPointError, match="5 optimizer steps in a row had a non-finite loss"):
         helpers.main(["--dump", str(tmp_path / "dump"), "--nan-from", "3", "--", *args])
     newest = newest_checkpoint(out)
-    assert json.loads((newest / STATE_FILE).read_text())["global_step"] == 6  # steps 3..6 skipped and saved; step 7 stopped the run
+    assert (
+        json.loads((newest / STATE_FILE).read_text())["global_step"] == 6
+    )  # steps 3..6 skipped and saved; step 7 stopped the run
     last_good = load_file(str(out / "checkpoints" / "step-00000002" / STAGE_TENSORS))
     latest = load_file(str(newest / STAGE_TENSORS))
     for key, value in last_good.items():
@@ -160,8 +195,9 @@ def test_repeated_non_finite_losses_stop_the_run_with_the_last_good_checkpoint(t
 def test_webdataset_resume_replays_the_stream_and_skips_what_was_consumed(train_wds, tmp_path):
     """A WebDataset run stopped mid-epoch (max_steps) and resumed continues with the same samples:
     bit-identical to an uninterrupted run."""
-    common = dict(modalities="[rgb]", max_steps_per_stage="null", **{"schedule.pretrain_epochs": 2,
-                                                                   "data.shuffle_buffer": 4})
+    common = dict(
+        modalities="[rgb]", max_steps_per_stage="null", **{"schedule.pretrain_epochs": 2, "data.shuffle_buffer": 4}
+    )
     whole = tmp_path / "whole"
     helpers.main(["--dump", str(whole / "dump"), "--", *overrides(train_wds, whole / "out", **common)])
     steps = helpers.load_summary(whole / "dump")["global_step"]
@@ -174,7 +210,10 @@ def test_webdataset_resume_replays_the_stream_and_skips_what_was_consumed(train_
     helpers.main(["--dump", str(split / "second"), "--", *overrides(train_wds, split / "out", **common)])
     assert min(helpers.load_summary(split / "second")["losses"]) == stop + 1
     whole_losses = helpers.load_summary(whole / "dump")["losses"]
-    split_losses = {**helpers.load_summary(split / "first")["losses"], **helpers.load_summary(split / "second")["losses"]}
+    split_losses = {
+        **helpers.load_summary(split / "first")["losses"],
+        **helpers.load_summary(split / "second")["losses"],
+    }
     assert split_losses == whole_losses
     a = load_file(str(whole / "out" / "encoders" / "rgb.safetensors"))
     b = load_file(str(split / "out" / "encoders" / "rgb.safetensors"))

@@ -33,7 +33,13 @@ def test_generator_seed_is_a_stable_hash():
 def test_generator_is_a_function_of_its_key_only():
     assert draws(sample_generator(7, 3, 42, 1, "rgb")) == draws(sample_generator(7, 3, 42, 1, "rgb"))
     base = (7, 3, 42, 1, "rgb")
-    variants = [(8, 3, 42, 1, "rgb"), (7, 4, 42, 1, "rgb"), (7, 3, 43, 1, "rgb"), (7, 3, 42, 2, "rgb"), (7, 3, 42, 1, "flow")]
+    variants = [
+        (8, 3, 42, 1, "rgb"),
+        (7, 4, 42, 1, "rgb"),
+        (7, 3, 43, 1, "rgb"),
+        (7, 3, 42, 2, "rgb"),
+        (7, 3, 42, 1, "flow"),
+    ]
     seeds = {sample_generator(*key).initial_seed() for key in [base, *variants]}
     assert len(seeds) == 6
 
@@ -60,7 +66,9 @@ def test_clip_spec_defaults_and_validation():
 
 
 @pytest.mark.parametrize("num_frames", [67, 100, 300, 301])
-@pytest.mark.parametrize("spec", [ClipSpec(), ClipSpec(min_gap_frames=5), ClipSpec(frames=8, stride=4, min_gap_frames=3)])
+@pytest.mark.parametrize(
+    "spec", [ClipSpec(), ClipSpec(min_gap_frames=5), ClipSpec(frames=8, stride=4, min_gap_frames=3)]
+)
 def test_clips_inside_video_and_separated_by_the_gap(num_frames, spec):
     assert not video_too_short(num_frames, spec)
     first_later = 0
@@ -188,7 +196,9 @@ def test_short_spans_follow_the_short_policy():
     starts = {sample_clip_starts(6, spec, sample_generator(0, 0, i, 0), spans) for i in range(50)}
     assert starts == {(0, 4), (4, 0)}  # as far apart as the spans allow
     with pytest.raises(VideoTooShort):
-        sample_clip_starts(6, ClipSpec(frames=2, min_gap_frames=3, short_policy="skip"), sample_generator(0, 0, 0, 0), spans)
+        sample_clip_starts(
+            6, ClipSpec(frames=2, min_gap_frames=3, short_policy="skip"), sample_generator(0, 0, 0, 0), spans
+        )
     # no span holds a whole clip: the longest span's start, clamped to that span's end
     spec = ClipSpec(frames=5)
     assert sample_clip_starts(10, spec, sample_generator(0, 0, 0, 0), [[0, 2], [6, 9]]) == (6, 6)

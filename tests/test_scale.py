@@ -18,10 +18,9 @@ import subprocess
 import threading
 
 import pytest
+import scale_helpers as helpers
 import torch
 from conftest import REPO, tiny_overrides
-
-import scale_helpers as helpers
 
 STAGES = ["pretrain-rgb", "pretrain-flow", "cycle1-rgb", "cycle1-flow"]
 STEPS = 2 * len(STAGES)
@@ -35,8 +34,12 @@ def overrides(data, out, **extra):
     # SGD, not the default Adam: Adam divides each gradient by its own magnitude, which turns
     # rounding-level differences of (near-)zero gradient entries into differences of up to ~lr, and
     # hides a wrongly scaled gradient altogether. SGD keeps the comparison of weights tight.
-    base = dict(modalities="[rgb,flow]", max_steps_per_stage=2, deterministic="true",
-                **{"method.queue_size": 12, "optim.name": "sgd", "optim.lr": 0.05})
+    base = dict(
+        modalities="[rgb,flow]",
+        max_steps_per_stage=2,
+        deterministic="true",
+        **{"method.queue_size": 12, "optim.name": "sgd", "optim.lr": 0.05},
+    )
     base.update(extra)
     return tiny_overrides(data, out, **base)
 
@@ -48,8 +51,12 @@ def run_in_process(dump, options, args):
 
 def launch(commands, timeout=300, on_line=None):
     """Start the commands together (the ranks of one job) and wait; ``on_line(line)`` sees stdout."""
-    processes = [subprocess.Popen(c, cwd=REPO, env=helpers.cpu_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for c in commands]
+    processes = [
+        subprocess.Popen(
+            c, cwd=REPO, env=helpers.cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for c in commands
+    ]
     logs = [[] for _ in processes]
 
     def read(process, log):
@@ -94,7 +101,8 @@ def assert_same_states(dump, reference, exact=False):
                 assert torch.equal(rank0[name], expected[name]), f"{stage}: {name}"
             else:
                 assert torch.allclose(rank0[name].float(), expected[name].float(), rtol=RTOL, atol=ATOL), (
-                    f"{stage}: {name} max diff {(rank0[name].float() - expected[name].float()).abs().max()}")
+                    f"{stage}: {name} max diff {(rank0[name].float() - expected[name].float()).abs().max()}"
+                )
 
 
 def assert_same_run(dump, reference, exact=False):
@@ -149,7 +157,8 @@ def assert_same_gradients(dump, reference, steps):
         # A wrong gradient (a micro-step lost, a wrong scale) is off by the gradient's own size.
         atol = 1e-6 + 1e-5 * scale
         assert torch.allclose(ranks[0][name], expected[name], rtol=RTOL, atol=atol), (
-            f"{name}: max diff {(ranks[0][name] - expected[name]).abs().max()} (largest entry {scale})")
+            f"{name}: max diff {(ranks[0][name] - expected[name]).abs().max()} (largest entry {scale})"
+        )
 
 
 @pytest.mark.slow
@@ -198,10 +207,12 @@ def test_two_machines_on_localhost_preempted_on_one_resume_exactly(train_lmdb, t
         summary = {"losses": {**first["losses"], **second["losses"]}, "global_step": second["global_step"]}
         (merged / f"rank{rank}" / "summary.json").write_text(json.dumps(summary))
         for stage in STAGES:
-            source = tmp_path / ("second" if (tmp_path / "second" / f"rank{rank}" / f"{stage}.safetensors").exists()
-                                 else "first")
+            source = tmp_path / (
+                "second" if (tmp_path / "second" / f"rank{rank}" / f"{stage}.safetensors").exists() else "first"
+            )
             (merged / f"rank{rank}" / f"{stage}.safetensors").write_bytes(
-                (source / f"rank{rank}" / f"{stage}.safetensors").read_bytes())
+                (source / f"rank{rank}" / f"{stage}.safetensors").read_bytes()
+            )
     assert_same_run(merged, one_rank)
     assert_same_run(merged, two_ranks, exact=True)
 
@@ -217,8 +228,16 @@ def test_accumulation_equals_a_larger_batch_without_all_reduce_between_boundarie
     probes = ["--bn-eval", "--record-grads", "--nan-steps", "3"]
     common = dict(**{"method.batchnorm": "local"})
     reference = run_in_process(root / "one", probes, overrides(train_lmdb, root / "one_out", batch_size=8, **common))
-    args = ["--dump", str(root / "two"), *probes, "--nan-rank", "1", "--count-allreduce", "--",
-            *overrides(train_lmdb, root / "two_out", batch_size=2, grad_accum_steps=2, **common)]
+    args = [
+        "--dump",
+        str(root / "two"),
+        *probes,
+        "--nan-rank",
+        "1",
+        "--count-allreduce",
+        "--",
+        *overrides(train_lmdb, root / "two_out", batch_size=2, grad_accum_steps=2, **common),
+    ]
     codes, text = launch([helpers.accelerate_command(2, helpers.free_port(), args)])
     assert codes == [0], text[-4000:]
     assert "non-finite loss at step 3" in text

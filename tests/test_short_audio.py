@@ -18,8 +18,7 @@ from message_policy import policy_violations
 from video_factory import make_video, moving_frames, run_prepare, tone
 
 from data_tools.audio import AudioConfig, mel_bin_for_frequency
-from tricoclr.data import modalities
-from tricoclr.data import schema
+from tricoclr.data import modalities, schema
 from tricoclr.data.sampling import ClipSpec, sample_clip_starts, sample_generator
 from tricoclr.data.store import open_store
 
@@ -40,7 +39,11 @@ def stills(tmp_path_factory):
 
 def test_one_frame_video_with_sound_keeps_its_frame_and_its_audio(stills):
     out, manifest = stills
-    assert sorted(manifest) == ["stills/still_no_sound.mp4", "stills/still_with_sound.mp4", "stills/two_frames_sound.mp4"]
+    assert sorted(manifest) == [
+        "stills/still_no_sound.mp4",
+        "stills/still_with_sound.mp4",
+        "stills/two_frames_sound.mp4",
+    ]
     assert all(e["status"] in schema.KEPT_STATUSES for e in manifest.values()), manifest
     entry = manifest["stills/still_with_sound.mp4"]
     assert entry["status"] == "ok" and entry["frames"] == 1
@@ -73,8 +76,12 @@ def sweep_source(tmp_path_factory):
     src = tmp_path_factory.mktemp("sweep_src")
     for fps in SWEEP_FPS:
         for frames in SWEEP_FRAMES:
-            make_video(src / f"f{fps}" / f"n{frames}.mp4", fps=fps, frames=moving_frames(frames, 48, 64),
-                       audio=tone(500, 1.0, 16000))
+            make_video(
+                src / f"f{fps}" / f"n{frames}.mp4",
+                fps=fps,
+                frames=moving_frames(frames, 48, 64),
+                audio=tone(500, 1.0, 16000),
+            )
     return src
 
 
@@ -139,8 +146,10 @@ def test_audio_shorter_than_half_a_step_is_recorded_unusable_in_plain_words(tmp_
     assert entry["status"] == "ok" and entry["frames"] == 1
     assert entry["has_audio"] is False and entry["audio"] is None
     assert "audio_unusable" in entry["flags"]
-    assert any(note.startswith("audio not kept: the video's 1 frame(s) at 300 fps span less than half")
-               for note in entry["notes"])
+    assert any(
+        note.startswith("audio not kept: the video's 1 frame(s) at 300 fps span less than half")
+        for note in entry["notes"]
+    )
     with pytest.raises(ValueError, match="no audio"):
         open_store(tmp_path / "out").record(entry["id"]).spectrogram()
 

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+import scale_helpers as helpers
 import torch
 from conftest import REPO, tiny_overrides
 from safetensors.torch import load_file
 
-import scale_helpers as helpers
 from tricoclr.trainer import newest_checkpoint
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + sorted((REPO / "slurm").glob("*.sbatch"))
@@ -49,8 +49,15 @@ def fake_scontrol(bin_dir: Path, log: Path) -> None:
 
 
 def overrides(data, out):
-    return tiny_overrides(data, out, modalities="[rgb]", max_steps_per_stage="null", checkpoint_every_steps=1,
-                          deterministic="true", **{"schedule.pretrain_epochs": 2})
+    return tiny_overrides(
+        data,
+        out,
+        modalities="[rgb]",
+        max_steps_per_stage="null",
+        checkpoint_every_steps=1,
+        deterministic="true",
+        **{"schedule.pretrain_epochs": 2},
+    )
 
 
 @pytest.mark.slow
@@ -60,8 +67,12 @@ def test_sigusr1_to_the_batch_script_checkpoints_requeues_and_the_requeued_job_r
     fake_scontrol(tmp_path / "bin", log)
     env = helpers.cpu_env(
         PATH=f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-        SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="1", SLURM_SUBMIT_DIR=str(REPO),
-        ACCELERATE_CONFIG="accelerate_configs/cpu_2proc.yaml", MAIN_PORT=str(helpers.free_port()))
+        SLURM_JOB_ID="4242",
+        SLURM_GPUS_ON_NODE="1",
+        SLURM_SUBMIT_DIR=str(REPO),
+        ACCELERATE_CONFIG="accelerate_configs/cpu_2proc.yaml",
+        MAIN_PORT=str(helpers.free_port()),
+    )
     command = ["bash", "slurm/train_single_node.sbatch", "configs/tiny.yaml", *overrides(train_lmdb, out)]
 
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -110,13 +121,39 @@ def test_the_array_job_prepares_disjoint_parts_that_read_as_one_store(synth_data
     video_list.write_text("\n".join(listed) + "\n")
     tasks = []
     for task in (0, 1):  # the two array tasks run side by side, as SLURM would
-        env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_MIN="0",
-                   SLURM_ARRAY_TASK_MAX="1", SLURM_CPUS_PER_TASK="1",
-                   SLURM_SUBMIT_DIR=str(REPO), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-        tasks.append(subprocess.Popen(
-            ["bash", "slurm/prepare_array.sbatch", str(synth_dataset / "videos"), str(out), "--format", "lmdb",
-             "--list", str(video_list), "--flow", "farneback", "--size", "64"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            SLURM_ARRAY_TASK_ID=str(task),
+            SLURM_ARRAY_TASK_COUNT="2",
+            SLURM_ARRAY_TASK_MIN="0",
+            SLURM_ARRAY_TASK_MAX="1",
+            SLURM_CPUS_PER_TASK="1",
+            SLURM_SUBMIT_DIR=str(REPO),
+            PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        )
+        tasks.append(
+            subprocess.Popen(
+                [
+                    "bash",
+                    "slurm/prepare_array.sbatch",
+                    str(synth_dataset / "videos"),
+                    str(out),
+                    "--format",
+                    "lmdb",
+                    "--list",
+                    str(video_list),
+                    "--flow",
+                    "farneback",
+                    "--size",
+                    "64",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for task in tasks:
         _, errors = task.communicate(timeout=300)
         assert task.returncode == 0, errors[-3000:]

@@ -49,8 +49,14 @@ def slurm(request, tmp_path_factory):
 
 
 def overrides(data, out, epochs=EPOCHS, **extra):
-    settings = {"modalities": "[rgb]", "max_steps_per_stage": "null", "checkpoint_every_steps": 1,
-                "deterministic": "true", "schedule.pretrain_epochs": epochs, **extra}
+    settings = {
+        "modalities": "[rgb]",
+        "max_steps_per_stage": "null",
+        "checkpoint_every_steps": 1,
+        "deterministic": "true",
+        "schedule.pretrain_epochs": epochs,
+        **extra,
+    }
     return tiny_overrides(data, out, **settings)
 
 
@@ -73,9 +79,14 @@ def job_env(cluster, **extra) -> dict:
     """The submitting shell's environment (sbatch exports it to the job): the venv first on PATH,
     CPU processes, no SLURM variables of an enclosing job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GPUS_PER_NODE"}
-    env.update(helpers.cpu_env(), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               ACCELERATE_CONFIG="accelerate_configs/cpu_2proc.yaml", MAIN_PORT=str(helpers.free_port()),
-               MAX_REQUEUES="4", **cluster.env)
+    env.update(
+        helpers.cpu_env(),
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        ACCELERATE_CONFIG="accelerate_configs/cpu_2proc.yaml",
+        MAIN_PORT=str(helpers.free_port()),
+        MAX_REQUEUES="4",
+        **cluster.env,
+    )
     env.update(extra)
     return env
 
@@ -87,20 +98,33 @@ def small_node(tmp_path, *extra):
 
 def _scancel(cluster, job_id, *options) -> bool:
     """``scancel --signal=USR1 OPTIONS JOB``; False when SLURM did not find what to signal."""
-    result = subprocess.run(["scancel", "--signal=USR1", *options, str(job_id)], capture_output=True, text=True,
-                            env=dict(os.environ, **cluster.env), timeout=30, check=False)
+    result = subprocess.run(
+        ["scancel", "--signal=USR1", *options, str(job_id)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **cluster.env),
+        timeout=30,
+        check=False,
+    )
     return result.returncode == 0 and not result.stderr.strip()
 
 
 def test_warnings_at_start_up_and_to_every_process_of_the_step_requeue_and_resume_exactly(
-        slurm, train_lmdb, reference, tmp_path):
+    slurm, train_lmdb, reference, tmp_path
+):
     """Points 1 and 2 through srun (the multi-node script on one node): a warning to the batch
     shell the moment the job starts, then one to every process of the running step (the launcher
     included, as srun forwards it under proctrack/linuxproc); both end in a checkpoint and a requeue,
     and the third run finishes exactly like an uninterrupted one."""
     out = tmp_path / "out"
-    job = slurm.sbatch(*small_node(tmp_path, "--nodes=1"), str(REPO / "slurm" / "train_multi_node.sbatch"),
-                       "configs/tiny.yaml", *overrides(train_lmdb, out), cwd=REPO, env=job_env(slurm))
+    job = slurm.sbatch(
+        *small_node(tmp_path, "--nodes=1"),
+        str(REPO / "slurm" / "train_multi_node.sbatch"),
+        "configs/tiny.yaml",
+        *overrides(train_lmdb, out),
+        cwd=REPO,
+        env=job_env(slurm),
+    )
     output = tmp_path / f"job-{job}.out"
     slurm.wait_for_state(job, "RUNNING", timeout=60)
     # A signal sent before slurmd has started the batch shell is dropped by SLURM (scancel still
@@ -131,18 +155,21 @@ def test_warnings_at_start_up_and_to_every_process_of_the_step_requeue_and_resum
     assert_same_encoders(out, reference)
 
 
-def test_the_real_warning_of_a_short_time_limit_checkpoints_requeues_and_the_rerun_resumes(
-        slurm, train_lmdb, tmp_path):
+def test_the_real_warning_of_a_short_time_limit_checkpoints_requeues_and_the_rerun_resumes(slurm, train_lmdb, tmp_path):
     """``--time=2 --signal=B:USR1@115``: the warning is due 5 s after the start and comes at
     slurmctld's next time-limit pass (every 30 s), during start-up or training. The schedule is
     far longer than that, so the warning always finds the job running: it checkpoints, requeues,
     and the rerun (its time limit lifted, so not warned again) resumes from that checkpoint; the
     test then cancels it (the exact continuation is the first test's)."""
     out = tmp_path / "out"
-    job = slurm.sbatch(*small_node(tmp_path, "--time=2", "--signal=B:USR1@115"),
-                       str(REPO / "slurm" / "train_single_node.sbatch"), "configs/tiny.yaml",
-                       *overrides(train_lmdb, out, epochs=2000, checkpoint_every_steps=1000), cwd=REPO,
-                       env=job_env(slurm))
+    job = slurm.sbatch(
+        *small_node(tmp_path, "--time=2", "--signal=B:USR1@115"),
+        str(REPO / "slurm" / "train_single_node.sbatch"),
+        "configs/tiny.yaml",
+        *overrides(train_lmdb, out, epochs=2000, checkpoint_every_steps=1000),
+        cwd=REPO,
+        env=job_env(slurm),
+    )
     output = tmp_path / f"job-{job}.out"
     deadline = time.monotonic() + 300
     while "resuming from" not in (text := output.read_text() if output.exists() else ""):
@@ -171,9 +198,24 @@ def test_one_task_of_a_preparation_array_resubmitted_alone_resumes(slurm, synth_
     script = str(REPO / "slurm" / "prepare_array.sbatch")
 
     def submit(array, out, **env):
-        return slurm.sbatch(f"--array={array}", "--cpus-per-task=1", f"--output={tmp_path}/prep-%A_%a.out", script,
-                            str(synth_dataset / "videos"), str(out), "--format", "lmdb", "--list", str(video_list),
-                            "--flow", "farneback", "--size", "64", cwd=tmp_path, env=job_env(slurm, **env))
+        return slurm.sbatch(
+            f"--array={array}",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/prep-%A_%a.out",
+            script,
+            str(synth_dataset / "videos"),
+            str(out),
+            "--format",
+            "lmdb",
+            "--list",
+            str(video_list),
+            "--flow",
+            "farneback",
+            "--size",
+            "64",
+            cwd=tmp_path,
+            env=job_env(slurm, **env),
+        )
 
     def ended(job, task):
         info = slurm.wait_for_end(f"{job}_{task}", timeout=300)
@@ -188,7 +230,9 @@ def test_one_task_of_a_preparation_array_resubmitted_alone_resumes(slurm, synth_
     info, text = ended(again, 1)
     assert info["JobState"] == "COMPLETED" and "task 1 of 2 parts" in text, text[-2000:]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("part-")) == [
-        "part-00000-of-00002", "part-00001-of-00002"]
+        "part-00000-of-00002",
+        "part-00001-of-00002",
+    ]
     assert len(open_store(out).videos()) == 2
 
     fresh = tmp_path / "fresh"
@@ -209,13 +253,22 @@ def test_processes_per_node_and_submission_from_outside_the_project(slurm, train
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     script = os.path.relpath(REPO / "slurm" / "train_single_node.sbatch", elsewhere)
-    runs = {"two_gpus": ("--gpus-per-node=2", {}), "user_says_one": ("--gpus-per-node=2", {"GPUS_PER_NODE": "1"}),
-            "no_gpus": ("--gpus-per-node=0", {})}
+    runs = {
+        "two_gpus": ("--gpus-per-node=2", {}),
+        "user_says_one": ("--gpus-per-node=2", {"GPUS_PER_NODE": "1"}),
+        "no_gpus": ("--gpus-per-node=0", {}),
+    }
     jobs = {}
     for name, (gpus, extra) in runs.items():
         args = overrides(train_lmdb, tmp_path / name, epochs=1, max_steps=1)
-        jobs[name] = slurm.sbatch(*small_node(tmp_path, gpus), script, "configs/tiny.yaml", *args,
-                                  cwd=elsewhere, env=job_env(slurm, MAIN_PORT=str(helpers.free_port()), **extra))
+        jobs[name] = slurm.sbatch(
+            *small_node(tmp_path, gpus),
+            script,
+            "configs/tiny.yaml",
+            *args,
+            cwd=elsewhere,
+            env=job_env(slurm, MAIN_PORT=str(helpers.free_port()), **extra),
+        )
     stdin_args = ["configs/tiny.yaml", *overrides(train_lmdb, tmp_path / "stdin", epochs=1, max_steps=1)]
     from_stdin = _sbatch_stdin(slurm, tmp_path, elsewhere, stdin_args, {})
     from_stdin_with_root = _sbatch_stdin(slurm, tmp_path, elsewhere, stdin_args, {"TRICOCLR_ROOT": str(REPO)})
@@ -237,9 +290,16 @@ def test_processes_per_node_and_submission_from_outside_the_project(slurm, train
 def _sbatch_stdin(slurm, tmp_path, cwd, args, extra) -> int:
     """sbatch reading the script from stdin: the job records no script path."""
     env = dict(job_env(slurm, MAIN_PORT=str(helpers.free_port()), **extra))
-    result = subprocess.run(["sbatch", "--parsable", *small_node(tmp_path), "/dev/stdin", *args], cwd=cwd, env=env,
-                            input=(REPO / "slurm" / "train_single_node.sbatch").read_text(), capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        ["sbatch", "--parsable", *small_node(tmp_path), "/dev/stdin", *args],
+        cwd=cwd,
+        env=env,
+        input=(REPO / "slurm" / "train_single_node.sbatch").read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return int(result.stdout.strip())
 
@@ -250,14 +310,20 @@ def test_a_plain_scancel_under_cgroup_tracking_checkpoints_within_kill_wait(slur
     kill the trainer 2 ms after the batch shell died under proctrack/cgroup. Now every process
     survives the SIGTERM until the trainers have written their checkpoint."""
     out = tmp_path / "out"
-    job = slurm.sbatch(*small_node(tmp_path), str(REPO / "slurm" / "train_single_node.sbatch"), "configs/tiny.yaml",
-                       *overrides(train_lmdb, out, epochs=8, checkpoint_every_steps=1000), cwd=REPO,
-                       env=job_env(slurm))
+    job = slurm.sbatch(
+        *small_node(tmp_path),
+        str(REPO / "slurm" / "train_single_node.sbatch"),
+        "configs/tiny.yaml",
+        *overrides(train_lmdb, out, epochs=8, checkpoint_every_steps=1000),
+        cwd=REPO,
+        env=job_env(slurm),
+    )
     output = tmp_path / f"job-{job}.out"
     deadline = time.monotonic() + 300
     while "global batch" not in (output.read_text() if output.exists() else ""):  # training has begun
-        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), (
             output.read_text()[-3000:] if output.exists() else slurm.job(job)
+        )
         time.sleep(0.2)
     slurm.command("scancel", str(job))
     info = slurm.wait_for_end(job, timeout=120, max_restarts=0)

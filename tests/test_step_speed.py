@@ -34,7 +34,9 @@ def _tiny_stage(cooperative=True, **method):
     config = config.replace(method={"queue_size": 8, **method})
     torch.manual_seed(0)
     encoders = {m: build_encoder(config, m) for m in ("rgb", "flow", "audio")}
-    plan = StagePlan("cycle1-rgb", "rgb", ("flow", "audio"), 1) if cooperative else StagePlan("pretrain-rgb", "rgb", (), 1)
+    plan = (
+        StagePlan("cycle1-rgb", "rgb", ("flow", "audio"), 1) if cooperative else StagePlan("pretrain-rgb", "rgb", (), 1)
+    )
     stage = (CooperativeStage if cooperative else InfoNCEStage)(plan, encoders, config.method)
     return stage.train(), encoders["rgb"].train()
 
@@ -107,8 +109,10 @@ def test_multi_tensor_momentum_update_is_bit_identical_to_the_per_parameter_one(
         p.data.add_(torch.randn_like(p))
     for b in encoder.buffers():
         b.add_(1)
-    reference = [t.clone().mul_(0.99).add_(s, alpha=1 - 0.99) for t, s in
-                 zip(stage.momentum_encoder.parameters(), encoder.parameters())]
+    reference = [
+        t.clone().mul_(0.99).add_(s, alpha=1 - 0.99)
+        for t, s in zip(stage.momentum_encoder.parameters(), encoder.parameters())
+    ]
     momentum_update(stage.momentum_encoder, encoder, 0.99)
     assert all(torch.equal(a, b) for a, b in zip(stage.momentum_encoder.parameters(), reference))
     assert all(torch.equal(a, b) for a, b in zip(stage.momentum_encoder.buffers(), encoder.buffers()))
@@ -125,8 +129,11 @@ def test_channels_last_converts_2d_and_3d_encoders_without_changing_their_output
         encoder = build_encoder(config, modality).eval()
         expected = encoder(batch[key])
         to_channels_last(encoder)  # Module.to(memory_format=channels_last_3d) raises on ResNet-18's 4-D weights
-        layouts = {p.dim(): p.is_contiguous(memory_format={5: torch.channels_last_3d, 4: torch.channels_last}[p.dim()])
-                   for p in encoder.parameters() if p.dim() in (4, 5)}
+        layouts = {
+            p.dim(): p.is_contiguous(memory_format={5: torch.channels_last_3d, 4: torch.channels_last}[p.dim()])
+            for p in encoder.parameters()
+            if p.dim() in (4, 5)
+        }
         assert layouts and all(layouts.values())
         torch.testing.assert_close(encoder(batch[key]), expected, rtol=1e-4, atol=1e-5)
 
@@ -160,8 +167,7 @@ def _two_steps(variant: str) -> tuple[list[float], torch.Tensor]:
 # (loss rel. tolerance, 1 - gradient cosine): layout and fused Adam reorder float32 sums only; bf16
 # autocast keeps 8 bits of mantissa (losses 1-4 % off here, gradient cosine 0.94, of near-identical
 # embeddings of a random-init net); inductor's fused kernels reorder float32 sums.
-TOLERANCES = {"channels_last": (1e-4, 1e-4), "fused_adam": (1e-4, 1e-4), "bf16": (5e-2, 0.1),
-              "compile": (1e-3, 1e-3)}
+TOLERANCES = {"channels_last": (1e-4, 1e-4), "fused_adam": (1e-4, 1e-4), "bf16": (5e-2, 0.1), "compile": (1e-3, 1e-3)}
 
 
 @pytest.mark.parametrize("variant", ["channels_last", "fused_adam"])
@@ -211,8 +217,9 @@ def test_compiled_step_on_a_gpu_matches_eager(mode):
 
 
 def test_speed_options_are_config_keys():
-    config = load_config("configs/tiny.yaml", ["model.compile=true", "model.compile_mode=reduce-overhead",
-                                                "model.channels_last=true"])
+    config = load_config(
+        "configs/tiny.yaml", ["model.compile=true", "model.compile_mode=reduce-overhead", "model.channels_last=true"]
+    )
     assert config.model.compile and config.model.compile_mode == "reduce-overhead" and config.model.channels_last
     assert not load_config("configs/tiny.yaml").model.compile
     with pytest.raises(ConfigError, match="model.compile_mode"):
@@ -229,8 +236,13 @@ def test_the_trainer_with_channels_last_and_compile_matches_eager(train_lmdb, tm
     losses = {}
     for name, extra in (("eager", {}), ("optimized", {"model.channels_last": "true", "model.compile": "true"})):
         torch._dynamo.reset()
-        overrides = tiny_overrides(train_lmdb, tmp_path / name, modalities="[rgb,audio]", max_steps=2,
-                                   **{"schedule.start_stage": "cycle1-audio", **extra})
+        overrides = tiny_overrides(
+            train_lmdb,
+            tmp_path / name,
+            modalities="[rgb,audio]",
+            max_steps=2,
+            **{"schedule.start_stage": "cycle1-audio", **extra},
+        )
         history = Trainer(load_config("configs/tiny.yaml", overrides)).run()["history"]
         losses[name] = [row["loss"] for row in history if "loss" in row]
     # Compiled: the trained encoder's forward and the no-grad part (dynamo's graph count after reset).
@@ -247,8 +259,10 @@ def test_the_buffer_snapshot_puts_back_the_statistics_of_a_skipped_step():
         with torch.no_grad():
             stage.training_step(_batch(seed=seed))  # train-mode forwards move the BN statistics
         stage.discard_pending()
-        assert any(not torch.equal(a, b) for a, b in zip(before, (b for m in (encoder, stage.momentum_encoder)
-                                                                    for b in m.buffers())))
+        assert any(
+            not torch.equal(a, b)
+            for a, b in zip(before, (b for m in (encoder, stage.momentum_encoder) for b in m.buffers()))
+        )
         stage.restore_buffers(encoder, snapshot)
         after = [b for m in (encoder, stage.momentum_encoder) for b in m.buffers()]
         assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -114,7 +114,9 @@ def test_spectrogram_slices(lmdb_out):
     assert whole.shape == (128, steps) == (128, 256) and whole.dtype == torch.float32
     assert torch.equal(record.spectrogram(100, 28), whole[:, 100:128])
     tail = record.spectrogram(steps - 2, 5)  # rounding at the end: padded with silence
-    assert torch.equal(tail[:, :2], whole[:, -2:]) and torch.allclose(tail[:, 2:], torch.tensor(np.log(1e-6), dtype=torch.float32), atol=0.01)
+    assert torch.equal(tail[:, :2], whole[:, -2:]) and torch.allclose(
+        tail[:, 2:], torch.tensor(np.log(1e-6), dtype=torch.float32), atol=0.01
+    )
     with pytest.raises(IndexError):
         record.spectrogram(steps, 1)
     assert schema.audio_step_for_frame(30, meta["fps"]) == 128

@@ -25,12 +25,23 @@ LAYERS = [
     ("data", ("tricoclr.data",)),
     ("data_tools", ("data_tools",)),
     ("config", ("tricoclr.config",)),
-    ("models, losses, mining, queue", ("tricoclr.models", "tricoclr.losses", "tricoclr.mining",
-                                       "tricoclr.feature_queue")),
+    (
+        "models, losses, mining, queue",
+        ("tricoclr.models", "tricoclr.losses", "tricoclr.mining", "tricoclr.feature_queue"),
+    ),
     ("method", ("tricoclr.method",)),
     ("evaluation", ("tricoclr.eval",)),
-    ("training", ("tricoclr.optim", "tricoclr.backend", "tricoclr.checkpoint", "tricoclr.run_state",
-                  "tricoclr.train_log", "tricoclr.trainer")),
+    (
+        "training",
+        (
+            "tricoclr.optim",
+            "tricoclr.backend",
+            "tricoclr.checkpoint",
+            "tricoclr.run_state",
+            "tricoclr.train_log",
+            "tricoclr.trainer",
+        ),
+    ),
     ("CLIs and demo", ("tricoclr.cli", "tricoclr.train", "tricoclr.demo", "data_tools.cli")),
 ]
 # data_tools may use only the layers below it (the data schema and store, the ops); only the
@@ -60,8 +71,12 @@ def imports_of(path: Path) -> list[tuple[str, bool]]:
     """(imported project module, whether the import is inside a function) for every import."""
     tree = ast.parse(path.read_text())
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
-    local = {id(node) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for node in ast.walk(f)}
+    local = {
+        id(node)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(f)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -69,7 +84,9 @@ def imports_of(path: Path) -> list[tuple[str, bool]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [f"{base}.{alias.name}" for alias in node.names] + [base]
         else:
             continue
@@ -134,7 +151,7 @@ def test_the_import_graph_has_no_cycles():
         state[module] = 1
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                cycle = trail[trail.index(target):] + [target]
+                cycle = trail[trail.index(target) :] + [target]
                 raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
             if target not in state:
                 visit(target, trail + [target])
@@ -152,10 +169,14 @@ def test_each_layer_imports_only_layers_below_it():
             if target in PACKAGES:  # the package itself (its __init__ holds nothing)
                 continue
             if layer_of(target) > layer_of(module):
-                wrong.append(f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} "
-                             f"({LAYERS[layer_of(target)][0]})")
-            if target.startswith("data_tools") and not module.startswith("data_tools") \
-                    and layer_of(module) != len(LAYERS) - 1:
+                wrong.append(
+                    f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+                )
+            if (
+                target.startswith("data_tools")
+                and not module.startswith("data_tools")
+                and layer_of(module) != len(LAYERS) - 1
+            ):
                 wrong.append(f"{module} imports {target}: only the CLIs and the demo may import data_tools")
     assert not wrong, "\n".join(sorted(wrong))
 
@@ -165,17 +186,21 @@ def test_project_imports_are_at_the_top_of_their_module():
     for path in python_files():
         relative = str(path.relative_to(REPO))
         for target, inside_function in imports_of(path):
-            allowed = any(relative == file and (target == name or target.startswith(name + "."))
-                          for file, name in LAZY_PROJECT_IMPORTS)
+            allowed = any(
+                relative == file and (target == name or target.startswith(name + "."))
+                for file, name in LAZY_PROJECT_IMPORTS
+            )
             if inside_function and not allowed:
                 hidden.append(f"{relative} imports {target} inside a function")
     assert not hidden, "\n".join(hidden)
 
 
 def test_importing_the_evaluation_cli_loads_no_training_machinery():
-    code = ("import sys, tricoclr.eval.cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('accelerate', 'deepspeed') "
-            "or m in ('tricoclr.trainer', 'tricoclr.backend', 'tricoclr.checkpoint')))")
+    code = (
+        "import sys, tricoclr.eval.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('accelerate', 'deepspeed') "
+        "or m in ('tricoclr.trainer', 'tricoclr.backend', 'tricoclr.checkpoint')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

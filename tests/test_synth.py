@@ -19,8 +19,17 @@ CLASSES, VIDEOS, SECONDS, FPS, SIZE, RATE = 3, 2, 2.0, 30, 64, 22050
 
 def tiny(out: Path, seed: int = 0, workers: int = 1) -> dict:
     """The small dataset every test here uses."""
-    return synth.synthesize(out, classes=CLASSES, videos_per_class=VIDEOS, seconds=SECONDS,
-                            fps=FPS, size=SIZE, seed=seed, workers=workers, audio_rate=RATE)
+    return synth.synthesize(
+        out,
+        classes=CLASSES,
+        videos_per_class=VIDEOS,
+        seconds=SECONDS,
+        fps=FPS,
+        size=SIZE,
+        seed=seed,
+        workers=workers,
+        audio_rate=RATE,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +41,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def all_videos(root: Path) -> list[str]:
     """Video paths relative to root/videos, sorted."""
-    return sorted(p.relative_to(root / "videos").as_posix()
-                  for p in (root / "videos").rglob("*.mp4"))
+    return sorted(p.relative_to(root / "videos").as_posix() for p in (root / "videos").rglob("*.mp4"))
 
 
 def decode(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +81,7 @@ def test_layout_and_split_files(dataset):
     assert [c["name"] for c in described["classes"]] == names
     assert [c["index"] for c in described["classes"]] == [1, 2, 3]
     first = described["classes"][0]
-    assert first["name"] == first["appearance"]["name"] + first["motion"]["name"] + \
-        first["sound"]["name"]
+    assert first["name"] == first["appearance"]["name"] + first["motion"]["name"] + first["sound"]["name"]
 
 
 def test_train_count_keeps_one_of_each():
@@ -134,8 +141,11 @@ def test_different_seeds_differ():
 
 def pairs_sharing(table, factors: tuple[str, ...]) -> list[tuple[int, int]]:
     """Class pairs that agree on every named factor."""
-    return [(a.index, b.index) for a, b in itertools.combinations(table, 2)
-            if all(getattr(a, f) == getattr(b, f) for f in factors)]
+    return [
+        (a.index, b.index)
+        for a, b in itertools.combinations(table, 2)
+        if all(getattr(a, f) == getattr(b, f) for f in factors)
+    ]
 
 
 def test_default_class_table_makes_each_modality_necessary():
@@ -145,8 +155,7 @@ def test_default_class_table_makes_each_modality_necessary():
         assert len(pairs_sharing(table, (factor,))) >= 4
     assert pairs_sharing(table, ("appearance", "motion", "sound")) == []
     # pairs that only the sound separates (appearance + motion equal): the twins
-    assert pairs_sharing(table, ("appearance", "motion")) == [(0, 1), (2, 3), (4, 5), (6, 7),
-                                                               (8, 9)]
+    assert pairs_sharing(table, ("appearance", "motion")) == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
     # and pairs that only the motion / only the appearance separates
     assert len(pairs_sharing(table, ("appearance", "sound"))) == 2
     assert len(pairs_sharing(table, ("motion", "sound"))) == 2
@@ -190,8 +199,7 @@ def test_class_table_rejects_too_many():
 def test_every_sound_has_its_own_rhythm():
     """The visual trace can only separate sounds whose envelopes differ."""
     t = np.arange(4 * RATE) / RATE
-    traces = [synth.frame_trace(synth.sound_envelope(s, t, 1.0, 0.0)[0], RATE, FPS, 4 * FPS)
-              for s in synth.SOUNDS]
+    traces = [synth.frame_trace(synth.sound_envelope(s, t, 1.0, 0.0)[0], RATE, FPS, 4 * FPS) for s in synth.SOUNDS]
     for a, b in itertools.combinations(range(len(traces)), 2):
         best = max(np.corrcoef(traces[a], np.roll(traces[b], lag))[0, 1] for lag in range(FPS))
         assert best < 0.9, (synth.SOUNDS[a].name, synth.SOUNDS[b].name, best)
@@ -202,6 +210,7 @@ def test_every_sound_has_its_own_rhythm():
 
 def object_mask(spec, nuisance, frames: int) -> np.ndarray:
     """Per-frame object pixels: where rendering with the object dimmed differs from undimmed."""
+
     def render(level):
         rng = np.random.default_rng(0)  # same background and noise for both renders
         trace = np.full(frames, level, np.float32)
@@ -238,8 +247,22 @@ def test_sound_leaves_a_faint_visual_trace(dataset):
 def test_cli_arguments_and_run(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     synth.add_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path), "--classes", "2", "--videos-per-class",
-                              "1", "--seconds", "0.54", "--size", "32", "--fps", "10"])
+    args = parser.parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--classes",
+            "2",
+            "--videos-per-class",
+            "1",
+            "--seconds",
+            "0.54",
+            "--size",
+            "32",
+            "--fps",
+            "10",
+        ]
+    )
     assert (args.workers, args.seed, args.train_fraction) == (1, 0, 0.7)
     assert synth.run(args) == 0
     assert "2 videos" in capsys.readouterr().out
@@ -295,7 +318,6 @@ def test_static_camera_and_own_backdrops_give_a_still_backdrop():
         drawn, still = rendered(2, video, scenes=0, camera=False, colour="class")
         assert drawn.scene == -1 and drawn.camera_velocity == (0.0, 0.0)
         assert np.ptp(corner(still)) < 4  # pixel noise only
-
 
 
 def test_options_off_reproduce_the_first_generator_pixel_for_pixel():

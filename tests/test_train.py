@@ -18,7 +18,9 @@ from tricoclr.trainer import Trainer
 
 
 def test_schedule_reduces_with_the_number_of_modalities():
-    names = lambda mods: [p.name for p in build_schedule(load_config("configs/tiny.yaml", [f"modalities=[{mods}]"]))]
+    def names(mods):
+        return [p.name for p in build_schedule(load_config("configs/tiny.yaml", [f"modalities=[{mods}]"]))]
+
     assert names("rgb") == ["pretrain-rgb"]
     assert names("rgb,flow") == ["pretrain-rgb", "pretrain-flow", "cycle1-rgb", "cycle1-flow"]
     tri = build_schedule(load_config("configs/tiny.yaml", ["schedule.cycles=2"]))
@@ -141,19 +143,32 @@ def test_a_run_saved_before_a_config_key_existed_resumes(train_lmdb, tmp_path):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     del saved["method"]["oracle_similarity"]  # as written before the key was added
     (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    summary = Trainer(load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=2))).run()
+    summary = Trainer(
+        load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=2))
+    ).run()
     assert summary["global_step"] == 2
     # A key the old run did have still counts: a non-default value is still a different config.
     (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     with pytest.raises(ConfigError, match="different config"):
-        Trainer(load_config("configs/tiny.yaml", tiny_overrides(
-            train_lmdb, out, modalities="[rgb]", max_steps=3, **{"method.oracle_similarity": "standardized"}))).run()
+        Trainer(
+            load_config(
+                "configs/tiny.yaml",
+                tiny_overrides(
+                    train_lmdb, out, modalities="[rgb]", max_steps=3, **{"method.oracle_similarity": "standardized"}
+                ),
+            )
+        ).run()
 
 
 def test_train_py_runs_as_a_plain_script(train_lmdb, tmp_path):
     out = tmp_path / "script_run"
-    command = [sys.executable, "tricoclr/train.py", "--config", "configs/tiny.yaml",
-               *tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=2)]
+    command = [
+        sys.executable,
+        "tricoclr/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        *tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=2),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # The run stops inside its only stage: the latest encoder is saved, the stage snapshot is not.
@@ -179,5 +194,7 @@ def test_a_stage_that_trains_one_modality_alone_is_an_infonce_stage_that_owns_it
     stage.after_optimizer_step(encoders["rgb"], stage_step=0, total_steps=1)
     assert int(stage.queue.num_filled) == 4 and stage.queue.oracle_dim == 0
     assert torch.allclose(torch.nn.functional.normalize(stage.queue.keys[:4], dim=1), expected_keys, atol=1e-5)
-    for before, after, source in zip(momentum_before, stage.momentum_encoder.parameters(), encoders["rgb"].parameters()):
+    for before, after, source in zip(
+        momentum_before, stage.momentum_encoder.parameters(), encoders["rgb"].parameters()
+    ):
         assert torch.allclose(after, 0.5 * before + 0.5 * source.detach(), atol=1e-6)  # the EMA with mu 0.5

@@ -32,7 +32,9 @@ def random_uint8(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def quantised_flow(vx: torch.Tensor | float, vy: torch.Tensor | float, t: int = 2, h: int = 24, w: int = 32) -> torch.Tensor:
+def quantised_flow(
+    vx: torch.Tensor | float, vy: torch.Tensor | float, t: int = 2, h: int = 24, w: int = 32
+) -> torch.Tensor:
     """(t, 2, h, w) uint8 flow field from x and y components in px (scalars or (h, w))."""
     field = torch.stack([torch.as_tensor(vx).expand(h, w), torch.as_tensor(vy).expand(h, w)])
     return torch.from_numpy(quantise_flow(field.expand(t, 2, h, w).numpy()))
@@ -88,7 +90,9 @@ def test_modality_streams_do_not_share_randomness_but_rgb_and_flow_share_the_sam
     flow = quantised_flow(torch.rand(40, 56) * 10 - 5, torch.rand(40, 56) * 10 - 5, h=40, w=56)
     via_generator = flow_geometric(flow, sample_generator(0, 0, 1, 1, "rgb"), size=24)
     assert torch.equal(via_generator, flow_resized_crop_flip(flow, rgb_box, size=24))
-    boxes = [sample_crop_flip(sample_generator(0, 0, i, 1, stream), 40, 56) for i in range(10) for stream in ("rgb", "flow")]
+    boxes = [
+        sample_crop_flip(sample_generator(0, 0, i, 1, stream), 40, 56) for i in range(10) for stream in ("rgb", "flow")
+    ]
     assert len(set(boxes)) > 15
 
 
@@ -223,7 +227,9 @@ def test_masks_are_one_time_band_and_one_frequency_band_filled_with_the_mean():
 
 def test_short_slice_is_padded_with_its_minimum():
     spec = torch.randn(16, 100)
-    out = spectrogram_geometric(spec, sample_generator(0, 0, 0, 1, "audio"), warp_fraction=0.0, time_mask=0, freq_mask=0)
+    out = spectrogram_geometric(
+        spec, sample_generator(0, 0, 0, 1, "audio"), warp_fraction=0.0, time_mask=0, freq_mask=0
+    )
     assert out.shape == (1, 16, 128)
     assert torch.allclose(out[0, :, :100], spec, atol=1e-4)  # float32 grid coordinates
     assert torch.allclose(out[0, :, 100:], spec.min().expand(16, 28))
@@ -254,7 +260,13 @@ def test_photometric_params_are_fixed_shape_tensors_that_collate():
 PARAMS = {
     "jitter_on": torch.tensor([True, True, True, True, False]),
     "jitter_factors": torch.tensor(
-        [[1.3, 0.7, 1.2, 0.05], [0.8, 1.4, 0.6, -0.08], [1.1, 1.2, 1.35, 0.1], [0.65, 0.9, 0.7, -0.02], [1.4, 1.4, 1.4, 0.1]]
+        [
+            [1.3, 0.7, 1.2, 0.05],
+            [0.8, 1.4, 0.6, -0.08],
+            [1.1, 1.2, 1.35, 0.1],
+            [0.65, 0.9, 0.7, -0.02],
+            [1.4, 1.4, 1.4, 0.1],
+        ]
     ),
     "jitter_order": torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [0, 1, 2, 3]]),
     "grey_on": torch.tensor([False, True, False, False, True]),
@@ -286,7 +298,9 @@ def test_apply_photometric_matches_torchvision_clip_by_clip():
         params = {key: value[i] for key, value in PARAMS.items()}
         assert torch.allclose(out[i], reference_photometric(clips[i], params, kernel=5), atol=1e-5)
         # A clip's result does not depend on the rest of the batch.
-        alone = apply_photometric(clips[i : i + 1], {key: value[i : i + 1] for key, value in PARAMS.items()}, blur_kernel_size=5)
+        alone = apply_photometric(
+            clips[i : i + 1], {key: value[i : i + 1] for key, value in PARAMS.items()}, blur_kernel_size=5
+        )
         assert torch.allclose(out[i], alone[0], atol=1e-6)
 
 

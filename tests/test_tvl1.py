@@ -46,18 +46,22 @@ def render_pair(size: int, flow: torch.Tensor, seed: int = 0, margin: int = 12) 
     sampled (bicubic) from a texture larger than the view so no content is invented."""
     big = size + 2 * margin
     texture = smooth_texture(big, seed)
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     gx = (xs + flow[0] + margin) / (big - 1) * 2 - 1
     gy = (ys + flow[1] + margin) / (big - 1) * 2 - 1
     frame0 = F.grid_sample(texture, torch.stack((gx, gy), -1)[None], mode="bicubic", align_corners=True)[0, 0]
-    frame1 = texture[0, 0, margin:margin + size, margin:margin + size]
+    frame1 = texture[0, 0, margin : margin + size, margin : margin + size]
     to_uint8 = lambda t: t.round().clamp(0, 255).to(torch.uint8)  # noqa: E731
     return to_uint8(frame0), to_uint8(frame1)
 
 
 def rotation_flow(size: int, degrees: float) -> torch.Tensor:
     """Flow (2,H,W) of a rotation by ``degrees`` about the image centre."""
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     c = (size - 1) / 2
     a = math.radians(degrees)
     dx, dy = xs - c, ys - c
@@ -89,12 +93,23 @@ def interior(field: torch.Tensor | np.ndarray, border: int) -> torch.Tensor | np
 def test_default_params_are_opencvs():
     algorithm = cv2.optflow.DualTVL1OpticalFlow_create()
     p = TVL1Params()
-    assert (p.tau, p.lambda_, p.theta, p.epsilon, p.scale_step, p.gamma) == pytest.approx((
-        algorithm.getTau(), algorithm.getLambda(), algorithm.getTheta(), algorithm.getEpsilon(),
-        algorithm.getScaleStep(), algorithm.getGamma()))
+    assert (p.tau, p.lambda_, p.theta, p.epsilon, p.scale_step, p.gamma) == pytest.approx(
+        (
+            algorithm.getTau(),
+            algorithm.getLambda(),
+            algorithm.getTheta(),
+            algorithm.getEpsilon(),
+            algorithm.getScaleStep(),
+            algorithm.getGamma(),
+        )
+    )
     assert (p.nscales, p.warps, p.inner_iterations, p.outer_iterations, p.median_filtering) == (
-        algorithm.getScalesNumber(), algorithm.getWarpingsNumber(), algorithm.getInnerIterations(),
-        algorithm.getOuterIterations(), algorithm.getMedianFiltering())
+        algorithm.getScalesNumber(),
+        algorithm.getWarpingsNumber(),
+        algorithm.getInnerIterations(),
+        algorithm.getOuterIterations(),
+        algorithm.getMedianFiltering(),
+    )
 
 
 @needs_opencv
@@ -124,8 +139,12 @@ def test_bicubic_warp_matches_cv_remap(subpixel_steps):
     image = rng.uniform(0, 255, (40, 50)).astype(np.float32)
     map_x = rng.uniform(-5, 55, (40, 50)).astype(np.float32)  # some samples leave the image
     map_y = rng.uniform(-5, 45, (40, 50)).astype(np.float32)
-    got = tvl1.remap_cubic(torch.from_numpy(image)[None, None], torch.from_numpy(map_x)[None],
-                           torch.from_numpy(map_y)[None], subpixel_steps)[0, 0].numpy()
+    got = tvl1.remap_cubic(
+        torch.from_numpy(image)[None, None],
+        torch.from_numpy(map_x)[None],
+        torch.from_numpy(map_y)[None],
+        subpixel_steps,
+    )[0, 0].numpy()
     if subpixel_steps == 0:  # OpenCV 5 samples at the exact coordinate
         expected = cv2.remap(image, map_x, map_y, cv2.INTER_CUBIC)
     else:  # OpenCV 4's fixed-point maps: integer part and fraction in 1/32 px
@@ -150,7 +169,9 @@ def test_median_matches_cv_median_blur(ksize, method):
 def test_median_network_equals_torch_median(ksize):
     images = torch.randn(3, 2, 17, 19, generator=torch.Generator().manual_seed(ksize))
     images[0, 0, :5, :5] = 1.0  # ties
-    assert torch.equal(median_blur(images, ksize, method="network"), median_blur(images, ksize, method="unfold", chunk_pixels=100))
+    assert torch.equal(
+        median_blur(images, ksize, method="network"), median_blur(images, ksize, method="unfold", chunk_pixels=100)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,19 +253,23 @@ def test_rotation_recovered():
 
 
 def three_pairs(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [render_pair(size, constant_flow(size, 1.5, -0.5), seed=10),
-             render_pair(size, rotation_flow(size, 5.0), seed=11),
-             render_pair(size, constant_flow(size, -0.7, 2.2), seed=12)]
+    pairs = [
+        render_pair(size, constant_flow(size, 1.5, -0.5), seed=10),
+        render_pair(size, rotation_flow(size, 5.0), seed=11),
+        render_pair(size, constant_flow(size, -0.7, 2.2), seed=12),
+    ]
     return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
 
-@pytest.mark.parametrize("params", [SHORT.replace(fixed_iterations=True), SHORT.replace(epsilon=0.05),
-                                    TVL1Params(nscales=2, warps=2, epsilon=0.1)],
-                         ids=["fixed_iterations", "early_stop_short", "early_stop_default_iterations"])
+@pytest.mark.parametrize(
+    "params",
+    [SHORT.replace(fixed_iterations=True), SHORT.replace(epsilon=0.05), TVL1Params(nscales=2, warps=2, epsilon=0.1)],
+    ids=["fixed_iterations", "early_stop_short", "early_stop_default_iterations"],
+)
 def test_batch_equals_one_by_one(params):
     frames0, frames1 = three_pairs()
     batched = tvl1_flow(frames0, frames1, params)
-    single = torch.cat([tvl1_flow(frames0[i:i + 1], frames1[i:i + 1], params) for i in range(3)])
+    single = torch.cat([tvl1_flow(frames0[i : i + 1], frames1[i : i + 1], params) for i in range(3)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
 
 

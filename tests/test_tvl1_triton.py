@@ -19,22 +19,30 @@ import torch
 
 pytest.importorskip("triton")
 
+from test_tvl1 import three_pairs  # noqa: E402
+
 from tricoclr.ops import tvl1  # noqa: E402
 from tricoclr.ops.tvl1 import TVL1Params, tvl1_flow  # noqa: E402
 from tricoclr.ops.tvl1_triton import primal_dual_steps_triton  # noqa: E402
 
-from test_tvl1 import three_pairs  # noqa: E402
-
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-kernel_test = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED),
-                                 reason="runs on CUDA, or in the interpreter process of test_under_the_interpreter")
+kernel_test = pytest.mark.skipif(
+    not (torch.cuda.is_available() or INTERPRETED),
+    reason="runs on CUDA, or in the interpreter process of test_under_the_interpreter",
+)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED, reason="the kernel tests run directly here")
 def test_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
 
@@ -64,7 +72,9 @@ def test_kernel_matches_torch_iteration(block, count):
     active = torch.tensor([True, False, True], device=DEVICE)
     before = [t.clone() for t in (u, p)]
     expected = tvl1.primal_dual_steps(count, u, p, grad, grad_sq, rho_c, active, scaled_epsilon=0.0, **CONSTANTS)
-    got = primal_dual_steps_triton(count, u, p, grad, grad_sq, rho_c, active, scaled_epsilon=0.0, block=block, **CONSTANTS)
+    got = primal_dual_steps_triton(
+        count, u, p, grad, grad_sq, rho_c, active, scaled_epsilon=0.0, block=block, **CONSTANTS
+    )
     torch.testing.assert_close(got[0], expected[0], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], expected[1], atol=2e-5, rtol=1e-5)
     assert got[2].tolist() == expected[2].tolist() == [True, False, True]
@@ -77,7 +87,7 @@ def test_kernel_matches_torch_iteration(block, count):
 def test_kernel_convergence_flag_is_per_sample():
     u, p, grad, grad_sq, rho_c = random_state(2, 9, 11, seed=1)
     active = torch.tensor([True, True], device=DEVICE)
-    change = (tvl1.primal_dual_steps(1, u, p, grad, grad_sq, rho_c, active, scaled_epsilon=-1.0, **CONSTANTS)[0] - u)
+    change = tvl1.primal_dual_steps(1, u, p, grad, grad_sq, rho_c, active, scaled_epsilon=-1.0, **CONSTANTS)[0] - u
     per_sample = change.square().flatten(1).sum(1)
     threshold = float(per_sample.mean())  # between the two samples' squared changes
     assert per_sample.min() < threshold < per_sample.max()
@@ -99,8 +109,9 @@ def test_batch_equals_one_by_one():
     frames0, frames1 = (f.to(DEVICE) for f in three_pairs(24))
     params = TINY.replace(epsilon=0.2, check_every=2)
     batched = tvl1_flow(frames0, frames1, params, compile=False, iteration="triton")
-    single = torch.cat([tvl1_flow(frames0[i:i + 1], frames1[i:i + 1], params, compile=False, iteration="triton")
-                        for i in range(3)])
+    single = torch.cat(
+        [tvl1_flow(frames0[i : i + 1], frames1[i : i + 1], params, compile=False, iteration="triton") for i in range(3)]
+    )
     torch.testing.assert_close(batched, single, atol=1e-6, rtol=0)
 
 
@@ -116,5 +127,14 @@ def test_choice_and_errors():
     u, p, _, grad_sq, rho_c = random_state(1, 4, 4)
     with_illumination = torch.zeros(1, 3, 4, 4, device=DEVICE)
     with pytest.raises(ValueError, match="two flow components"):
-        primal_dual_steps_triton(1, u, p, with_illumination, grad_sq, rho_c, torch.ones(1, dtype=torch.bool, device=DEVICE),
-                                 scaled_epsilon=0.0, **CONSTANTS)
+        primal_dual_steps_triton(
+            1,
+            u,
+            p,
+            with_illumination,
+            grad_sq,
+            rho_c,
+            torch.ones(1, dtype=torch.bool, device=DEVICE),
+            scaled_epsilon=0.0,
+            **CONSTANTS,
+        )

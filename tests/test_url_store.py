@@ -20,9 +20,9 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from conftest import tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
 from data_tools.cli import main as data_main
 from data_tools.writers import PartWriter
 from tricoclr.cli import main
@@ -85,9 +85,26 @@ def two_part_store(train_wds, tmp_path_factory) -> Path:
 def test_wds(synth_dataset, tmp_path_factory) -> Path:
     """The labelled test split as a WebDataset store (no flow: retrieval here is RGB)."""
     out = tmp_path_factory.mktemp("prep_url") / "test_wds"
-    assert data_cli("prepare", synth_dataset / "videos", "--out", out, "--format", "webdataset", "--list",
-                    synth_dataset / "splits" / "testlist01.txt", "--flow", "none", "--size", 64, "--workers", 0,
-                    "--no-progress") == 0
+    assert (
+        data_cli(
+            "prepare",
+            synth_dataset / "videos",
+            "--out",
+            out,
+            "--format",
+            "webdataset",
+            "--list",
+            synth_dataset / "splits" / "testlist01.txt",
+            "--flow",
+            "none",
+            "--size",
+            64,
+            "--workers",
+            0,
+            "--no-progress",
+        )
+        == 0
+    )
     return out
 
 
@@ -111,8 +128,10 @@ def memory_copy(train_wds):
 
 def _samples(store) -> list[dict]:
     """Every raw sample of a store, without WebDataset's source fields (which name the URL)."""
-    return [{k: v for k, v in s.items() if k not in ("__url__", "__local_path__")}
-            for s in iter_shard_samples(store.shard_paths())]
+    return [
+        {k: v for k, v in s.items() if k not in ("__url__", "__local_path__")}
+        for s in iter_shard_samples(store.shard_paths())
+    ]
 
 
 def _shard_names(store) -> list[str]:
@@ -156,18 +175,23 @@ def test_http_shards_are_streamed_with_no_limit_on_the_whole_transfer(train_wds,
 
 def test_parts_are_found_by_listing_or_by_brace_range(two_part_store, http_stores):
     http_root = http_stores["two_parts"]
-    for address in (f"file://{two_part_store}",  # fsspec lists the folder
-                    http_root,  # http.server's index page lists it
-                    http_root + "/part-{00000..00001}-of-00002",  # WebDataset's brace range
-                    f"pipe:cat {two_part_store}/part-{{00000..00001}}-of-00002/{{name}}"):
+    for address in (
+        f"file://{two_part_store}",  # fsspec lists the folder
+        http_root,  # http.server's index page lists it
+        http_root + "/part-{00000..00001}-of-00002",  # WebDataset's brace range
+        f"pipe:cat {two_part_store}/part-{{00000..00001}}-of-00002/{{name}}",
+    ):
         _assert_same_store(two_part_store, address)
 
 
 def test_loader_batches_from_urls_equal_the_local_ones_on_every_rank(two_part_store, http_stores):
     """Two ranks x two workers (forked after fsspec is in use): the same split, the same batches."""
     cfg = dict(DEFAULTS["data"], workers=2, prefetch_factor=2, shuffle_buffer=4, **SMALL_DATA)
-    addresses = (str(two_part_store), http_stores["two_parts"],
-                 f"pipe:cat {two_part_store}/part-{{00000..00001}}-of-00002/{{name}}")
+    addresses = (
+        str(two_part_store),
+        http_stores["two_parts"],
+        f"pipe:cat {two_part_store}/part-{{00000..00001}}-of-00002/{{name}}",
+    )
     for rank in range(2):
         batches = []
         for address in addresses:
@@ -216,15 +240,36 @@ def test_the_tiny_schedule_trains_identically_from_http(tiny_runs):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_retrieval_from_http_equals_retrieval_from_the_local_path(tiny_runs, train_wds, test_wds, http_stores,
-                                                                   tmp_path):
+def test_retrieval_from_http_equals_retrieval_from_the_local_path(
+    tiny_runs, train_wds, test_wds, http_stores, tmp_path
+):
     encoder = tiny_runs["http"] / "encoders" / "rgb.safetensors"
     results = {}
-    for name, train, test in (("local", train_wds, test_wds),
-                              ("http", http_stores["train_wds"], http_stores["test_wds"])):
+    for name, train, test in (
+        ("local", train_wds, test_wds),
+        ("http", http_stores["train_wds"], http_stores["test_wds"]),
+    ):
         out = tmp_path / f"{name}.json"
-        assert main(["eval", "retrieval", "--encoder", str(encoder), "--train", str(train), "--test", str(test),
-                     "--json", str(out), "--workers", "0", "--no-cache"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "retrieval",
+                    "--encoder",
+                    str(encoder),
+                    "--train",
+                    str(train),
+                    "--test",
+                    str(test),
+                    "--json",
+                    str(out),
+                    "--workers",
+                    "0",
+                    "--no-cache",
+                ]
+            )
+            == 0
+        )
         results[name] = json.loads(out.read_text())
     assert results["http"] == results["local"]
     assert results["http"]["num_test"] > 0
@@ -233,8 +278,9 @@ def test_retrieval_from_http_equals_retrieval_from_the_local_path(tiny_runs, tra
 # ---- errors -----------------------------------------------------------------------------------
 
 
-def test_a_missing_manifest_or_shard_is_an_error_naming_the_url(served, train_wds, test_wds, http_stores, tmp_path,
-                                                                caplog, capsys):
+def test_a_missing_manifest_or_shard_is_an_error_naming_the_url(
+    served, train_wds, test_wds, http_stores, tmp_path, caplog, capsys
+):
     folder, base = served
     with pytest.raises(FileNotFoundError, match=f"{base}/absent/manifest.jsonl: not found .*404"):
         open_store(f"{base}/absent")
@@ -254,8 +300,23 @@ def test_a_missing_manifest_or_shard_is_an_error_naming_the_url(served, train_wd
     with pytest.raises(FileNotFoundError, match=f"{shard_url}: not found"):
         list(store.iter_records())
     with pytest.raises(SystemExit, match=shard_url):
-        main(["eval", "retrieval", "--encoder", "random", "--train", http_stores["train_wds"],
-              "--test", f"{base}/no_shard", "--json", str(tmp_path / "x.json"), "--workers", "0", "--no-cache"])
+        main(
+            [
+                "eval",
+                "retrieval",
+                "--encoder",
+                "random",
+                "--train",
+                http_stores["train_wds"],
+                "--test",
+                f"{base}/no_shard",
+                "--json",
+                str(tmp_path / "x.json"),
+                "--workers",
+                "0",
+                "--no-cache",
+            ]
+        )
 
     # Training keeps the project's policy for unreadable shards (counted, warned, ranks in step),
     # and the warning names the URL.
@@ -263,8 +324,10 @@ def test_a_missing_manifest_or_shard_is_an_error_naming_the_url(served, train_wd
     shutil.copytree(train_wds, folder / "train_no_shard")
     (folder / "train_no_shard" / schema.SHARDS_DIR / first_shard.name).unlink()
     loader = EpochLoader(f"{base}/train_no_shard", RGB_FLOW, cfg, seed=0, batch_size=2)
-    with caplog.at_level(logging.WARNING, logger="tricoclr.data.stream_loader"), \
-            pytest.raises(RuntimeError, match="no readable sample"):
+    with (
+        caplog.at_level(logging.WARNING, logger="tricoclr.data.stream_loader"),
+        pytest.raises(RuntimeError, match="no readable sample"),
+    ):
         list(loader)
     assert any(f"{base}/train_no_shard/shards/{first_shard.name}" in r.getMessage() for r in caplog.records)
 
@@ -276,4 +339,3 @@ def test_lmdb_over_a_url_and_a_pipe_without_name_are_refused(train_lmdb, train_w
         open_store(f"pipe:cat {train_wds}/shards/shard-000000.tar")
     with pytest.raises(FileNotFoundError, match=f"pipe:cat {train_wds}/absent/prepare_args.json: the command exited"):
         open_store(f"pipe:cat {train_wds}/absent/{{name}}")
-

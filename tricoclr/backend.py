@@ -28,7 +28,8 @@ def make_accelerator(config: Config) -> Accelerator:
     output_dir = Path(config.output_dir)
     return Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=config.grad_accum_steps, sync_with_dataloader=False),
+            num_steps=config.grad_accum_steps, sync_with_dataloader=False
+        ),
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tb")),
         step_scheduler_with_optimizer=False,
@@ -61,8 +62,9 @@ class Backend:
         steps = cfg.grad_accum_steps
         configured = ds.get("gradient_accumulation_steps", "auto")
         if configured not in ("auto", steps):
-            log.warning("DeepSpeed config has gradient_accumulation_steps=%s; using grad_accum_steps=%d",
-                        configured, steps)
+            log.warning(
+                "DeepSpeed config has gradient_accumulation_steps=%s; using grad_accum_steps=%d", configured, steps
+            )
         ds["gradient_accumulation_steps"] = steps
         ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
         ds["train_batch_size"] = cfg.batch_size * steps * self.accelerator.num_processes
@@ -92,8 +94,9 @@ class Backend:
         if not cfg.compile:
             return model
         if self.deepspeed:
-            log.warning("model.compile: the trained encoder runs eager under DeepSpeed (only the frozen "
-                        "forwards are compiled)")
+            log.warning(
+                "model.compile: the trained encoder runs eager under DeepSpeed (only the frozen forwards are compiled)"
+            )
             return model
         return torch.compile(model, mode=cfg.compile_mode)
 
@@ -114,8 +117,10 @@ class Backend:
 
     def warn_partial_skip(self) -> None:
         if self.deepspeed and self.config.grad_accum_steps > 1:
-            log.warning("under DeepSpeed with gradient accumulation the engine has stepped on the gradients "
-                        "of the micro-steps before the non-finite one")
+            log.warning(
+                "under DeepSpeed with gradient accumulation the engine has stepped on the gradients "
+                "of the micro-steps before the non-finite one"
+            )
 
     def optimizer_step(self, model, optimizer) -> None:
         """Clip (a no-op under DeepSpeed, whose config clips), then step. Under DeepSpeed the engine

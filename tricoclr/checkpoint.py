@@ -24,10 +24,10 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -45,8 +45,14 @@ STATE_FILE = "trainer_state.json"
 PREEMPTED_MARKER = "PREEMPTED"  # slurm/requeue_or_finish.sh requeues the job when it exists
 STAGE_TENSORS = "stage.safetensors"
 # Keys that may change between a run and its resume without changing what it computes.
-RESUME_NEUTRAL_KEYS = {"resume", "allow_config_change", "max_steps", "checkpoint_every_steps",
-                       "keep_checkpoints", "log_every_steps"}
+RESUME_NEUTRAL_KEYS = {
+    "resume",
+    "allow_config_change",
+    "max_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "log_every_steps",
+}
 RESUME_NEUTRAL_DATA_KEYS = {"workers", "prefetch_factor", "pin_memory", "val_path"}
 PACKAGES = ["torch", "torchvision", "torchaudio", "accelerate", "webdataset", "lmdb", "av", "numpy", "deepspeed"]
 
@@ -81,8 +87,13 @@ def newest_checkpoint(output_dir: Path) -> Path | None:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -182,11 +193,11 @@ def check_resume_layout(ckpt: Path, state: dict, world_size: int, config: Config
     now = (world_size, config.grad_accum_steps)
     if None in saved or saved == now:
         return
-    message = (f"{ckpt} was written by {saved[0]} ranks x grad_accum_steps {saved[1]}; this run has "
-               f"{now[0]} x {now[1]}")
+    message = f"{ckpt} was written by {saved[0]} ranks x grad_accum_steps {saved[1]}; this run has {now[0]} x {now[1]}"
     if not config.allow_config_change:
-        raise ConfigError(message + ". Resume with the same layout, or allow_config_change=true "
-                          "(the continuation is then not exact).")
+        raise ConfigError(
+            message + ". Resume with the same layout, or allow_config_change=true (the continuation is then not exact)."
+        )
     log.warning("%s: resuming anyway (allow_config_change), not exactly", message)
 
 
@@ -202,8 +213,7 @@ def load_latest_encoders(encoders: dict, output_dir: Path) -> None:
             log.warning("no saved %s encoder in %s: starting it from random weights", name, path.parent)
 
 
-def restore_stage(accelerator, ckpt: Path, state: dict, stage: InfoNCEStage, scheduler,
-                  steps_per_epoch: int) -> int:
+def restore_stage(accelerator, ckpt: Path, state: dict, stage: InfoNCEStage, scheduler, steps_per_epoch: int) -> int:
     """Load a checkpoint into a freshly built stage; returns the stage step to continue from.
 
     A checkpoint written at the end of a stage (stage_step 0 of the next one) holds no state of
@@ -215,7 +225,8 @@ def restore_stage(accelerator, ckpt: Path, state: dict, stage: InfoNCEStage, sch
             raise ConfigError(
                 f"{ckpt} was written with {state['steps_per_epoch']} steps per epoch, this run has "
                 f"{steps_per_epoch}: the data (or batch size, ranks, accumulation) changed; cannot resume "
-                "mid-stage at the same data position")
+                "mid-stage at the same data position"
+            )
         # Model, optimizer and scaler (or the DeepSpeed engine): files this run wrote.
         accelerator.load_state(str(ckpt))
         tensors = load_file(ckpt / STAGE_TENSORS)  # load_state_dict copies to the modules' device
@@ -233,8 +244,7 @@ def restore_stage(accelerator, ckpt: Path, state: dict, stage: InfoNCEStage, sch
 # ---- save ------------------------------------------------------------------------------------------
 
 
-def trainer_state(position: StagePosition, global_step: int, world_size: int, config: Config,
-                  scheduler) -> dict:
+def trainer_state(position: StagePosition, global_step: int, world_size: int, config: Config, scheduler) -> dict:
     """The JSON state of a checkpoint (see the module docstring)."""
     done = position.done
     epoch, step_in_epoch = divmod(position.stage_step, position.steps_per_epoch)
@@ -264,8 +274,15 @@ def stage_tensors(encoders: dict, stage: InfoNCEStage) -> dict[str, torch.Tensor
     return tensors
 
 
-def save_checkpoint(accelerator, config: Config, global_step: int, encoders: dict, stage: InfoNCEStage,
-                    state: dict, on_main: Callable[[], None] | None = None) -> None:
+def save_checkpoint(
+    accelerator,
+    config: Config,
+    global_step: int,
+    encoders: dict,
+    stage: InfoNCEStage,
+    state: dict,
+    on_main: Callable[[], None] | None = None,
+) -> None:
     """Write checkpoint ``step-<global_step>`` (no-op if it exists). ``on_main`` runs on the main
     process once the checkpoint's files are written and before it is committed (renamed)."""
     root = Path(config.output_dir) / "checkpoints"
@@ -320,7 +337,7 @@ def save_trained_encoder(config: Config, plan: StagePlan, encoder, global_step: 
 
 
 def _subdict(tensors: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -330,7 +347,7 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
 def cycle_of(plan: StagePlan) -> int:
     """0 for the InfoNCE pre-training stages, c for the stages of 'cycle<c>-...'."""
     head = plan.name.split("-")[0]
-    return int(head[len("cycle"):]) if head.startswith("cycle") else 0
+    return int(head[len("cycle") :]) if head.startswith("cycle") else 0
 
 
 def rng_state() -> dict:

@@ -14,12 +14,18 @@ from tricoclr.config import load_config
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (e.g. configs/tiny.yaml); defaults otherwise")
-    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value",
-                        help="config overrides, e.g. batch_size=16 modalities=[rgb,flow]")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="dotted.key=value",
+        help="config overrides, e.g. batch_size=16 modalities=[rgb,flow]",
+    )
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tricoclr/train.py", description="Train TriCoCLR encoders (the whole stage schedule).")
+    parser = argparse.ArgumentParser(
+        prog="tricoclr/train.py", description="Train TriCoCLR encoders (the whole stage schedule)."
+    )
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))
 

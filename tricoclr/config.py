@@ -50,8 +50,15 @@ def _integer(key: str, value, minimum: int | None = None, optional: bool = False
         raise ConfigError(f"'{key}' must be >= {minimum}, got {value!r}")
 
 
-def _number(obj, name: str, key: str, low: float | None = None, high: float | None = None,
-            low_open: bool = False, optional: bool = False) -> None:
+def _number(
+    obj,
+    name: str,
+    key: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    optional: bool = False,
+) -> None:
     """Checks obj.<name> is a number in [low, high] ((low, high] with ``low_open``); a numeric
     string (YAML 1.1 reads ``3e-4`` as text) is replaced by its float."""
     value = getattr(obj, name)
@@ -151,9 +158,12 @@ class DataConfig(Section):
         _choice("data.short_policy", self.short_policy, ("overlap", "skip"))
         _choice("data.missing_audio", self.missing_audio, ("skip",))
         scale = self.crop_scale
-        if (not isinstance(scale, (list, tuple)) or len(scale) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
-                or not 0 < scale[0] <= scale[1] <= 1):
+        if (
+            not isinstance(scale, (list, tuple))
+            or len(scale) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+            or not 0 < scale[0] <= scale[1] <= 1
+        ):
             raise ConfigError(f"'data.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
         object.__setattr__(self, "crop_scale", tuple(scale))
 
@@ -277,8 +287,14 @@ class MonitorConfig(Section):
         _boolean("monitor.augment_images", self.augment_images)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "schedule": ScheduleConfig,
-            "optim": OptimConfig, "monitor": MonitorConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "schedule": ScheduleConfig,
+    "optim": OptimConfig,
+    "monitor": MonitorConfig,
+}
 # Sections keyed by modality name: a fourth modality adds its own entry without a schema change.
 FREE_MAPS = {"model.backbones", "schedule.pretrain_epochs"}
 
@@ -308,8 +324,7 @@ class Config(Section):
     def __post_init__(self):
         _integer("seed", self.seed)
         _text("output_dir", self.output_dir)
-        for key in ("batch_size", "grad_accum_steps", "checkpoint_every_steps", "keep_checkpoints",
-                    "log_every_steps"):
+        for key in ("batch_size", "grad_accum_steps", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"'{key}' must be a positive integer, got {value!r}")

@@ -60,12 +60,21 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "small.yam
 
 PRESETS = {
     # the synthesized data (classes, videos per class, train share, seconds, prepared size) and seeds
-    "full": dict(classes=10, videos_per_class=60, train_fraction=0.5, seconds=4.0, size=64, seeds=3,
-                 overrides=[]),
+    "full": dict(classes=10, videos_per_class=60, train_fraction=0.5, seconds=4.0, size=64, seeds=3, overrides=[]),
     # quick: a shorter schedule and the queue a few steps can fill (it runs in the test suite)
-    "quick": dict(classes=6, videos_per_class=8, train_fraction=0.5, seconds=6.0, size=64, seeds=1,
-                  overrides=["schedule.pretrain_epochs={rgb: 3, flow: 3, audio: 3}", "schedule.stage_epochs=3",
-                             "method.queue_size=128"]),
+    "quick": dict(
+        classes=6,
+        videos_per_class=8,
+        train_fraction=0.5,
+        seconds=6.0,
+        size=64,
+        seeds=1,
+        overrides=[
+            "schedule.pretrain_epochs={rgb: 3, flow: 3, audio: 3}",
+            "schedule.stage_epochs=3",
+            "method.queue_size=128",
+        ],
+    ),
 }
 
 
@@ -74,8 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller, one-seed variant in a few minutes")
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default 3, quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="data workers (preparation and loading)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="the base training config (default: the repository's configs/small.yaml, wherever the demo runs from)")
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="the base training config (default: the repository's configs/small.yaml, wherever the demo runs from)",
+    )
 
 
 def _say(text: str) -> None:
@@ -92,18 +104,46 @@ def prepare_data(out: Path, preset: dict, workers: int) -> tuple[Path, Path, Pat
     synth = out / "synth"
     if not (synth / "splits" / "testlist01.txt").exists():
         _say(f"synthesizing {preset['classes']} classes x {preset['videos_per_class']} videos x {preset['seconds']} s")
-        _data_cli(["synth", "--out", str(synth), "--classes", str(preset["classes"]),
-                   "--videos-per-class", str(preset["videos_per_class"]), "--seconds", str(preset["seconds"]),
-                   "--train-fraction", str(preset["train_fraction"]),
-                   "--workers", str(workers)])
+        _data_cli(
+            [
+                "synth",
+                "--out",
+                str(synth),
+                "--classes",
+                str(preset["classes"]),
+                "--videos-per-class",
+                str(preset["videos_per_class"]),
+                "--seconds",
+                str(preset["seconds"]),
+                "--train-fraction",
+                str(preset["train_fraction"]),
+                "--workers",
+                str(workers),
+            ]
+        )
     stores = {}
     for split in ("train", "test"):
         store = out / "prepared" / split
         stores[split] = store
         _say(f"preparing the {split} split -> {store} (lmdb, Farneback flow, log-mel audio)")
-        _data_cli(["prepare", str(synth / "videos"), "--out", str(store), "--format", "lmdb",
-                   "--list", str(synth / "splits" / f"{split}list01.txt"), "--flow", "farneback",
-                   "--size", str(preset["size"]), "--workers", str(workers)])
+        _data_cli(
+            [
+                "prepare",
+                str(synth / "videos"),
+                "--out",
+                str(store),
+                "--format",
+                "lmdb",
+                "--list",
+                str(synth / "splits" / f"{split}list01.txt"),
+                "--flow",
+                "farneback",
+                "--size",
+                str(preset["size"]),
+                "--workers",
+                str(workers),
+            ]
+        )
     return synth, stores["train"], stores["test"]
 
 
@@ -119,8 +159,13 @@ def _train(config_path: str, overrides: list[str]) -> None:
 def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args) -> dict[str, Path]:
     """Pre-train every modality once, then each variant's cooperative (or continued) stages."""
     runs = out / "runs" / f"seed{seed}"
-    common = [*preset["overrides"], f"seed={seed}", f"data.path={train_store}", f"data.workers={args.workers}",
-              "resume=true"]
+    common = [
+        *preset["overrides"],
+        f"seed={seed}",
+        f"data.path={train_store}",
+        f"data.workers={args.workers}",
+        "resume=true",
+    ]
     schedule = load_config(args.config, preset["overrides"])["schedule"]
     stage_epochs = schedule["stage_epochs"]
     # InfoNCE pre-training is per modality and independent, so RGB and the two future oracles are
@@ -131,8 +176,9 @@ def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args) -> d
         run_dir = pretrain_dirs[mods[0]]
         if not all((run_dir / "encoders" / f"pretrain-{mod}" / f"{mod}.safetensors").exists() for mod in mods):
             _say(f"seed {seed}: InfoNCE pre-training of {' and '.join(mods)} ({schedule['pretrain_epochs']} epochs)")
-            _train(args.config, common + [f"output_dir={run_dir}", f"modalities=[{','.join(mods)}]",
-                                          "schedule.cycles=0"])
+            _train(
+                args.config, common + [f"output_dir={run_dir}", f"modalities=[{','.join(mods)}]", "schedule.cycles=0"]
+            )
     encoders = {}
     for name, mods, extra in VARIANTS:
         run_dir = runs / slug(name)
@@ -143,12 +189,25 @@ def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args) -> d
             (run_dir / "encoders").mkdir(parents=True, exist_ok=True)
             if not (run_dir / "checkpoints").exists():
                 for mod in mods:  # start from the shared pre-trained encoders
-                    shutil.copy(pretrain_dirs[mod] / "encoders" / f"{mod}.safetensors", run_dir / "encoders" / f"{mod}.safetensors")
+                    shutil.copy(
+                        pretrain_dirs[mod] / "encoders" / f"{mod}.safetensors",
+                        run_dir / "encoders" / f"{mod}.safetensors",
+                    )
             # InfoNCE continues RGB alone for as many epochs as the cooperative RGB stage gets.
             _say(f"seed {seed}: {name} ({'+'.join(mods)}): {stage} for {stage_epochs} epochs")
-            _train(args.config, common + [f"output_dir={run_dir}", f"modalities=[{','.join(mods)}]",
-                                          f"schedule.start_stage={stage}", "schedule.cycles=1", "schedule.order=[rgb]",
-                                          f"schedule.pretrain_epochs={stage_epochs}", *extra])
+            _train(
+                args.config,
+                common
+                + [
+                    f"output_dir={run_dir}",
+                    f"modalities=[{','.join(mods)}]",
+                    f"schedule.start_stage={stage}",
+                    "schedule.cycles=1",
+                    "schedule.order=[rgb]",
+                    f"schedule.pretrain_epochs={stage_epochs}",
+                    *extra,
+                ],
+            )
         encoders[name] = run_dir / "encoders" / stage / "rgb.safetensors"
     encoders["InfoNCE (pre-training only)"] = pretrain_dirs["rgb"] / "encoders" / "rgb.safetensors"
     return encoders
@@ -175,12 +234,16 @@ def evaluate(encoder_path, train_store: Path, test_store: Path, args, seed: int)
     linear = evaluate_probe(probe, test["features"], test["labels"])
     logits = probe.logits(test["features"])
     return {
-        "R@1": retrieval["R@1"], "R@5": retrieval["R@5"], "R@10": retrieval["R@10"],
-        "chance_R@1": retrieval["chance_R@1"], "linear_top1": linear["top1"],
+        "R@1": retrieval["R@1"],
+        "R@5": retrieval["R@5"],
+        "R@10": retrieval["R@10"],
+        "chance_R@1": retrieval["chance_R@1"],
+        "linear_top1": linear["top1"],
         "hits": retrieval["hits"].float().tolist(),
         "linear_hits": per_item_correct(logits, test["labels"], ks=(1,))[:, 0].float().tolist(),
         "neighbours": retrieval["neighbours"].tolist(),
-        "train": train, "test": test,
+        "train": train,
+        "test": test,
     }
 
 
@@ -236,8 +299,10 @@ def compare(per_seed: dict[str, list[dict]]) -> list[dict]:
 
 
 def comparison_table(comparisons: list[dict]) -> str:
-    rows = [{"difference": f"{c['a']} − {c['b']}", **{k: v for k, v in c.items() if k not in ("a", "b")}}
-            for c in comparisons]
+    rows = [
+        {"difference": f"{c['a']} − {c['b']}", **{k: v for k, v in c.items() if k not in ("a", "b")}}
+        for c in comparisons
+    ]
     return markdown_table(rows, ["difference", "R@1", "linear_top1"], signed=True).rstrip("\n")
 
 
@@ -252,9 +317,11 @@ def run(args) -> int:
     if args.seeds:
         preset["seeds"] = args.seeds
     args.out = str(out)
-    _say(f"settings: {json.dumps(preset)}; config {args.config} "
-         f"(small 3D CNN, 8-frame clips prepared at {preset['size']}^2, Farneback flow); "
-         f"{torch.get_num_threads()} threads")
+    _say(
+        f"settings: {json.dumps(preset)}; config {args.config} "
+        f"(small 3D CNN, 8-frame clips prepared at {preset['size']}^2, Farneback flow); "
+        f"{torch.get_num_threads()} threads"
+    )
     started = time.time()
     synth, train_store, test_store = prepare_data(out, preset, args.workers)
     per_seed: dict[str, list[dict]] = {"random init": []}
@@ -267,20 +334,34 @@ def run(args) -> int:
     tri = per_seed["TriCoCLR"][0]
     _retrieval_figure(out / "retrieval.png", tri, train_store)
     comparisons = compare(per_seed)
-    results = {"rows": [{k: v for k, v in r.items()} for r in rows], "comparisons": comparisons, "settings": preset,
-               "num_test": len(tri["test"]["ids"]), "num_train": len(tri["train"]["ids"]),
-               "minutes": (time.time() - started) / 60}
+    results = {
+        "rows": [{k: v for k, v in r.items()} for r in rows],
+        "comparisons": comparisons,
+        "settings": preset,
+        "num_test": len(tri["test"]["ids"]),
+        "num_train": len(tri["train"]["ids"]),
+        "minutes": (time.time() - started) / 60,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    table = markdown_table(rows, ["model", "modalities", "R@1", "R@5", "R@10", "linear_top1"],
-                           modality_columns=[display_name(mod) for mod in registry.MODALITIES])
-    header = (f"RGB-encoder evaluation on the synthesized test split ({results['num_test']} videos; "
-              f"mean over {preset['seeds']} seed(s), 95% bootstrap CI over test videos)\n\n")
-    paired = ("\n\nPaired differences (first row minus second; 95% bootstrap CI over the same test videos, "
-              "seeds averaged):\n\n" + comparison_table(comparisons))
+    table = markdown_table(
+        rows,
+        ["model", "modalities", "R@1", "R@5", "R@10", "linear_top1"],
+        modality_columns=[display_name(mod) for mod in registry.MODALITIES],
+    )
+    header = (
+        f"RGB-encoder evaluation on the synthesized test split ({results['num_test']} videos; "
+        f"mean over {preset['seeds']} seed(s), 95% bootstrap CI over test videos)\n\n"
+    )
+    paired = (
+        "\n\nPaired differences (first row minus second; 95% bootstrap CI over the same test videos, "
+        "seeds averaged):\n\n" + comparison_table(comparisons)
+    )
     (out / "results.md").write_text(header + table + paired + "\n")
     print(header + table + paired)
-    _say(f"done in {results['minutes']:.1f} min; results in {out / 'results.json'}, figure {out / 'retrieval.png'}, "
-         f"TensorBoard: tensorboard --logdir {out / 'runs'}")
+    _say(
+        f"done in {results['minutes']:.1f} min; results in {out / 'results.json'}, figure {out / 'retrieval.png'}, "
+        f"TensorBoard: tensorboard --logdir {out / 'runs'}"
+    )
     return 0
 
 

@@ -124,16 +124,12 @@ class GlobalBatchNorm(_BatchNorm):
 
         local_count = x.numel() // channels
         count_column = x.new_full((1,), float(local_count))
-        sum_and_count = all_reduce_sum_with_grad(
-            torch.cat([x.sum(dim=reduce_dims), count_column]), self.process_group
-        )
+        sum_and_count = all_reduce_sum_with_grad(torch.cat([x.sum(dim=reduce_dims), count_column]), self.process_group)
         global_count = sum_and_count[-1]
         mean = sum_and_count[:channels] / global_count
         # Two passes (mean, then squared deviations) rather than E[x^2] - mean^2, which cancels.
         centred = x - mean.reshape(stat_shape)
-        squared_deviation_sum = all_reduce_sum_with_grad(
-            (centred * centred).sum(dim=reduce_dims), self.process_group
-        )
+        squared_deviation_sum = all_reduce_sum_with_grad((centred * centred).sum(dim=reduce_dims), self.process_group)
         variance = squared_deviation_sum / global_count
 
         if self.track_running_stats and self.running_mean is not None:

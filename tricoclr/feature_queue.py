@@ -12,8 +12,8 @@ The caller gathers a batch across ranks before ``enqueue`` (``tricoclr.distribut
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class FeatureQueue(nn.Module):

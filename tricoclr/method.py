@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -34,8 +34,13 @@ from tricoclr.config import Config, ConfigError, MethodConfig, pretrain_epochs
 from tricoclr.distributed import gather_from_all_ranks
 from tricoclr.feature_queue import FeatureQueue
 from tricoclr.losses import contrastive_logits, multi_positive_loss
-from tricoclr.mining import (exclude_same_video, mask_self_positive, mine_positives, mined_precision_counts,
-                             same_video_counts)
+from tricoclr.mining import (
+    exclude_same_video,
+    mask_self_positive,
+    mine_positives,
+    mined_precision_counts,
+    same_video_counts,
+)
 
 
 @dataclass(frozen=True)
@@ -179,16 +184,23 @@ class InfoNCEStage(nn.Module):
         if self.frozen_compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs (reduce-overhead)
         with precision.frozen_autocast():
-            key, oracle = self._frozen_forward(batch[f"{self.plan.trained}.view2"],
-                                               *(batch[f"{name}.view2"] for name in self.plan.samplers))
+            key, oracle = self._frozen_forward(
+                batch[f"{self.plan.trained}.view2"], *(batch[f"{name}.view2"] for name in self.plan.samplers)
+            )
         with precision.query_autocast():
             query = model(batch[f"{self.plan.trained}.view1"].to(precision.input_dtype))
         loss, stats = self.loss(query, key, oracle, batch, generator)
         self._stash(key, oracle, batch)
         return loss, stats
 
-    def loss(self, query: torch.Tensor, key: torch.Tensor, oracle: torch.Tensor | None, batch: dict,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        oracle: torch.Tensor | None,
+        batch: dict,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict]:
         """The multi-positive loss of (B, D) queries against their (B, D) keys and the queue.
 
         Nothing here waits on the host (fixed shapes, the queue's fullness read on the device): the
@@ -215,12 +227,15 @@ class InfoNCEStage(nn.Module):
         loss = multi_positive_loss(logits, mask, check_positives=False)
         # Oracle-mined positives alone, and the share of same-video entries among all queue
         # positives, separately: together they would read high while the queue fills.
-        matched, counted = mined_precision_counts(mask, batch["label"], queue.labels, batch["video_index"],
-                                                  queue.video_ids)
+        matched, counted = mined_precision_counts(
+            mask, batch["label"], queue.labels, batch["video_index"], queue.video_ids
+        )
         same, positives = same_video_counts(mask, batch["video_index"], queue.video_ids)
-        stats = {"positives_per_sample": mask.float().sum(dim=1).mean(),
-                 "mined_precision": matched.float() / counted.float(),  # 0 / 0 = NaN: not logged
-                 "same_video_share": same.float() / positives.float()}
+        stats = {
+            "positives_per_sample": mask.float().sum(dim=1).mean(),
+            "mined_precision": matched.float() / counted.float(),  # 0 / 0 = NaN: not logged
+            "same_video_share": same.float() / positives.float(),
+        }
         return loss, stats
 
     def after_optimizer_step(self, encoder: nn.Module, stage_step: int, total_steps: int) -> None:
@@ -237,8 +252,9 @@ class InfoNCEStage(nn.Module):
         so n micro-steps of batch b see the same negatives as one step of n*b."""
         # Copies: a compiled forward in CUDA-graph mode overwrites its outputs at the next micro-step.
         oracle = None if oracle is None else oracle.detach().float().clone()
-        self._pending.append((key.detach().float().clone(), oracle,
-                              batch["video_index"].detach(), batch["label"].detach()))
+        self._pending.append(
+            (key.detach().float().clone(), oracle, batch["video_index"].detach(), batch["label"].detach())
+        )
 
     def discard_pending(self) -> None:
         """Drop the stashed keys of an optimizer step that is skipped (every rank does it together)."""

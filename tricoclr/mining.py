@@ -130,9 +130,7 @@ def mine_positives(
     device_flag = isinstance(queue_full, torch.Tensor)
     if (device_flag or queue_full) and has_oracle and top > 0:
         if queue_oracle.shape[1] != oracle.shape[1]:
-            raise ValueError(
-                f"oracle dim {oracle.shape[1]} differs from queue_oracle dim {queue_oracle.shape[1]}"
-            )
+            raise ValueError(f"oracle dim {oracle.shape[1]} differs from queue_oracle dim {queue_oracle.shape[1]}")
         scores = oracle_similarity(oracle, queue_oracle.to(device), similarity, oracle_dims)
         if same_video is not None:
             scores = scores.masked_fill(same_video, float("-inf"))

@@ -19,8 +19,9 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(encoder: torch.nn.Module, opt: OptimConfig, global_batch: int,
-                    fused: bool) -> torch.optim.Optimizer:
+def build_optimizer(
+    encoder: torch.nn.Module, opt: OptimConfig, global_batch: int, fused: bool
+) -> torch.optim.Optimizer:
     """Adam, AdamW or SGD (momentum 0.9) over the encoder's trainable parameters; with
     ``optim.lr_reference_batch`` the learning rate scales linearly with the global batch."""
     lr = opt.lr
@@ -38,5 +39,6 @@ def build_optimizer(encoder: torch.nn.Module, opt: OptimConfig, global_batch: in
 def build_scheduler(optimizer: torch.optim.Optimizer, opt: OptimConfig, total_steps: int):
     """A LambdaLR of :func:`lr_factor`, stepped once per optimizer step whatever the world size
     (so not prepared by Accelerate)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, total_steps, opt.warmup_steps, opt.schedule, opt.min_lr_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, opt.warmup_steps, opt.schedule, opt.min_lr_ratio)
+    )

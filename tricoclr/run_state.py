@@ -63,8 +63,10 @@ def stage_length(plan: StagePlan, batches_per_epoch: int, config: Config) -> tup
     capped by ``max_steps_per_stage``. ConfigError if an epoch is shorter than one optimizer step."""
     steps_per_epoch = batches_per_epoch // config.grad_accum_steps
     if steps_per_epoch == 0:
-        raise ConfigError(f"stage {plan.name}: {batches_per_epoch} batches per epoch are fewer "
-                          f"than grad_accum_steps={config.grad_accum_steps}")
+        raise ConfigError(
+            f"stage {plan.name}: {batches_per_epoch} batches per epoch are fewer "
+            f"than grad_accum_steps={config.grad_accum_steps}"
+        )
     total_steps = max(1, math.ceil(plan.epochs * steps_per_epoch))
     if config.max_steps_per_stage is not None:
         total_steps = min(total_steps, config.max_steps_per_stage)

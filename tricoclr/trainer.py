@@ -60,8 +60,10 @@ class Trainer:
 
     def run(self) -> dict:
         """The schedule from the start (or its checkpoint); returns global_step and the history."""
-        logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if self.is_main else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
         ckpt, resume_state = self._start()
         first = resume_state["stage_index"] if resume_state else start_index(self.schedule, self.config)
@@ -93,8 +95,13 @@ class Trainer:
         elif cfg.schedule.start_stage:
             checkpoint.load_latest_encoders(self.encoders, self.output_dir)
         if self.is_main:
-            log.info("global batch = batch_size %d x %d ranks x grad_accum_steps %d = %d", cfg.batch_size,
-                     acc.num_processes, cfg.grad_accum_steps, self.global_batch)
+            log.info(
+                "global batch = batch_size %d x %d ranks x grad_accum_steps %d = %d",
+                cfg.batch_size,
+                acc.num_processes,
+                cfg.grad_accum_steps,
+                self.global_batch,
+            )
         return ckpt, resume_state
 
     def _install_signal_handler(self) -> None:
@@ -110,8 +117,9 @@ class Trainer:
     def _run_stage(self, index: int, plan: StagePlan, resume_state: dict | None, ckpt: Path | None) -> None:
         run = self._open_stage(index, plan)
         if resume_state is not None:
-            run.stage_step = checkpoint.restore_stage(self.accelerator, ckpt, resume_state, run.stage,
-                                                      run.scheduler, run.steps_per_epoch)
+            run.stage_step = checkpoint.restore_stage(
+                self.accelerator, ckpt, resume_state, run.stage, run.scheduler, run.steps_per_epoch
+            )
         run.images_logged = resume_state is not None or not self.config.monitor.augment_images
         run.progress = train_log.progress_bar(self.is_main, run.total_steps, run.stage_step, plan.name)
         start_epoch = run.stage_step // run.steps_per_epoch
@@ -129,8 +137,9 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         views = StageViews(both_views=(plan.trained,), view2_only=plan.samplers)
         seed = cfg.seed * 1009 + index
-        loader = EpochLoader(cfg.data.path, views, cfg.data, seed, cfg.batch_size,
-                             rank=acc.process_index, world_size=acc.num_processes)
+        loader = EpochLoader(
+            cfg.data.path, views, cfg.data, seed, cfg.batch_size, rank=acc.process_index, world_size=acc.num_processes
+        )
         steps_per_epoch, total_steps = stage_length(plan, loader.batches_per_epoch(), cfg)
         encoder = self.encoders[plan.trained]
         # Train mode before the stage copies it: the momentum copy must run in train mode too (MoCo,
@@ -150,11 +159,18 @@ class Trainer:
             stage.compile_frozen(cfg.model.compile_mode)
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
         if self.is_main:
-            log.info("stage %s: trains %s, oracle %s, %d steps (%d per epoch, %d videos)", plan.name,
-                     plan.trained, list(plan.samplers) or "none (InfoNCE)", total_steps, steps_per_epoch,
-                     loader.num_videos)
-        return StageRun(index, plan, stage, encoder, model, optimizer, scheduler, loader, views, seed,
-                        steps_per_epoch, total_steps)
+            log.info(
+                "stage %s: trains %s, oracle %s, %d steps (%d per epoch, %d videos)",
+                plan.name,
+                plan.trained,
+                list(plan.samplers) or "none (InfoNCE)",
+                total_steps,
+                steps_per_epoch,
+                loader.num_videos,
+            )
+        return StageRun(
+            index, plan, stage, encoder, model, optimizer, scheduler, loader, views, seed, steps_per_epoch, total_steps
+        )
 
     def _run_epoch(self, run: StageRun, epoch: int) -> bool:
         """One epoch (from the resume position in the first); returns whether the run stops here."""
@@ -197,11 +213,16 @@ class Trainer:
             # One all-reduce per micro-step carries every decision that all ranks must take
             # together (skip, preempt), or DDP would deadlock: [non-finite, loss, signal].
             finite = torch.isfinite(loss.detach())
-            flags = acc.reduce(torch.stack([
-                (~finite).float(),
-                torch.where(finite, loss.detach().float(), torch.zeros_like(loss, dtype=torch.float32)),
-                torch.tensor(float(preemption.requested()), device=loss.device),
-            ]), "sum").tolist()
+            flags = acc.reduce(
+                torch.stack(
+                    [
+                        (~finite).float(),
+                        torch.where(finite, loss.detach().float(), torch.zeros_like(loss, dtype=torch.float32)),
+                        torch.tensor(float(preemption.requested()), device=loss.device),
+                    ]
+                ),
+                "sum",
+            ).tolist()
             bad = flags[0] > 0 or any(b for b, _ in micro_steps)
             if not bad:
                 acc.backward(loss)
@@ -246,7 +267,8 @@ class Trainer:
             raise FloatingPointError(
                 f"{run.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (stage "
                 f"{run.plan.name}, step {self.global_step + 1}); stopping. The last good checkpoint "
-                f"is the newest one in {self.output_dir / 'checkpoints'}.")
+                f"is the newest one in {self.output_dir / 'checkpoints'}."
+            )
 
     def _after_step(self, run: StageRun, preempt: bool, epoch: int) -> bool:
         """What follows an optimizer step: checkpoint (stage end, stop, preemption, epoch end, every
@@ -260,8 +282,11 @@ class Trainer:
         if finished and not stage_complete and self.is_main:  # the run ends inside this stage
             checkpoint.save_trained_encoder(cfg, run.plan, run.encoder, self.global_step, snapshot=False)
         if preempt:
-            log.warning("preemption requested (SIGUSR1/SIGTERM or %s): checkpoint written at step %d, exiting",
-                        preemption.REQUEST_FILE_ENV, self.global_step)
+            log.warning(
+                "preemption requested (SIGUSR1/SIGTERM or %s): checkpoint written at step %d, exiting",
+                preemption.REQUEST_FILE_ENV,
+                self.global_step,
+            )
             checkpoint.mark_preempted(self.accelerator, self.output_dir, self.global_step)
             raise PreemptionRequested(f"checkpoint written at step {self.global_step}")
         if epoch_end and not finished and cfg.data.val_path and cfg.monitor.knn_every_epochs:
@@ -271,23 +296,39 @@ class Trainer:
 
     def _save_checkpoint(self, run: StageRun, done: bool) -> None:
         position = StagePosition(run.index, run.plan, run.stage_step, run.steps_per_epoch, done)
-        state = checkpoint.trainer_state(position, self.global_step, self.accelerator.num_processes,
-                                         self.config, run.scheduler)
+        state = checkpoint.trainer_state(
+            position, self.global_step, self.accelerator.num_processes, self.config, run.scheduler
+        )
         # A finished stage's encoder files are written with (before the commit of) its checkpoint.
-        encoders = partial(checkpoint.save_trained_encoder, self.config, run.plan, run.encoder,
-                           self.global_step, snapshot=True)
-        checkpoint.save_checkpoint(self.accelerator, self.config, self.global_step, self.encoders, run.stage,
-                                   state, on_main=encoders if done else None)
+        encoders = partial(
+            checkpoint.save_trained_encoder, self.config, run.plan, run.encoder, self.global_step, snapshot=True
+        )
+        checkpoint.save_checkpoint(
+            self.accelerator,
+            self.config,
+            self.global_step,
+            self.encoders,
+            run.stage,
+            state,
+            on_main=encoders if done else None,
+        )
 
     def _log_step(self, run: StageRun, loss: float, stats: dict) -> None:
         if run.progress is not None:
             run.progress.update(1)
             run.progress.set_postfix(loss=f"{loss:.3f}", queue=f"{run.stage.queue.fill_fraction:.2f}")
         if self.global_step % self.config.log_every_steps == 0 or self.global_step == 1:
-            values = train_log.step_values(run.plan.name, loss, run.scheduler.get_last_lr()[0],
-                                           run.stage.queue.fill_fraction, stats, run.window)
+            values = train_log.step_values(
+                run.plan.name, loss, run.scheduler.get_last_lr()[0], run.stage.queue.fill_fraction, stats, run.window
+            )
             run.window.update(wait=0.0, compute=0.0, samples=0)
             self.accelerator.log(values, step=self.global_step)
-            self.history.append({"stage": run.plan.name, "step": self.global_step, "loss": loss,
-                                 **{k.split("/")[1]: v for k, v in values.items() if k.startswith("train/")}})
+            self.history.append(
+                {
+                    "stage": run.plan.name,
+                    "step": self.global_step,
+                    "loss": loss,
+                    **{k.split("/")[1]: v for k, v in values.items() if k.startswith("train/")},
+                }
+            )
         self.hooks.step_logged(self.global_step, loss)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -52,7 +52,6 @@ class DataStats:
     broken_records = 0
 
 
-
 class EpochLoader:
     """One object per stage: ``set_epoch(e, start_batch)``, ``len()``, iteration of collated batches.
 
@@ -60,8 +59,16 @@ class EpochLoader:
     yields ``batches_per_epoch()`` batches in every epoch (fewer after a mid-epoch resume).
     """
 
-    def __init__(self, store_path: str, views: StageViews, data_cfg: dict, seed: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        store_path: str,
+        views: StageViews,
+        data_cfg: dict,
+        seed: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         store = open_store(store_path)
         workers = int(data_cfg["workers"])
         common = dict(
@@ -100,9 +107,14 @@ class EpochLoader:
             batches = rebatch(self.loader, self.dataset.batch_size)
             dropped = self.dataset.dropped_samples()
             if dropped and self._start_batch == 0 and self.rank == 0:
-                log.info("epoch %d drops %d of %d samples: N mod (batch %d x %d ranks), other ones every epoch",
-                         self._epoch, dropped, self.dataset.plan.total, self.dataset.batch_size,
-                         self.dataset.world_size)
+                log.info(
+                    "epoch %d drops %d of %d samples: N mod (batch %d x %d ranks), other ones every epoch",
+                    self._epoch,
+                    dropped,
+                    self.dataset.plan.total,
+                    self.dataset.batch_size,
+                    self.dataset.world_size,
+                )
         expected, produced = len(self), 0
         for batch in batches:
             DataStats.broken_records += int(batch[BROKEN_KEY].sum())

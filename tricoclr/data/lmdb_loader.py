@@ -13,8 +13,8 @@ import logging
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from tricoclr.data.sampling import sample_generator
 from tricoclr.data.samples import StageViews, build_sample, usable_videos, with_broken_count
+from tricoclr.data.sampling import sample_generator
 from tricoclr.data.store import VideoStore, open_store
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,9 @@ class LmdbPairDataset(Dataset):
             video_index = self.indices[(position + failures) % len(self.indices)]
             video_id = self.metas[video_index]["id"]
             try:
-                sample = build_sample(self.store.record(video_id), video_index, epoch, self.seed, self.views,
-                                      self.data_cfg)
+                sample = build_sample(
+                    self.store.record(video_id), video_index, epoch, self.seed, self.views, self.data_cfg
+                )
             except Exception as error:  # one bad record must not end the run
                 last_error = error
                 log.warning("skipping broken record %s: %s: %s", video_id, type(error).__name__, error)
@@ -96,4 +97,3 @@ class GlobalBatchSampler(Sampler):
         for b in range(self.start_batch, self.batches_per_epoch()):
             first = b * global_batch + self.rank * self.batch_size
             yield [(self.epoch, position) for position in order[first : first + self.batch_size]]
-

@@ -25,7 +25,7 @@ works) and other schemes with their own buffered reader; ``pipe:`` goes through 
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 PIPE_PREFIX = "pipe:"
 NAME_FIELD = "{name}"
@@ -166,8 +166,10 @@ def read_file(address: str) -> bytes:
         raise
     except OSError as error:
         if address.startswith(PIPE_PREFIX):  # WebDataset's Pipe raises on a non-zero exit status
-            raise FileNotFoundError(f"{address}: the command exited with status {getattr(stream, 'status', '?')}: "
-                                    "the file is missing or the command cannot fetch it") from error
+            raise FileNotFoundError(
+                f"{address}: the command exited with status {getattr(stream, 'status', '?')}: "
+                "the file is missing or the command cannot fetch it"
+            ) from error
         raise
 
 
@@ -199,8 +201,9 @@ def _opened_shards(addresses: Iterable[str], handler: ErrorHandler) -> Iterator[
             return
 
 
-def shard_samples(addresses: Iterable[str], handler: ErrorHandler | None = None,
-                  select_files: Callable[[str], bool] | None = None) -> Iterator[dict]:
+def shard_samples(
+    addresses: Iterable[str], handler: ErrorHandler | None = None, select_files: Callable[[str], bool] | None = None
+) -> Iterator[dict]:
     """Raw WebDataset sample dicts of the shards, in order, each shard streamed once.
 
     WebDataset's ``tarfile_samples`` with the opener swapped for ``open_stream`` (WebDataset's own

@@ -23,8 +23,8 @@ A new modality is one ``register(Modality(...))`` call, from inside or outside t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -106,8 +106,9 @@ def middle_rgb_thumbnail(record) -> torch.Tensor:
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     square = frame[None, :, top : top + side, left : left + side].float()
-    small = F.interpolate(square, size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="bilinear",
-                          align_corners=False, antialias=True)
+    small = F.interpolate(
+        square, size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="bilinear", align_corners=False, antialias=True
+    )
     return small[0].round().clamp(0, 255).to(torch.uint8)
 
 
@@ -154,8 +155,10 @@ class Modality:
         if self.layout not in LAYOUTS:
             raise ValueError(f"modality '{self.name}': layout must be one of {LAYOUTS}, got {self.layout!r}")
         if bool(self.stored_parts) == bool(self.derived_from):
-            raise ValueError(f"modality '{self.name}' must either read stored parts or be derived from "
-                             f"another modality (stored_parts={self.stored_parts!r}, derived_from={self.derived_from!r})")
+            raise ValueError(
+                f"modality '{self.name}' must either read stored parts or be derived from "
+                f"another modality (stored_parts={self.stored_parts!r}, derived_from={self.derived_from!r})"
+            )
         if not self.display_name:
             object.__setattr__(self, "display_name", self.name.capitalize())
         if self.display_name.lower() != self.name.lower():  # tables parse display names back
@@ -256,8 +259,9 @@ def _read_spectrogram(record, clip: ClipRequest, data_cfg: dict) -> torch.Tensor
 
 
 def _audio_augment(raw, generator, data_cfg):
-    return transforms.spectrogram_geometric(raw, generator, out_steps=data_cfg["spectrogram_steps"],
-                                            expected_steps=raw.shape[-1])
+    return transforms.spectrogram_geometric(
+        raw, generator, out_steps=data_cfg["spectrogram_steps"], expected_steps=raw.shape[-1]
+    )
 
 
 def _audio_present(raw, data_cfg):

@@ -39,7 +39,6 @@ class StageViews:
         return (1, 2) if name in self.both_views else (2,)
 
 
-
 def usable_videos(metas: list[dict], views: StageViews, data_cfg: dict) -> list[int]:
     """Indices (into the sorted video list) of videos this stage can use.
 

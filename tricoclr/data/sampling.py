@@ -141,7 +141,9 @@ def clip_frame_limit(start: int, num_frames: int, spans: list | None = None) -> 
     return num_frames
 
 
-def _sample_starts_in_spans(spans: list[tuple[int, int]], spec: ClipSpec, generator: torch.Generator) -> tuple[int, int]:
+def _sample_starts_in_spans(
+    spans: list[tuple[int, int]], spec: ClipSpec, generator: torch.Generator
+) -> tuple[int, int]:
     """Both clips inside spans, ``|start1 - start2| >= spec.min_separation``, uniform over such
     ordered pairs (one draw: the pair's rank among all of them). Short cases as ClipSpec says,
     with the longest span standing for the video when no span holds a whole clip."""
@@ -169,8 +171,12 @@ def _sample_starts_in_spans(spans: list[tuple[int, int]], spec: ClipSpec, genera
 
 def clip_spec_of(data_cfg) -> ClipSpec:
     """The ClipSpec of a ``data`` config section (or any mapping with its clip keys)."""
-    return ClipSpec(frames=data_cfg["clip_frames"], stride=data_cfg["clip_stride"],
-                    min_gap_frames=data_cfg["min_gap_frames"], short_policy=data_cfg["short_policy"])
+    return ClipSpec(
+        frames=data_cfg["clip_frames"],
+        stride=data_cfg["clip_stride"],
+        min_gap_frames=data_cfg["min_gap_frames"],
+        short_policy=data_cfg["short_policy"],
+    )
 
 
 def _distinct_pair(upper: int, generator: torch.Generator) -> tuple[int, int]:

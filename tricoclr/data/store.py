@@ -20,8 +20,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -138,15 +138,15 @@ class VideoRecord:
         if not distinct:
             channels = 2 if modality == "flow" else 3
             return torch.empty((0, channels, height, width), dtype=torch.uint8)
-        images = decode_jpeg(self._jpegs(modality, distinct),
-                             mode=ImageReadMode.GRAY if modality == "flow" else ImageReadMode.RGB)
+        images = decode_jpeg(
+            self._jpegs(modality, distinct), mode=ImageReadMode.GRAY if modality == "flow" else ImageReadMode.RGB
+        )
         if modality == "flow":
             y_offset = self.meta.get("flow_y_offset", height)
             self._check_sizes(modality, distinct, images, (1, y_offset + height, width))
             stacked = torch.stack(images)  # (T, 1, Y + H, W)
             # x field: rows [0, H); y field: rows [Y, Y + H) of each image -- a view, no copy.
-            out = stacked.as_strided((len(distinct), 2, height, width),
-                                     (stacked.stride(0), y_offset * width, width, 1))
+            out = stacked.as_strided((len(distinct), 2, height, width), (stacked.stride(0), y_offset * width, width, 1))
         else:
             self._check_sizes(modality, distinct, images, (3, height, width))
             # The decoder's (3, H, W) images are (H, W, 3) in memory: stack those, no transposition.
@@ -179,8 +179,9 @@ class VideoRecord:
     def _check_sizes(self, modality: str, indices: list[int], images: list[torch.Tensor], expected: tuple) -> None:
         for index, image in zip(indices, images):
             if tuple(image.shape) != expected:
-                raise ValueError(f"{self.id}: {modality} frame {index} decodes to {tuple(image.shape)}, "
-                                 f"the meta says {expected}")
+                raise ValueError(
+                    f"{self.id}: {modality} frame {index} decodes to {tuple(image.shape)}, the meta says {expected}"
+                )
 
     def _frame_count(self, modality: str) -> int:
         if modality == "rgb":
@@ -208,7 +209,9 @@ class VideoRecord:
         steps = spec.shape[1]
         num_steps = steps - start_step if num_steps is None else num_steps
         if start_step < 0 or start_step >= steps or num_steps < 0:
-            raise IndexError(f"{self.id}: spectrogram steps [{start_step}, {start_step + num_steps}) outside [0, {steps})")
+            raise IndexError(
+                f"{self.id}: spectrogram steps [{start_step}, {start_step + num_steps}) outside [0, {steps})"
+            )
         out = torch.from_numpy(spec[:, start_step : start_step + num_steps].astype(np.float32))
         if out.shape[1] < num_steps:  # rounding at the very end of the video
             # the stored (float16) value of silence, so padding equals recorded silence

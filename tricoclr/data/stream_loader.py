@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import random
 import tarfile
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
@@ -102,8 +102,17 @@ class WebDatasetPairStream(IterableDataset):
     quota, in chunks cut at its own multiples of ``batch_size`` (``rebatch`` joins them).
     """
 
-    def __init__(self, store: VideoStore | str, views: StageViews, data_cfg: dict, seed: int,
-                 batch_size: int, rank: int, world_size: int, num_workers: int):
+    def __init__(
+        self,
+        store: VideoStore | str,
+        views: StageViews,
+        data_cfg: dict,
+        seed: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+    ):
         self.store = open_store(store) if not isinstance(store, VideoStore) else store
         if self.store.format != "webdataset":
             raise ValueError(f"{self.store.root} is a {self.store.format} store; needs webdataset")
@@ -165,8 +174,12 @@ class WebDatasetPairStream(IterableDataset):
             else:
                 lost.append(meta["id"])
         if lost:  # e.g. a shard deleted after preparation: leave its videos out, loudly
-            log.warning("%d videos of %s are left out: their manifest entry names no complete shard (e.g. %s)",
-                        len(lost), self.store.root, lost[0])
+            log.warning(
+                "%d videos of %s are left out: their manifest entry names no complete shard (e.g. %s)",
+                len(lost),
+                self.store.root,
+                lost[0],
+            )
             self.usable_ids.difference_update(lost)
         return counts
 
@@ -175,8 +188,9 @@ class WebDatasetPairStream(IterableDataset):
         rng = random.Random(f"{self.seed}/{epoch}/shards")
         order = sorted(self.shards)
         rng.shuffle(order)
-        pieces = cut_circle([(p, self.shard_counts[p]) for p in order], rng.randrange(self.plan.total),
-                            self.plan.piece_sizes())
+        pieces = cut_circle(
+            [(p, self.shard_counts[p]) for p in order], rng.randrange(self.plan.total), self.plan.piece_sizes()
+        )
         return pieces[slot], pieces[self.num_slots + slot]
 
     # -- one worker's epoch --
@@ -195,8 +209,9 @@ class WebDatasetPairStream(IterableDataset):
         slot = self.rank * self.num_workers + part
         tally = _WorkerTally()
         piece, spares = self._epoch_pieces(slot, epoch)
-        raws = shuffle_buffer(self._read(piece, tally), int(self.data_cfg["shuffle_buffer"]),
-                              random.Random(f"{self.seed}/{epoch}/{slot}"))
+        raws = shuffle_buffer(
+            self._read(piece, tally), int(self.data_cfg["shuffle_buffer"]), random.Random(f"{self.seed}/{epoch}/{slot}")
+        )
         # Spares come after the shuffled piece: read only when a broken record needs replacing.
         raws = itertools.chain(raws, self._read(spares, tally))
         samples = self._samples(raws, quotas[part], taken[part], epoch, slot, tally)
@@ -236,15 +251,17 @@ class WebDatasetPairStream(IterableDataset):
 
         with open(path, "rb") as handle:
             handle.seek(offset)
-            files = tariterators.tar_file_expander([{"stream": handle, "url": path}], handler=tally.tar_error,
-                                                   select_files=self._wanted_member)
+            files = tariterators.tar_file_expander(
+                [{"stream": handle, "url": path}], handler=tally.tar_error, select_files=self._wanted_member
+            )
             yield from tariterators.group_by_keys(files, handler=tally.tar_error)
 
     def _wanted_member(self, member: str) -> bool:
         return _member_modality(member) in self.wanted_modalities
 
-    def _samples(self, raws: Iterator[dict], quota: int, skip: int, epoch: int, slot: int,
-                 tally: _WorkerTally) -> Iterator[dict]:
+    def _samples(
+        self, raws: Iterator[dict], quota: int, skip: int, epoch: int, slot: int, tally: _WorkerTally
+    ) -> Iterator[dict]:
         """Exactly ``quota - skip`` samples (the first ``skip`` consumed without decoding, on resume).
 
         A broken record is replaced by the next sample (the slot's spares); if those run dry, the
@@ -269,8 +286,13 @@ class WebDatasetPairStream(IterableDataset):
             return
         if last_good is None:
             raise RuntimeError(f"epoch {epoch} slot {slot}: no readable sample to fill {quota - produced} places")
-        log.warning("epoch %d slot %d: repeating %s %d times to keep ranks in step", epoch, slot,
-                    last_good["__key__"], quota - produced)
+        log.warning(
+            "epoch %d slot %d: repeating %s %d times to keep ranks in step",
+            epoch,
+            slot,
+            last_good["__key__"],
+            quota - produced,
+        )
         for _ in range(quota - produced):
             yield self._build(last_good, epoch, tally)
 
@@ -288,8 +310,9 @@ class WebDatasetPairStream(IterableDataset):
     def _build(self, raw: dict, epoch: int, tally: _WorkerTally) -> dict | None:
         video_id = raw["__key__"]
         try:
-            sample = build_sample(record_from_sample(raw), self.index_of[video_id], epoch, self.seed, self.views,
-                                  self.data_cfg)
+            sample = build_sample(
+                record_from_sample(raw), self.index_of[video_id], epoch, self.seed, self.views, self.data_cfg
+            )
         except Exception as error:  # one bad record must not end the run
             tally.broken += 1
             log.warning("skipping broken record %s: %s: %s", video_id, type(error).__name__, error)

@@ -10,8 +10,8 @@ N mod (batch x ranks) samples are left out, however many workers there are.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 from torch.utils.data import default_collate
 
@@ -110,6 +110,7 @@ def resume_point(quotas: list[int], chunk_size: int, consumed: int) -> tuple[lis
 
 def unbatch(batch: dict) -> list[dict]:
     """The samples of a collated batch (tensors become views of the batch's rows)."""
+
     def row(value, i):
         return {k: row(v, i) for k, v in value.items()} if isinstance(value, dict) else value[i]
 
@@ -135,4 +136,3 @@ def rebatch(chunks: Iterable[dict], batch_size: int) -> Iterator[dict]:
             del pending[:batch_size]
     if pending:
         raise RuntimeError(f"{len(pending)} samples left over that do not fill a batch of {batch_size}")
-

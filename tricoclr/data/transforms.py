@@ -107,9 +107,7 @@ def sample_crop_flip(
     """
     with _global_rng_seeded_from(generator):
         # get_params only reads the frame size from its argument.
-        top, left, box_h, box_w = RandomResizedCrop.get_params(
-            torch.empty(0, height, width), list(scale), list(ratio)
-        )
+        top, left, box_h, box_w = RandomResizedCrop.get_params(torch.empty(0, height, width), list(scale), list(ratio))
     flip = bool(torch.rand((), generator=generator) < flip_p)
     return CropFlip(top, left, box_h, box_w, flip)
 

@@ -57,37 +57,63 @@ FIGURE_QUERIES = 6
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", choices=TASKS)
-    parser.add_argument("--encoder", required=True,
-                        help="an encoders/.../<modality>.safetensors file written by training, or 'random'")
-    parser.add_argument("--train", required=True,
-                        help="prepared labelled training store (e.g. UCF101 trainlist01): a path, or the URL of a "
-                             "WebDataset store (docs/url_stores.md)")
-    parser.add_argument("--test", required=True,
-                        help="prepared labelled test store (e.g. UCF101 testlist01): a path or a URL")
+    parser.add_argument(
+        "--encoder", required=True, help="an encoders/.../<modality>.safetensors file written by training, or 'random'"
+    )
+    parser.add_argument(
+        "--train",
+        required=True,
+        help="prepared labelled training store (e.g. UCF101 trainlist01): a path, or the URL of a "
+        "WebDataset store (docs/url_stores.md)",
+    )
+    parser.add_argument(
+        "--test", required=True, help="prepared labelled test store (e.g. UCF101 testlist01): a path or a URL"
+    )
     parser.add_argument("--json", required=True, help="where to write the metrics (a .md table is written beside it)")
-    parser.add_argument("--config", default=None,
-                        help=f"random encoder: its architecture and clip settings (default {DEFAULT_CONFIG}); "
-                             "trained encoder: the base for settings its file does not carry "
-                             "(default: the run's config.yaml beside the encoders)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"random encoder: its architecture and clip settings (default {DEFAULT_CONFIG}); "
+        "trained encoder: the base for settings its file does not carry "
+        "(default: the run's config.yaml beside the encoders)",
+    )
     parser.add_argument("--modality", default=None, help="modality of a random encoder (default rgb)")
     parser.add_argument("--model-name", default=None, help="row name in the markdown table")
-    parser.add_argument("--modalities", default=None,
-                        help="table check marks, e.g. rgb+flow+audio (default: what the encoder was trained with)")
+    parser.add_argument(
+        "--modalities",
+        default=None,
+        help="table check marks, e.g. rgb+flow+audio (default: what the encoder was trained with)",
+    )
     parser.add_argument("--png", default=None, help="retrieval figure: queries and their top-5 neighbours")
     parser.add_argument("--projector", default=None, help="write the test embeddings to TensorBoard's projector here")
-    parser.add_argument("--max-clips", type=int, default=None, help="at most this many clips per video, evenly spread (default: all; fine-tuning's test: 10)")
+    parser.add_argument(
+        "--max-clips",
+        type=int,
+        default=None,
+        help="at most this many clips per video, evenly spread (default: all; fine-tuning's test: 10)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="clips per forward pass when extracting features")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: the config's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random encoder, the probe and fine-tuning")
-    parser.add_argument("--cache-dir", default=None,
-                        help="feature cache (default $TRICOCLR_CACHE/features or ~/.cache/tricoclr/features)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="feature cache (default $TRICOCLR_CACHE/features or ~/.cache/tricoclr/features)",
+    )
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     parser.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs in total (default 10)")
-    parser.add_argument("--finetune-batch-size", type=int, default=None,
-                        help="fine-tuning batch per rank (default: the config's batch_size)")
-    parser.add_argument("--output-dir", default=None,
-                        help="fine-tuning checkpoint and log, resumed when present (default: <json stem>_finetune/)")
+    parser.add_argument(
+        "--finetune-batch-size",
+        type=int,
+        default=None,
+        help="fine-tuning batch per rank (default: the config's batch_size)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="fine-tuning checkpoint and log, resumed when present (default: <json stem>_finetune/)",
+    )
 
 
 # ---- the encoder under evaluation ---------------------------------------------------------------
@@ -181,22 +207,33 @@ def describe_class_difference(train_names: list[str], test_names: list[str]) -> 
     only_train = sorted(set(train_names) - set(test_names))
     only_test = sorted(set(test_names) - set(train_names))
     if only_train or only_test:
-        return (f"{len(train_names)} vs {len(test_names)} classes; only in train: {only_train[:3]}, "
-                f"only in test: {only_test[:3]}")
+        return (
+            f"{len(train_names)} vs {len(test_names)} classes; only in train: {only_train[:3]}, "
+            f"only in test: {only_test[:3]}"
+        )
     index = next(i for i, (a, b) in enumerate(zip(train_names, test_names)) if a != b)
-    return f"the same {len(train_names)} classes in another order: index {index} is {train_names[index]!r} " \
-           f"in train, {test_names[index]!r} in test"
+    return (
+        f"the same {len(train_names)} classes in another order: index {index} is {train_names[index]!r} "
+        f"in train, {test_names[index]!r} in test"
+    )
 
 
 def extract_split(loaded: EvalEncoder, store_path, args, num_classes: int) -> dict:
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     workers = args.workers if args.workers is not None else loaded.config.data.workers
-    result = extract_features(loaded.encoder, loaded.modality, store_path, loaded.config.data, device=args.device,
-                              batch_size=args.batch_size, max_clips=args.max_clips, cache_dir=cache_dir,
-                              workers=workers)
+    result = extract_features(
+        loaded.encoder,
+        loaded.modality,
+        store_path,
+        loaded.config.data,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_clips=args.max_clips,
+        cache_dir=cache_dir,
+        workers=workers,
+    )
     if not result["ids"]:
-        raise EvalError(f"{store_path}: no video usable by a {loaded.modality} encoder "
-                        f"({result['excluded']} excluded)")
+        raise EvalError(f"{store_path}: no video usable by a {loaded.modality} encoder ({result['excluded']} excluded)")
     if int(result["labels"].max()) >= num_classes:
         raise EvalError(f"{store_path}: label index {int(result['labels'].max())} outside its {num_classes} classes")
     return result
@@ -234,8 +271,9 @@ def evaluate(args) -> tuple[dict | None, EvalEncoder]:
 
 
 def retrieval(train: dict, test: dict, class_names: list[str], args) -> dict:
-    result = retrieval_metrics(train["features"], train["labels"], test["features"], test["labels"],
-                               chance_seed=args.seed)
+    result = retrieval_metrics(
+        train["features"], train["labels"], test["features"], test["labels"], chance_seed=args.seed
+    )
     neighbours, hits = result.pop("neighbours"), result.pop("hits")
     for column, k in enumerate(DEFAULT_KS):
         result[f"R@{k}_ci"] = confidence_interval(hits[:, column])
@@ -271,15 +309,24 @@ def write_outputs(args, metrics: dict, loaded: EvalEncoder) -> None:
     name = args.model_name or loaded.name
     if loaded.modality != registry.DEFAULT_EVAL_MODALITY and not args.model_name:
         name += f" [{loaded.modality} encoder]"
-    metrics = {"task": args.task, "model": name, "encoder": args.encoder, "modality": loaded.modality,
-               "trained_with": trained_with, "data": clip_settings(loaded.config.data),
-               **metrics}
+    metrics = {
+        "task": args.task,
+        "model": name,
+        "encoder": args.encoder,
+        "modality": loaded.modality,
+        "trained_with": trained_with,
+        "data": clip_settings(loaded.config.data),
+        **metrics,
+    }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     row = {**metrics, "modalities": "+".join(trained_with)}
-    table = markdown_table([row], ["model", "modalities", *METRIC_COLUMNS[args.task]],
-                           modality_columns=[display_name(m) for m in registry.MODALITIES])
+    table = markdown_table(
+        [row],
+        ["model", "modalities", *METRIC_COLUMNS[args.task]],
+        modality_columns=[display_name(m) for m in registry.MODALITIES],
+    )
     out.with_suffix(".md").write_text(table)
     print(table, end="")
 

@@ -24,8 +24,11 @@ from tricoclr.models.encoder import export_torchvision_s3d_state_dict, load_enco
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", required=True, help="an encoders/.../<modality>.safetensors file (S3D backbone)")
-    parser.add_argument("--out", required=True,
-                        help="output state dict: .safetensors, or .pt (tensors only; torch.load(..., weights_only=True))")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output state dict: .safetensors, or .pt (tensors only; torch.load(..., weights_only=True))",
+    )
 
 
 def torchvision_s3d() -> torch.nn.Module:
@@ -58,7 +61,9 @@ def run(args) -> int:
         torch.save(state, out)
     else:
         save_file(state, str(out), metadata={"source": str(args.encoder), "modality": metadata.get("modality", "")})
-    print(f"wrote {len(state)} tensors to {out}\n"
-          "load with: m = torchvision.models.video.s3d(weights=None); m.avgpool = torch.nn.AdaptiveAvgPool3d(1); "
-          "m.load_state_dict(state, strict=False)  # only classifier.* missing")
+    print(
+        f"wrote {len(state)} tensors to {out}\n"
+        "load with: m = torchvision.models.video.s3d(weights=None); m.avgpool = torch.nn.AdaptiveAvgPool3d(1); "
+        "m.load_state_dict(state, strict=False)  # only classifier.* missing"
+    )
     return 0

@@ -47,7 +47,9 @@ class EvalError(ValueError):
     """An evaluation cannot run as asked (unlabelled store, label mismatch, nothing usable)."""
 
 
-def window_starts(num_frames: int, spec: ClipSpec, max_clips: int | None = None, spans: list | None = None) -> list[int]:
+def window_starts(
+    num_frames: int, spec: ClipSpec, max_clips: int | None = None, spans: list | None = None
+) -> list[int]:
     """Start frames of non-overlapping windows covering the video (evenly thinned to max_clips).
 
     ``spans`` (meta: usable frame ranges between timestamp gaps) tiles each span on its own, so
@@ -161,9 +163,19 @@ def encode_video(encoder, modality: str, clips: torch.Tensor, device, batch_size
     return total / clips.shape[0]
 
 
-def extract_features(encoder, modality: str, store_path, data_cfg: dict, device="cpu", batch_size: int = 16,
-                     max_clips: int | None = None, cache_dir: Path | str | None = None, workers: int = 0,
-                     require_labels: bool = True, cache_key: str | None = None) -> dict:
+def extract_features(
+    encoder,
+    modality: str,
+    store_path,
+    data_cfg: dict,
+    device="cpu",
+    batch_size: int = 16,
+    max_clips: int | None = None,
+    cache_dir: Path | str | None = None,
+    workers: int = 0,
+    require_labels: bool = True,
+    cache_key: str | None = None,
+) -> dict:
     """Features of every usable video of a store, sorted by video id.
 
     Returns {"ids": [...], "features": (N, D) float32, "labels": (N,) int64 (-1: unlabelled, only

@@ -35,8 +35,14 @@ from tricoclr.data import modalities as registry
 from tricoclr.data.dataset import EpochLoader, StageViews, finish_batch
 from tricoclr.data.store import open_store
 from tricoclr.distributed import convert_to_global_batchnorm
-from tricoclr.eval.features import (EvalError, check_labelled, store_fingerprint, usable_videos,
-                                    weights_fingerprint, window_clips)
+from tricoclr.eval.features import (
+    EvalError,
+    check_labelled,
+    store_fingerprint,
+    usable_videos,
+    weights_fingerprint,
+    window_clips,
+)
 from tricoclr.eval.stats import confidence_interval
 
 FINETUNE_WEIGHT_DECAY = 1e-3  # CoCLR's fine-tuning value
@@ -74,8 +80,15 @@ def test_views(record, modality: str, data_cfg: dict, max_clips: int) -> torch.T
 
 
 @torch.no_grad()
-def multi_view_top1(model: nn.Module, modality: str, store_path, data_cfg: dict, device,
-                    max_clips: int = DEFAULT_TEST_CLIPS, batch_size: int = 16) -> dict:
+def multi_view_top1(
+    model: nn.Module,
+    modality: str,
+    store_path,
+    data_cfg: dict,
+    device,
+    max_clips: int = DEFAULT_TEST_CLIPS,
+    batch_size: int = 16,
+) -> dict:
     """Top-1 (%) with softmax averaged over clips x crops of each usable test video.
 
     Returns {"top1", "num_test", "excluded", "hits": (N,) bool per video in store order}.
@@ -90,16 +103,22 @@ def multi_view_top1(model: nn.Module, modality: str, store_path, data_cfg: dict,
         if record.id not in usable:
             continue
         views = test_views(record, modality, data_cfg, max_clips)
-        probabilities = torch.cat([
-            model(registry.finish_for_eval(modality, chunk.to(device))).float().softmax(dim=1).cpu()
-            for chunk in views.split(batch_size)
-        ])
+        probabilities = torch.cat(
+            [
+                model(registry.finish_for_eval(modality, chunk.to(device))).float().softmax(dim=1).cpu()
+                for chunk in views.split(batch_size)
+            ]
+        )
         hits.append(int(probabilities.mean(dim=0).argmax()) == int(record.meta["label_index"]))
     hits = torch.tensor(hits, dtype=torch.bool)
     if hits.numel() == 0:
         raise EvalError(f"{store_path}: no test video usable by a {modality} encoder")
-    return {"top1": float(hits.float().mean() * 100), "num_test": int(hits.numel()),
-            "excluded": len(store.videos()) - int(hits.numel()), "hits": hits}
+    return {
+        "top1": float(hits.float().mean() * 100),
+        "num_test": int(hits.numel()),
+        "excluded": len(store.videos()) - int(hits.numel()),
+        "hits": hits,
+    }
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -119,10 +138,17 @@ def run_finetune(args, loaded, num_classes: int) -> dict | None:
 
     train_store = open_store(args.train)
     check_labelled(usable_videos(train_store, modality), train_store.root)
-    identity = {"encoder": weights_fingerprint(loaded.encoder), "train": store_fingerprint(train_store),
-                "modality": modality, "num_classes": num_classes, "seed": args.seed, "batch_size": batch_size,
-                "world_size": accelerator.num_processes, "lr": config["optim"]["lr"],
-                "data": clip_settings(data_cfg)}
+    identity = {
+        "encoder": weights_fingerprint(loaded.encoder),
+        "train": store_fingerprint(train_store),
+        "modality": modality,
+        "num_classes": num_classes,
+        "seed": args.seed,
+        "batch_size": batch_size,
+        "world_size": accelerator.num_processes,
+        "lr": config["optim"]["lr"],
+        "data": clip_settings(data_cfg),
+    }
 
     backbone = loaded.encoder.backbone
     if config["method"]["batchnorm"] == "global":
@@ -132,8 +158,15 @@ def run_finetune(args, loaded, num_classes: int) -> dict | None:
     optimizer = torch.optim.Adam(model.parameters(), lr=config["optim"]["lr"], weight_decay=FINETUNE_WEIGHT_DECAY)
     views = StageViews(both_views=(), view2_only=(modality,))
     try:
-        loader = EpochLoader(args.train, views, data_cfg, args.seed, batch_size,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+        loader = EpochLoader(
+            args.train,
+            views,
+            data_cfg,
+            args.seed,
+            batch_size,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
     except ValueError as error:
         raise EvalError(f"fine-tuning data: {error} (see --finetune-batch-size)") from None
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -149,12 +182,23 @@ def run_finetune(args, loaded, num_classes: int) -> dict | None:
 
     result = None
     if accelerator.is_main_process:
-        result = multi_view_top1(accelerator.unwrap_model(model), modality, args.test, data_cfg, accelerator.device,
-                                 max_clips=args.max_clips or DEFAULT_TEST_CLIPS, batch_size=args.batch_size)
+        result = multi_view_top1(
+            accelerator.unwrap_model(model),
+            modality,
+            args.test,
+            data_cfg,
+            accelerator.device,
+            max_clips=args.max_clips or DEFAULT_TEST_CLIPS,
+            batch_size=args.batch_size,
+        )
         result["top1_ci"] = confidence_interval(result.pop("hits"))
-        result.update(epochs=max(args.finetune_epochs, start_epoch), resumed_from_epoch=start_epoch,
-                      num_train=loader.num_videos, checkpoint=str(checkpoint),
-                      excluded={"train": len(train_store.videos()) - loader.num_videos, "test": result.pop("excluded")})
+        result.update(
+            epochs=max(args.finetune_epochs, start_epoch),
+            resumed_from_epoch=start_epoch,
+            num_train=loader.num_videos,
+            checkpoint=str(checkpoint),
+            excluded={"train": len(train_store.videos()) - loader.num_videos, "test": result.pop("excluded")},
+        )
     accelerator.wait_for_everyone()
     return result
 
@@ -184,8 +228,10 @@ def resume(accelerator, checkpoint: Path, identity: dict) -> int:
     state = json.loads(state_file.read_text())
     if state.get("identity") != identity:
         differing = sorted(k for k in identity if state.get("identity", {}).get(k) != identity[k])
-        raise EvalError(f"{checkpoint} belongs to another fine-tuning run (differs in {differing}); "
-                        "pass another --output-dir or delete it")
+        raise EvalError(
+            f"{checkpoint} belongs to another fine-tuning run (differs in {differing}); "
+            "pass another --output-dir or delete it"
+        )
     accelerator.load_state(str(checkpoint))
     return int(state["next_epoch"])
 

@@ -54,9 +54,7 @@ class LinearProbe:
         return self.classifier((feats - self.mean.to(weight.device)) / self.std.to(weight.device))
 
 
-def stratified_split(
-    labels: torch.Tensor, val_fraction: float, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Split row indices into (fit, held-out) parts with the class proportions preserved.
 
     Each class sends round(n_c * val_fraction) of its rows, chosen at random from ``seed``,
@@ -137,8 +135,15 @@ def train_linear_probe(
     for lr in lrs:
         for weight_decay in weight_decays:
             curve = _fit_linear(
-                fit_x, fit_y, num_classes, lr=lr, weight_decay=weight_decay, epochs=max_epochs,
-                batch_size=batch_size, seed=seed, val=(val_x, val_y),
+                fit_x,
+                fit_y,
+                num_classes,
+                lr=lr,
+                weight_decay=weight_decay,
+                epochs=max_epochs,
+                batch_size=batch_size,
+                seed=seed,
+                val=(val_x, val_y),
             )[1]
             for epoch, val_top1 in enumerate(curve, start=1):
                 if val_top1 > best["val_top1"]:  # strict: ties keep the earlier, shorter run
@@ -146,8 +151,14 @@ def train_linear_probe(
 
     mean, std = feature_statistics(train_feats, standardise)
     classifier, _ = _fit_linear(
-        (train_feats - mean) / std, train_labels, num_classes, lr=best["lr"],
-        weight_decay=best["weight_decay"], epochs=best["epochs"], batch_size=batch_size, seed=seed,
+        (train_feats - mean) / std,
+        train_labels,
+        num_classes,
+        lr=best["lr"],
+        weight_decay=best["weight_decay"],
+        epochs=best["epochs"],
+        batch_size=batch_size,
+        seed=seed,
     )
     selection = dict(best, num_fit=int(fit_rows.numel()), num_val=int(val_rows.numel()))
     return LinearProbe(classifier=classifier, mean=mean, std=std, selection=selection)

@@ -165,7 +165,9 @@ def retrieval_figure(
     """
     num_rows = len(query_frames)
     if not (len(neighbour_frames) == len(query_labels) == len(neighbour_labels) == num_rows):
-        raise ValueError("query_frames, neighbour_frames, query_labels and neighbour_labels must have one entry per query")
+        raise ValueError(
+            "query_frames, neighbour_frames, query_labels and neighbour_labels must have one entry per query"
+        )
     if num_rows == 0:
         raise ValueError("the figure needs at least one query")
     for frames, labels in zip(neighbour_frames, neighbour_labels):

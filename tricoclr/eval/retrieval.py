@@ -24,9 +24,7 @@ DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20, 50)
 FIGURE_NEIGHBOURS = 5
 
 
-def center_and_normalise(
-    train_feats: torch.Tensor, test_feats: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def center_and_normalise(train_feats: torch.Tensor, test_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Subtract the training mean from both splits, then L2-normalise every row.
 
     Args:
@@ -39,9 +37,7 @@ def center_and_normalise(
     _check_features(train_feats, "train_feats")
     _check_features(test_feats, "test_feats")
     if train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(
-            f"train and test features differ in width: {train_feats.shape[1]} vs {test_feats.shape[1]}"
-        )
+        raise ValueError(f"train and test features differ in width: {train_feats.shape[1]} vs {test_feats.shape[1]}")
     # float64 stays float64; half precision is promoted so the mean and norms are accurate.
     dtype = train_feats.dtype if train_feats.dtype == torch.float64 else torch.float32
     train = train_feats.to(dtype)
@@ -109,9 +105,7 @@ def per_query_hits(
     if neighbour_labels.dim() != 2:
         raise ValueError(f"neighbour_labels must be (N_test, k_max), got {tuple(neighbour_labels.shape)}")
     if test_labels.shape != (neighbour_labels.shape[0],):
-        raise ValueError(
-            f"test_labels must be ({neighbour_labels.shape[0]},), got {tuple(test_labels.shape)}"
-        )
+        raise ValueError(f"test_labels must be ({neighbour_labels.shape[0]},), got {tuple(test_labels.shape)}")
     if neighbour_labels.shape[1] == 0:
         raise ValueError("neighbour_labels has no columns: at least one neighbour is needed")
     _check_ks(ks)

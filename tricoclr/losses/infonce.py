@@ -32,9 +32,7 @@ def contrastive_logits(
     return torch.cat([positive, negatives], dim=1) / temperature
 
 
-def infonce_loss(
-    query: torch.Tensor, key: torch.Tensor, queue_keys: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def infonce_loss(query: torch.Tensor, key: torch.Tensor, queue_keys: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo's InfoNCE: cross-entropy of ``contrastive_logits`` with the key (column 0) as target.
 
     Returns the mean over the batch. With an empty queue the only logit is the positive one and

@@ -24,9 +24,7 @@ def multi_positive_loss(
         scalar loss (float32). With only column 0 positive it equals ``infonce_loss``.
     """
     if positive_mask.shape != logits.shape:
-        raise ValueError(
-            f"positive_mask {tuple(positive_mask.shape)} does not match logits {tuple(logits.shape)}"
-        )
+        raise ValueError(f"positive_mask {tuple(positive_mask.shape)} does not match logits {tuple(logits.shape)}")
     positive_mask = positive_mask.to(device=logits.device, dtype=torch.bool)
     if check_positives and not bool(positive_mask.any(dim=1).all()):
         raise ValueError("every row of positive_mask needs at least one positive")

@@ -11,7 +11,7 @@ S3D uses 0.001, which leaves the running statistics near their initial values in
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -232,9 +232,7 @@ def _torchvision_backbone(name: str, in_channels: int, **options):
     """Any torchvision builder: classifier removed, average pool made adaptive, stem adapted."""
     _check_options(name, options, {"bn_momentum"})
     if name not in torchvision.models.list_models():
-        raise ValueError(
-            f"unknown backbone {name!r}: not in BACKBONES {sorted(BACKBONES)} nor a torchvision model"
-        )
+        raise ValueError(f"unknown backbone {name!r}: not in BACKBONES {sorted(BACKBONES)} nor a torchvision model")
     model = torchvision.models.get_model(name, weights=None)
     feature_dim = _strip_classifier(model, name)
     pool = getattr(model, "avgpool", None)

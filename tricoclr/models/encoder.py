@@ -140,9 +140,7 @@ def load_encoder(path, map_location="cpu") -> tuple[Encoder, dict[str, str]]:
         raise ValueError(f"{path} is not a TriCoCLR encoder file (no tricoclr_encoder_version)")
     version = int(metadata["tricoclr_encoder_version"])
     if version > ENCODER_FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has encoder format {version}; this code reads up to {ENCODER_FORMAT_VERSION}"
-        )
+        raise ValueError(f"{path} has encoder format {version}; this code reads up to {ENCODER_FORMAT_VERSION}")
     encoder = Encoder(
         backbone=metadata["backbone"],
         in_channels=int(metadata["in_channels"]),
@@ -152,8 +150,7 @@ def load_encoder(path, map_location="cpu") -> tuple[Encoder, dict[str, str]]:
     )
     if encoder.feature_dim != int(metadata["feature_dim"]):
         raise ValueError(
-            f"{path}: rebuilt backbone has feature_dim {encoder.feature_dim}, "
-            f"file says {metadata['feature_dim']}"
+            f"{path}: rebuilt backbone has feature_dim {encoder.feature_dim}, file says {metadata['feature_dim']}"
         )
     encoder.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     return encoder.to(map_location).eval(), metadata

@@ -32,8 +32,8 @@ import dataclasses
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,7 @@ class TVL1Params:
         if self.check_every < 0:
             raise ValueError("check_every must be non-negative")
 
-    def replace(self, **changes) -> "TVL1Params":
+    def replace(self, **changes) -> TVL1Params:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -104,8 +104,18 @@ def create_opencv_tvl1(params: TVL1Params | None = None):
 
     p = params or TVL1Params()
     return cv2.optflow.DualTVL1OpticalFlow_create(
-        p.tau, p.lambda_, p.theta, p.nscales, p.warps, p.epsilon,
-        p.inner_iterations, p.outer_iterations, p.scale_step, p.gamma, p.median_filtering, False,
+        p.tau,
+        p.lambda_,
+        p.theta,
+        p.nscales,
+        p.warps,
+        p.epsilon,
+        p.inner_iterations,
+        p.outer_iterations,
+        p.scale_step,
+        p.gamma,
+        p.median_filtering,
+        False,
     )
 
 
@@ -220,7 +230,9 @@ def _subpixel_split(coords: torch.Tensor, subpixel_steps: int) -> tuple[torch.Te
     return whole.long(), coords - whole
 
 
-def remap_cubic(images: torch.Tensor, map_x: torch.Tensor, map_y: torch.Tensor, subpixel_steps: int = 0) -> torch.Tensor:
+def remap_cubic(
+    images: torch.Tensor, map_x: torch.Tensor, map_y: torch.Tensor, subpixel_steps: int = 0
+) -> torch.Tensor:
     """cv::remap(images, map_x, map_y, INTER_CUBIC, BORDER_CONSTANT, 0) of (B,C,H,W) floats.
 
     Samples images at (map_x, map_y) (each (B,H,W), absolute pixel coordinates); taps outside
@@ -251,7 +263,7 @@ def remap_cubic(images: torch.Tensor, map_x: torch.Tensor, map_y: torch.Tensor, 
 # Median filter
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _median_selection_ops(count: int) -> tuple[tuple[str, int, int, int], ...]:
     """A min/max program that computes the median of ``count`` values (count odd).
 
@@ -314,7 +326,7 @@ def _median_blur_network(images: torch.Tensor, ksize: int, ops: tuple[tuple[str,
     values: dict[int, torch.Tensor] = {}
     for dy in range(ksize):
         for dx in range(ksize):
-            values[dy * ksize + dx] = padded[..., dy:dy + height, dx:dx + width]
+            values[dy * ksize + dx] = padded[..., dy : dy + height, dx : dx + width]
     for kind, out, a, b in ops:
         values[out] = torch.minimum(values[a], values[b]) if kind == "min" else torch.maximum(values[a], values[b])
     return values[ops[-1][1]].contiguous() if ops else images.clone()
@@ -328,7 +340,7 @@ def _median_blur_unfold(images: torch.Tensor, ksize: int, chunk_pixels: int) -> 
     chunk = max(1, chunk_pixels * 8 // per_sample)  # about chunk_pixels*8 window values at a time
     outputs = []
     for start in range(0, batch, chunk):
-        padded = F.pad(images[start:start + chunk], (radius, radius, radius, radius), mode="replicate")
+        padded = F.pad(images[start : start + chunk], (radius, radius, radius, radius), mode="replicate")
         windows = padded.unfold(2, ksize, 1).unfold(3, ksize, 1)  # (b, C, H, W, k, k) view
         outputs.append(windows.reshape(*windows.shape[:4], ksize * ksize).median(dim=-1).values)
     return torch.cat(outputs)
@@ -442,7 +454,7 @@ class _Kernels:
     data_term: Callable  # see _warped_data_term
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels(compiled: bool, median_method: str, iteration: str) -> _Kernels:
     if iteration == "triton":
         from tricoclr.ops.tvl1_triton import primal_dual_steps_triton as steps
@@ -477,7 +489,7 @@ def _triton_interpreting() -> bool:
 
 
 def _choose_iteration(iteration: str | None, device: torch.device, params: TVL1Params) -> str:
-    """"triton" or "torch": None picks Triton on CUDA where it can run (gamma = 0)."""
+    """ "triton" or "torch": None picks Triton on CUDA where it can run (gamma = 0)."""
     if iteration is None:
         usable = device.type == "cuda" and params.gamma == 0.0 and _triton_installed()
         return "triton" if usable else "torch"
@@ -489,8 +501,10 @@ def _choose_iteration(iteration: str | None, device: torch.device, params: TVL1P
         if not _triton_installed():
             raise RuntimeError("the Triton iteration needs Triton installed (it comes with torch's Linux wheels)")
         if device.type != "cuda" and not _triton_interpreting():
-            raise RuntimeError(f"the Triton iteration runs on CUDA tensors, not {device.type} "
-                               "(set TRITON_INTERPRET=1 to interpret it on the CPU)")
+            raise RuntimeError(
+                f"the Triton iteration runs on CUDA tensors, not {device.type} "
+                "(set TRITON_INTERPRET=1 to interpret it on the CPU)"
+            )
     return iteration
 
 
@@ -597,7 +611,9 @@ def _median_filter_active(u: torch.Tensor, active: torch.Tensor, ksize: int, ker
     return filtered if u.shape[1] == 2 else torch.cat((filtered, u[:, 2:]), dim=1)
 
 
-def _solve_level(I0: torch.Tensor, I1: torch.Tensor, u: torch.Tensor, params: TVL1Params, kernels: _Kernels) -> torch.Tensor:
+def _solve_level(
+    I0: torch.Tensor, I1: torch.Tensor, u: torch.Tensor, params: TVL1Params, kernels: _Kernels
+) -> torch.Tensor:
     """Refine the flow u (B,K,H,W) at one pyramid level (OpenCV's procOneScale)."""
     batch, components, height, width = u.shape
     I1x, I1y = _centered_gradient(I1)
@@ -609,7 +625,8 @@ def _solve_level(I0: torch.Tensor, I1: torch.Tensor, u: torch.Tensor, params: TV
         theta=float(params.theta),
         taut=float(params.tau / params.theta),
         # OpenCV compares a float sum with float(epsilon² · area); -1: never converged.
-        scaled_epsilon=-1.0 if params.fixed_iterations
+        scaled_epsilon=-1.0
+        if params.fixed_iterations
         else float(torch.tensor(params.epsilon**2 * height * width, dtype=torch.float32)),
     )
     check_every = params.check_every or (1 if u.device.type == "cpu" else 5)
@@ -627,7 +644,9 @@ def _solve_level(I0: torch.Tensor, I1: torch.Tensor, u: torch.Tensor, params: TV
             while done < params.inner_iterations:
                 # Iterations run in chunks that end at the checks: one call, one compiled graph.
                 count = min(check_every - iterations % check_every, params.inner_iterations - done)
-                work.u, work.p, work.active = kernels.steps(count, work.u, work.p, *work.data_term, work.active, **constants)
+                work.u, work.p, work.active = kernels.steps(
+                    count, work.u, work.p, *work.data_term, work.active, **constants
+                )
                 done += count
                 iterations += count
                 if params.fixed_iterations or iterations % check_every:
@@ -728,6 +747,6 @@ def flow_for_frame_sequence(
     for start in range(0, pairs, batch_size):
         stop = min(start + batch_size, pairs)
         # Frames start..stop travel once; pairs are views of them on the device.
-        frames = gray_frames[start:stop + 1].to(device, non_blocking=True)
+        frames = gray_frames[start : stop + 1].to(device, non_blocking=True)
         out[start:stop] = tvl1_flow(frames[:-1], frames[1:], params, compile=compile).cpu()
     return out

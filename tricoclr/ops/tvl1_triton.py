@@ -34,8 +34,25 @@ _FLT_EPSILON = 1.1920928955078125e-07
 
 
 @triton.jit
-def _new_flow_at(u_ptr, p_ptr, g_ptr, gsq_ptr, rhoc_ptr, flow_base, dual_base, scalar_base, idx, x, y, ok,
-                 HW, W, l_t, theta, FLT_EPS: tl.constexpr):
+def _new_flow_at(
+    u_ptr,
+    p_ptr,
+    g_ptr,
+    gsq_ptr,
+    rhoc_ptr,
+    flow_base,
+    dual_base,
+    scalar_base,
+    idx,
+    x,
+    y,
+    ok,
+    HW,
+    W,
+    l_t,
+    theta,
+    FLT_EPS: tl.constexpr,
+):
     """Old flow and new flow (after the thresholding and primal steps) at the pixels ``idx``."""
     u1 = tl.load(u_ptr + flow_base + idx, mask=ok, other=0.0)
     u2 = tl.load(u_ptr + flow_base + HW + idx, mask=ok, other=0.0)
@@ -47,8 +64,7 @@ def _new_flow_at(u_ptr, p_ptr, g_ptr, gsq_ptr, rhoc_ptr, flow_base, dual_base, s
     rho = rho_c + (g1 * u1 + g2 * u2)
     has_gradient = grad_sq > FLT_EPS
     inside = tl.div_rn(-rho, tl.where(has_gradient, grad_sq, 1.0))
-    step = tl.where(rho < -l_t * grad_sq, l_t,
-                    tl.where(rho > l_t * grad_sq, -l_t, tl.where(has_gradient, inside, 0.0)))
+    step = tl.where(rho < -l_t * grad_sq, l_t, tl.where(rho > l_t * grad_sq, -l_t, tl.where(has_gradient, inside, 0.0)))
     v1 = u1 + step * g1
     v2 = u2 + step * g2
     # Backward-difference divergence of the dual fields, zero before the first row / column.
@@ -69,10 +85,25 @@ def _new_flow_at(u_ptr, p_ptr, g_ptr, gsq_ptr, rhoc_ptr, flow_base, dual_base, s
 
 
 @triton.jit
-def _primal_dual_kernel(u_ptr, p_ptr, g_ptr, gsq_ptr, rhoc_ptr, active_ptr,
-                        u_out_ptr, p_out_ptr, active_out_ptr,
-                        H, W, l_t, theta, taut, scaled_epsilon,
-                        BLOCK: tl.constexpr, FLT_EPS: tl.constexpr):
+def _primal_dual_kernel(
+    u_ptr,
+    p_ptr,
+    g_ptr,
+    gsq_ptr,
+    rhoc_ptr,
+    active_ptr,
+    u_out_ptr,
+    p_out_ptr,
+    active_out_ptr,
+    H,
+    W,
+    l_t,
+    theta,
+    taut,
+    scaled_epsilon,
+    BLOCK: tl.constexpr,
+    FLT_EPS: tl.constexpr,
+):
     sample = tl.program_id(0).to(tl.int64)
     HW = H * W
     flow_base = sample * 2 * HW
@@ -86,16 +117,64 @@ def _primal_dual_kernel(u_ptr, p_ptr, g_ptr, gsq_ptr, rhoc_ptr, active_ptr,
         y = idx // W
         x = idx - y * W
         u1, u2, new1, new2, p1x, p1y, p2x, p2y = _new_flow_at(
-            u_ptr, p_ptr, g_ptr, gsq_ptr, rhoc_ptr, flow_base, dual_base, scalar_base, idx, x, y, ok,
-            HW, W, l_t, theta, FLT_EPS)
+            u_ptr,
+            p_ptr,
+            g_ptr,
+            gsq_ptr,
+            rhoc_ptr,
+            flow_base,
+            dual_base,
+            scalar_base,
+            idx,
+            x,
+            y,
+            ok,
+            HW,
+            W,
+            l_t,
+            theta,
+            FLT_EPS,
+        )
         has_right = ok & (x < W - 1)
         has_below = ok & (y < H - 1)
         _, _, right1, right2, _, _, _, _ = _new_flow_at(
-            u_ptr, p_ptr, g_ptr, gsq_ptr, rhoc_ptr, flow_base, dual_base, scalar_base, idx + 1, x + 1, y,
-            has_right, HW, W, l_t, theta, FLT_EPS)
+            u_ptr,
+            p_ptr,
+            g_ptr,
+            gsq_ptr,
+            rhoc_ptr,
+            flow_base,
+            dual_base,
+            scalar_base,
+            idx + 1,
+            x + 1,
+            y,
+            has_right,
+            HW,
+            W,
+            l_t,
+            theta,
+            FLT_EPS,
+        )
         _, _, below1, below2, _, _, _, _ = _new_flow_at(
-            u_ptr, p_ptr, g_ptr, gsq_ptr, rhoc_ptr, flow_base, dual_base, scalar_base, idx + W, x, y + 1,
-            has_below, HW, W, l_t, theta, FLT_EPS)
+            u_ptr,
+            p_ptr,
+            g_ptr,
+            gsq_ptr,
+            rhoc_ptr,
+            flow_base,
+            dual_base,
+            scalar_base,
+            idx + W,
+            x,
+            y + 1,
+            has_below,
+            HW,
+            W,
+            l_t,
+            theta,
+            FLT_EPS,
+        )
         d1 = new1 - u1
         d2 = new2 - u2
         change += tl.where(ok, d1 * d1 + d2 * d2, 0.0)
@@ -111,8 +190,12 @@ def _primal_dual_kernel(u_ptr, p_ptr, g_ptr, gsq_ptr, rhoc_ptr, active_ptr,
         tl.store(u_out_ptr + flow_base + HW + idx, tl.where(active, new2, u2), mask=ok)
         tl.store(p_out_ptr + dual_base + idx, tl.where(active, tl.div_rn(p1x + taut * u1x, norm1), p1x), mask=ok)
         tl.store(p_out_ptr + dual_base + HW + idx, tl.where(active, tl.div_rn(p1y + taut * u1y, norm1), p1y), mask=ok)
-        tl.store(p_out_ptr + dual_base + 2 * HW + idx, tl.where(active, tl.div_rn(p2x + taut * u2x, norm2), p2x), mask=ok)
-        tl.store(p_out_ptr + dual_base + 3 * HW + idx, tl.where(active, tl.div_rn(p2y + taut * u2y, norm2), p2y), mask=ok)
+        tl.store(
+            p_out_ptr + dual_base + 2 * HW + idx, tl.where(active, tl.div_rn(p2x + taut * u2x, norm2), p2x), mask=ok
+        )
+        tl.store(
+            p_out_ptr + dual_base + 3 * HW + idx, tl.where(active, tl.div_rn(p2y + taut * u2y, norm2), p2y), mask=ok
+        )
     still_active = active & (tl.sum(change, axis=0) > scaled_epsilon)
     tl.store(active_out_ptr + sample, still_active.to(tl.int8))
 
@@ -149,9 +232,24 @@ def primal_dual_steps_triton(
     for iteration in range(count):
         u_next, p_next, flags_next = buffers[iteration % 2]
         _primal_dual_kernel[(batch,)](
-            u, p, image_grad, grad_sq, rho_c, flags, u_next, p_next, flags_next,
-            height, width, l_t, theta, taut, scaled_epsilon,
-            BLOCK=block, FLT_EPS=_FLT_EPSILON, num_warps=8 if block >= 1024 else 4,
+            u,
+            p,
+            image_grad,
+            grad_sq,
+            rho_c,
+            flags,
+            u_next,
+            p_next,
+            flags_next,
+            height,
+            width,
+            l_t,
+            theta,
+            taut,
+            scaled_epsilon,
+            BLOCK=block,
+            FLT_EPS=_FLT_EPSILON,
+            num_warps=8 if block >= 1024 else 4,
         )
         u, p, flags = u_next, p_next, flags_next
     return u, p, flags.bool()
