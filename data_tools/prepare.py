@@ -86,7 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="webdataset",
         help="webdataset tar shards (sequential streaming) or LMDB (random access)",
     )
-    inputs = parser.add_argument_group("inputs and labels")
+    _add_input_arguments(parser.add_argument_group("inputs and labels"))
+    _add_video_arguments(parser.add_argument_group("video"))
+    _add_flow_arguments(parser)
+    _add_audio_and_run_arguments(parser)
+
+
+def _add_input_arguments(inputs) -> None:
     inputs.add_argument(
         "--list",
         action="append",
@@ -112,7 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated file extensions to read in a folder scan, or 'all' (default: common video extensions)",
     )
-    video = parser.add_argument_group("video")
+
+
+def _add_video_arguments(video) -> None:
     video.add_argument("--fps", type=float, default=30.0, help="output frame rate (default 30)")
     video.add_argument("--size", type=int, default=128, help="shorter side in pixels (default 128)")
     video.add_argument(
@@ -139,6 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     video.add_argument(
         "--clip-seconds", type=float, default=1.0, help="training clip length, to flag videos too short for two clips"
     )
+
+
+def _add_flow_arguments(parser: argparse.ArgumentParser) -> None:
     flow = parser.add_argument_group(
         "flow on a device (--flow tvl1-torch)",
         "workers decode; the main process batches pairs of frames from many videos through the device",
@@ -172,6 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tvl1.add_argument("--tvl1-inner-iterations", type=int, help="iterations between median filters (OpenCV: 30)")
     tvl1.add_argument("--tvl1-outer-iterations", type=int, help="median filter rounds per warp (OpenCV: 10)")
     tvl1.add_argument("--tvl1-epsilon", type=float, help="stopping threshold (OpenCV: 0.01)")
+
+
+def _add_audio_and_run_arguments(parser: argparse.ArgumentParser) -> None:
     audio = parser.add_argument_group("audio")
     audio.add_argument("--no-audio", action="store_true", help="do not extract audio")
     audio.add_argument("--audio-rate", type=int, default=schema.AUDIO_SAMPLE_RATE, help="resample to this rate (Hz)")

@@ -832,6 +832,18 @@ def describe_classes(table: list[ClassSpec], options: dict) -> dict:
     }
 
 
+def _make_videos(jobs: list, workers: int) -> None:
+    """Render every job, in this process or in ``workers`` processes (the same files either way)."""
+    if workers <= 1:
+        for job in jobs:
+            make_video(job)
+        return
+    # spawn: no fork of a parent that may hold threads (torch, PyAV); output is the same
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        list(pool.map(make_video, jobs, chunksize=1))
+
+
 def synthesize(
     out,
     classes: int = 10,
@@ -880,14 +892,7 @@ def synthesize(
                     colour,
                 )
             )
-    if workers <= 1:
-        for job in jobs:
-            make_video(job)
-    else:
-        # spawn: no fork of a parent that may hold threads (torch, PyAV); output is the same
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            list(pool.map(make_video, jobs, chunksize=1))
+    _make_videos(jobs, workers)
     n_train, n_test = write_splits(out, table, videos_per_class, train_fraction)
     options = {
         "classes": classes,

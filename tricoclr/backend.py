@@ -100,6 +100,15 @@ class Backend:
             return model
         return torch.compile(model, mode=cfg.compile_mode)
 
+    def agree(self, loss: torch.Tensor, preempt: bool) -> list[float]:
+        """[non-finite count, loss sum, preemption requests] over all ranks: one all-reduce per
+        micro-step carries every decision the ranks must take together (skip a step, stop), or
+        DDP would deadlock. ``loss``: this rank's 0-dim micro-step loss."""
+        finite = torch.isfinite(loss.detach())
+        kept = torch.where(finite, loss.detach().float(), torch.zeros_like(loss, dtype=torch.float32))
+        flags = torch.stack([(~finite).float(), kept, torch.tensor(float(preempt), device=loss.device)])
+        return self.accelerator.reduce(flags, "sum").tolist()
+
     def backward_nothing(self, model) -> None:
         """Stand-in for the backward of a micro-step whose optimizer step will be skipped.
 

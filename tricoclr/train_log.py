@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from tqdm.auto import tqdm
 
+from tricoclr import preemption
 from tricoclr.data import modalities as registry
 from tricoclr.data.dataset import DataStats
 from tricoclr.eval.features import leave_one_out_r1
+
+log = logging.getLogger("tricoclr.train")
 
 
 def step_values(plan_name: str, loss: float, lr: float, queue_fill: float, stats: dict, window: dict) -> dict:
@@ -34,6 +38,29 @@ def step_values(plan_name: str, loss: float, lr: float, queue_fill: float, stats
         values["train/samples_per_s"] = window["samples"] / elapsed
         values["train/data_wait_fraction"] = window["wait"] / elapsed
     return values
+
+
+def history_entry(plan_name: str, step: int, loss: float, values: dict) -> dict:
+    """The run history's record of a logged step: its stage, step, loss and ``train/*`` scalars."""
+    scalars = {k.split("/")[1]: v for k, v in values.items() if k.startswith("train/")}
+    return {"stage": plan_name, "step": step, "loss": loss, **scalars}
+
+
+def stage_started(plan, total_steps: int, steps_per_epoch: int, num_videos: int) -> None:
+    """One log line when a stage starts: what it trains against which oracle, and for how long."""
+    oracle = list(plan.samplers) or "none (InfoNCE)"
+    log.info(
+        f"stage {plan.name}: trains {plan.trained}, oracle {oracle}, {total_steps} steps "
+        f"({steps_per_epoch} per epoch, {num_videos} videos)"
+    )
+
+
+def preemption_requested(step: int) -> None:
+    """The log line the SLURM scripts' users (and tests) look for when a warning signal stopped a run."""
+    log.warning(
+        f"preemption requested (SIGUSR1/SIGTERM or {preemption.REQUEST_FILE_ENV}): "
+        f"checkpoint written at step {step}, exiting"
+    )
 
 
 def log_augmented_clips(accelerator, plan_name: str, batch: dict, views, step: int) -> None:

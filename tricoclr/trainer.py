@@ -85,7 +85,8 @@ class Trainer:
         checkpoint.clean_up_interrupted_writes(acc, self.output_dir)
         self.encoders = build_encoders(cfg)
         self.hooks.encoders_built(self.encoders)
-        self._install_signal_handler()
+        # The entry point installed them at import; again for runs that build a Trainer directly.
+        preemption.install()
         acc.init_trackers("tricoclr")
         resume_state = None
         if ckpt is not None:
@@ -95,19 +96,11 @@ class Trainer:
         elif cfg.schedule.start_stage:
             checkpoint.load_latest_encoders(self.encoders, self.output_dir)
         if self.is_main:
+            ranks, steps = acc.num_processes, cfg.grad_accum_steps
             log.info(
-                "global batch = batch_size %d x %d ranks x grad_accum_steps %d = %d",
-                cfg.batch_size,
-                acc.num_processes,
-                cfg.grad_accum_steps,
-                self.global_batch,
+                f"global batch = batch_size {cfg.batch_size} x {ranks} ranks x grad_accum_steps {steps} = {self.global_batch}"
             )
         return ckpt, resume_state
-
-    def _install_signal_handler(self) -> None:
-        # The training entry point installed them at import already; again here for runs that
-        # build a Trainer directly. The flag is read with preemption.requested() at every micro-step.
-        preemption.install()
 
     def _budget_left(self) -> int | None:
         return None if self.config.max_steps is None else max(0, self.config.max_steps - self.global_step)
@@ -159,15 +152,7 @@ class Trainer:
             stage.compile_frozen(cfg.model.compile_mode)
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
         if self.is_main:
-            log.info(
-                "stage %s: trains %s, oracle %s, %d steps (%d per epoch, %d videos)",
-                plan.name,
-                plan.trained,
-                list(plan.samplers) or "none (InfoNCE)",
-                total_steps,
-                steps_per_epoch,
-                loader.num_videos,
-            )
+            train_log.stage_started(plan, total_steps, steps_per_epoch, loader.num_videos)
         return StageRun(
             index, plan, stage, encoder, model, optimizer, scheduler, loader, views, seed, steps_per_epoch, total_steps
         )
@@ -210,19 +195,7 @@ class Trainer:
         with acc.accumulate(run.model):
             generator = sample_generator(run.seed, self.global_step, -1, 0, "mask-self")
             loss, stats = run.stage.training_step(batch, generator)
-            # One all-reduce per micro-step carries every decision that all ranks must take
-            # together (skip, preempt), or DDP would deadlock: [non-finite, loss, signal].
-            finite = torch.isfinite(loss.detach())
-            flags = acc.reduce(
-                torch.stack(
-                    [
-                        (~finite).float(),
-                        torch.where(finite, loss.detach().float(), torch.zeros_like(loss, dtype=torch.float32)),
-                        torch.tensor(float(preemption.requested()), device=loss.device),
-                    ]
-                ),
-                "sum",
-            ).tolist()
+            flags = self.backend.agree(loss, preemption.requested())
             bad = flags[0] > 0 or any(b for b, _ in micro_steps)
             if not bad:
                 acc.backward(loss)
@@ -282,11 +255,7 @@ class Trainer:
         if finished and not stage_complete and self.is_main:  # the run ends inside this stage
             checkpoint.save_trained_encoder(cfg, run.plan, run.encoder, self.global_step, snapshot=False)
         if preempt:
-            log.warning(
-                "preemption requested (SIGUSR1/SIGTERM or %s): checkpoint written at step %d, exiting",
-                preemption.REQUEST_FILE_ENV,
-                self.global_step,
-            )
+            train_log.preemption_requested(self.global_step)
             checkpoint.mark_preempted(self.accelerator, self.output_dir, self.global_step)
             raise PreemptionRequested(f"checkpoint written at step {self.global_step}")
         if epoch_end and not finished and cfg.data.val_path and cfg.monitor.knn_every_epochs:
@@ -300,17 +269,10 @@ class Trainer:
             position, self.global_step, self.accelerator.num_processes, self.config, run.scheduler
         )
         # A finished stage's encoder files are written with (before the commit of) its checkpoint.
-        encoders = partial(
-            checkpoint.save_trained_encoder, self.config, run.plan, run.encoder, self.global_step, snapshot=True
-        )
+        cfg, step = self.config, self.global_step
+        on_main = partial(checkpoint.save_trained_encoder, cfg, run.plan, run.encoder, step, snapshot=True)
         checkpoint.save_checkpoint(
-            self.accelerator,
-            self.config,
-            self.global_step,
-            self.encoders,
-            run.stage,
-            state,
-            on_main=encoders if done else None,
+            self.accelerator, cfg, step, self.encoders, run.stage, state, on_main if done else None
         )
 
     def _log_step(self, run: StageRun, loss: float, stats: dict) -> None:
@@ -323,12 +285,5 @@ class Trainer:
             )
             run.window.update(wait=0.0, compute=0.0, samples=0)
             self.accelerator.log(values, step=self.global_step)
-            self.history.append(
-                {
-                    "stage": run.plan.name,
-                    "step": self.global_step,
-                    "loss": loss,
-                    **{k.split("/")[1]: v for k, v in values.items() if k.startswith("train/")},
-                }
-            )
+            self.history.append(train_log.history_entry(run.plan.name, self.global_step, loss, values))
         self.hooks.step_logged(self.global_step, loss)
