@@ -258,7 +258,23 @@ def describe_unopenable(path: str, exc: Exception) -> str:
             return f"the file is {kind} of {size} bytes, not a video: a download saved a server's answer instead"
     if _is_text(head):
         return f"the file holds text ({size} bytes), not a video"
-    return str(exc)
+    if b"ftyp" in head[:16] and not _has_box(path, b"moov"):
+        return (
+            f"the MP4 file ({size} bytes) has no index (moov box): an incomplete download or an "
+            f"interrupted recording ({exc})"
+        )
+    return f"the file ({size} bytes) could not be opened as a video: its container is unreadable ({exc})"
+
+
+def _has_box(path: str, box: bytes, chunk: int = 1 << 20) -> bool:
+    """Whether the 4-byte MP4 box type ``box`` occurs anywhere in the file (read in chunks)."""
+    tail = b""
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            if box in tail + block:
+                return True
+            tail = block[-3:]
+    return False
 
 
 def _is_text(head: bytes) -> bool:

@@ -409,6 +409,13 @@ def _finish(part_dir: Path, inputs: lists.InputList, args) -> None:
         )
     if inputs.duplicates:
         print(f"{len(inputs.duplicates)} duplicate list entries were prepared once")
+    if stats["videos"] == 0 and (stats.get("failed") or inputs.videos):
+        print(
+            "tricoclr-data prepare: warning: no video was kept; if the reasons say 'not found', SOURCE may not "
+            "be the folder the list's paths are relative to (failed videos count as done: prepare them again "
+            "into another --out)",
+            file=sys.stderr,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

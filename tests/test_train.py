@@ -34,7 +34,7 @@ def test_unknown_config_keys_fail_at_start():
     with pytest.raises(ConfigError, match="unknown modality"):
         load_config("configs/tiny.yaml", ["modalities=[rgb,depth]"])
     config = load_config("configs/tiny.yaml", ["model.backbones.rgb=s3d"])
-    assert config["model"]["backbones"] == {"rgb": "s3d", "flow": "tiny3d", "audio": "tiny2d"}
+    assert config["model"]["backbones"] == {"rgb": "s3d", "flow": "tiny3d", "audio": "tiny2d", "rgbdiff": "tiny3d"}
 
 
 def test_oracle_similarity_defaults_to_the_sum_of_cosines_and_is_validated():

@@ -9,7 +9,7 @@ import sys
 
 import tricoclr.eval.cli as eval_cli
 import tricoclr.eval.export as export_cli
-from tricoclr.config import load_config
+from tricoclr.config import ConfigError, load_config
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,13 +35,20 @@ def run_train(args) -> int:
     # commands (eval, export) must not pay for at start-up.
     from tricoclr.trainer import PreemptionRequested, Trainer
 
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as error:  # a wrong key or value: the message says which
+        print(f"tricoclr/train.py: error: {error}", file=sys.stderr)
+        return 2
     try:
         Trainer(config).run()
     except PreemptionRequested as stop:
         # Exit cleanly (a non-zero rank exit would make the launcher report a failure); the
         # PREEMPTED marker the trainer wrote tells the SLURM script to requeue.
         print(f"preempted: {stop}; rerun the same command to resume", file=sys.stderr)
+    except ConfigError as error:  # found once the store is open (e.g. a modality it cannot serve)
+        print(f"tricoclr/train.py: error: {error}", file=sys.stderr)
+        return 2
     except FloatingPointError as stop:
         # Repeated non-finite losses: the message says where the last good checkpoint is.
         print(f"training stopped: {stop}", file=sys.stderr)

@@ -21,9 +21,11 @@ import torch
 from tricoclr import checkpoint, preemption, train_log
 from tricoclr.backend import Backend, make_accelerator
 from tricoclr.checkpoint import PreemptionRequested, StagePosition, newest_checkpoint  # noqa: F401 (API)
-from tricoclr.config import Config
+from tricoclr.config import Config, ConfigError
 from tricoclr.data.dataset import EpochLoader, StageViews, finish_batch
+from tricoclr.data.samples import missing_modalities
 from tricoclr.data.sampling import sample_generator
+from tricoclr.data.store import open_store
 from tricoclr.method import StagePlan, build_schedule, build_stage, start_index
 from tricoclr.models.build import build_encoders
 from tricoclr.models.memory_format import to_channels_last
@@ -83,6 +85,12 @@ class Trainer:
         ckpt = newest_checkpoint(self.output_dir) if cfg.resume else None
         checkpoint.write_run_info(acc, cfg, resuming=ckpt is not None, global_batch=self.global_batch)
         checkpoint.clean_up_interrupted_writes(acc, self.output_dir)
+        missing = missing_modalities(open_store(cfg.data.path).videos(), cfg.modalities, cfg.data)
+        if missing:  # now, not after training every stage before the first that needs one
+            raise ConfigError(
+                f"no video of {cfg.data.path} has usable {', '.join(missing)} (prepared with --flow none or "
+                f"--no-audio, or silent?): drop them from modalities (e.g. modalities=[rgb])"
+            )
         self.encoders = build_encoders(cfg)
         self.hooks.encoders_built(self.encoders)
         # The entry point installed them at import; again for runs that build a Trainer directly.

@@ -57,6 +57,13 @@ def usable_videos(metas: list[dict], views: StageViews, data_cfg: dict) -> list[
     return keep
 
 
+def missing_modalities(metas: list[dict], modalities, data_cfg: dict) -> list[str]:
+    """The modalities of ``modalities`` that no video of the store can serve (e.g. flow in a store
+    prepared with ``--flow none``, audio when every video is silent): a run that needs one would
+    otherwise train every stage before it, then fail when that stage opens its loader."""
+    return [name for name in modalities if not usable_videos(metas, StageViews(both_views=(name,)), data_cfg)]
+
+
 def build_sample(record, video_index: int, epoch: int, seed: int, views: StageViews, data_cfg: dict) -> dict:
     """One training sample: for each modality and view, the worker-side augmented clip.
 
