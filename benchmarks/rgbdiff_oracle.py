@@ -82,23 +82,7 @@ def prepare(out: Path, preset: dict, workers: int, timings: Timings) -> tuple[Pa
     timings.run(
         "synthesize",
         (synth / "splits" / "testlist01.txt").exists(),
-        lambda: demo._data_cli(
-            [
-                "synth",
-                "--out",
-                str(synth),
-                "--classes",
-                str(preset["classes"]),
-                "--videos-per-class",
-                str(preset["videos_per_class"]),
-                "--seconds",
-                str(preset["seconds"]),
-                "--train-fraction",
-                str(preset["train_fraction"]),
-                "--workers",
-                str(workers),
-            ]
-        ),
+        lambda: demo.synthesize_data(synth, preset, workers),
     )
     stores = {}
     timings.run(

@@ -100,27 +100,32 @@ def _data_cli(argv: list[str]) -> None:
         raise SystemExit(f"tricoclr-data {' '.join(argv)} failed with exit code {code}")
 
 
+def synthesize_data(synth: Path, preset: dict, workers: int) -> None:
+    """The preset's synthesized videos and split lists under ``synth`` (``tricoclr-data synth``)."""
+    _say(f"synthesizing {preset['classes']} classes x {preset['videos_per_class']} videos x {preset['seconds']} s")
+    _data_cli(
+        [
+            "synth",
+            "--out",
+            str(synth),
+            "--classes",
+            str(preset["classes"]),
+            "--videos-per-class",
+            str(preset["videos_per_class"]),
+            "--seconds",
+            str(preset["seconds"]),
+            "--train-fraction",
+            str(preset["train_fraction"]),
+            "--workers",
+            str(workers),
+        ]
+    )
+
+
 def prepare_data(out: Path, preset: dict, workers: int) -> tuple[Path, Path, Path]:
     synth = out / "synth"
     if not (synth / "splits" / "testlist01.txt").exists():
-        _say(f"synthesizing {preset['classes']} classes x {preset['videos_per_class']} videos x {preset['seconds']} s")
-        _data_cli(
-            [
-                "synth",
-                "--out",
-                str(synth),
-                "--classes",
-                str(preset["classes"]),
-                "--videos-per-class",
-                str(preset["videos_per_class"]),
-                "--seconds",
-                str(preset["seconds"]),
-                "--train-fraction",
-                str(preset["train_fraction"]),
-                "--workers",
-                str(workers),
-            ]
-        )
+        synthesize_data(synth, preset, workers)
     stores = {}
     for split in ("train", "test"):
         store = out / "prepared" / split
