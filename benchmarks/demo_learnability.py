@@ -214,6 +214,15 @@ def knn_r1(encoder: Encoder, clips: Clips, data: dict) -> float:
     return 100 * float((data["labels"][train][nearest] == data["labels"][test]).float().mean())
 
 
+def batch_norm_groups(model: nn.Module, clips: torch.Tensor, groups: int, shuffle: torch.Tensor | None):
+    """``model(clips)`` with batch norm over ``groups`` chunks of the batch, after ``shuffle``
+    (a permutation, undone on the output): MoCo's shuffling BN emulated on one process."""
+    if shuffle is None:
+        return torch.cat([model(chunk) for chunk in clips.chunk(groups)])
+    out = torch.cat([model(chunk) for chunk in clips[shuffle].chunk(groups)])
+    return out[torch.argsort(shuffle)]
+
+
 def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: int, share_key) -> None:
     """MoCo steps; with ``share_key`` (class -> key), k positives among queue entries sharing the key."""
     momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
@@ -243,11 +252,15 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
             )
             for _ in range(2)
         ]
-        query = encoder(views[0])
+        query = batch_norm_groups(encoder, views[0], args.bn_groups, None)
         with torch.no_grad():
             for key_param, param in zip(momentum_encoder.parameters(), encoder.parameters()):
                 key_param.mul_(0.99).add_(param.detach(), alpha=0.01)
-            key = momentum_encoder(views[1])
+            for key_buffer, buffer in zip(momentum_encoder.buffers(), encoder.buffers()):
+                key_buffer.copy_(buffer)
+            momentum_encoder.train(args.key_bn != "running")
+            shuffle = torch.randperm(len(batch), generator=clips.g) if args.key_bn == "shuffle" else None
+            key = batch_norm_groups(momentum_encoder, views[1], args.bn_groups, shuffle)
         logits = torch.cat([(query * key).sum(1, keepdim=True), query @ queue.t()], 1) / args.temperature
         mask = torch.zeros_like(logits, dtype=torch.bool)
         mask[:, 0] = True
@@ -366,6 +379,13 @@ def main() -> None:
         help="probability of background mixing (a frame of another video blended into the clip)",
     )
     parser.add_argument("--bg-mix-weight", type=float, default=0.5, help="largest weight of the mixed-in frame")
+    parser.add_argument(
+        "--key-bn",
+        choices=["batch", "shuffle", "running"],
+        default="batch",
+        help="the momentum encoder's batch norm: batch statistics of the key batch, of shuffled groups, or running",
+    )
+    parser.add_argument("--bn-groups", type=int, default=1, help="batch-norm groups of query and key forwards")
     parser.add_argument("--knn-every", type=int, default=0, help="print kNN R@1 every this many steps")
     parser.add_argument("--skip-stage", action="store_true", help="InfoNCE pre-training only")
     args = parser.parse_args()
