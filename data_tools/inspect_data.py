@@ -2,9 +2,9 @@
 
 The statistics come from the manifests (every part of the dataset); the contact sheet reads a
 few samples through the same reader API as training (tricoclr.data.store), so a sheet that
-looks right means the stored data decodes right: RGB frames, flow in the usual colour coding
-(hue = direction, brightness = magnitude) and the log-mel spectrogram (low frequencies at the
-bottom).
+looks right means the stored data decodes right. Each modality of the registry draws its own row
+(``Modality.sheet``): RGB frames, flow in the usual colour coding (hue = direction, brightness =
+magnitude) and the log-mel spectrogram (low frequencies at the bottom).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tricoclr.data import modalities as registry
 from tricoclr.data import schema
 from tricoclr.data.store import VideoRecord, VideoStore, open_store
 
 TILE_HEIGHT = 96
-SPECTROGRAM_HEIGHT = 64
+STRIP_HEIGHT = 64  # a spectrogram-like modality's row
 MARGIN = 4
 TEXT_HEIGHT = 14
 
@@ -121,46 +122,26 @@ def _human_bytes(n: float) -> str:
 # ---- contact sheet ----------------------------------------------------------------------------
 
 
-def flow_to_rgb(flow: np.ndarray, max_magnitude: float | None = None) -> np.ndarray:
-    """(2, H, W) flow in pixels -> (H, W, 3) uint8 colour image.
-
-    Hue encodes direction (0 = rightward red, going round the colour wheel), brightness the
-    magnitude relative to ``max_magnitude`` (default: the 99th percentile, at least 1 px).
-    """
-    x, y = flow[0], flow[1]
-    magnitude = np.hypot(x, y)
-    if max_magnitude is None:
-        max_magnitude = max(float(np.percentile(magnitude, 99)), 1.0)
-    hue = (np.arctan2(y, x) / (2 * np.pi)) % 1.0
-    hsv = np.stack([hue * 255, np.full_like(hue, 255), np.clip(magnitude / max_magnitude, 0, 1) * 255], axis=-1)
-    return np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
-
-
-def spectrogram_to_image(log_mel: np.ndarray, width: int, height: int = SPECTROGRAM_HEIGHT) -> Image.Image:
-    """(n_mels, steps) log-mel -> a greyscale image, low frequencies at the bottom, 80 dB range."""
-    top = float(log_mel.max())
-    floor = top - np.log(10.0) * 8  # 80 dB of power below the loudest bin
-    scaled = (np.clip(log_mel, floor, top) - floor) / max(top - floor, 1e-6)
-    image = Image.fromarray((scaled[::-1] * 255).astype(np.uint8), "L")
-    return image.resize((width, height), Image.BILINEAR).convert("RGB")
-
-
 def _sample_rows(record: VideoRecord, frames_per_row: int) -> list[Image.Image]:
-    """Rows of tiles for one video: RGB frames, their flow, the spectrogram."""
+    """Rows of one video: one per registered modality that declares a ``sheet`` drawing and that
+    the video can serve (``available``), in registry order (RGB frames, their flow, the
+    spectrogram). A "video" layout's images are tiles of TILE_HEIGHT rows, one per sampled
+    frame; a "spectrogram" layout's one image is stretched to the row's width, STRIP_HEIGHT rows.
+    """
     meta = record.meta
     indices = np.linspace(0, meta["frames"] - 1, num=min(frames_per_row, meta["frames"])).round().astype(int)
     scale = TILE_HEIGHT / meta["height"]
     tile_size = (max(1, int(meta["width"] * scale)), TILE_HEIGHT)
-    rgb = [record.frames("rgb", int(i), 1)[0].permute(1, 2, 0).numpy() for i in indices]
-    rows = [_row([Image.fromarray(img).resize(tile_size) for img in rgb])]
-    if meta.get("flow_method", "none") != "none":
-        flows = [
-            schema.dequantise_flow(record.frames("flow", int(i), 1)[0].numpy().astype(np.float32)) for i in indices
-        ]
-        bound = max(max(float(np.percentile(np.hypot(f[0], f[1]), 99)) for f in flows), 1.0)
-        rows.append(_row([Image.fromarray(flow_to_rgb(f, bound)).resize(tile_size) for f in flows]))
-    if meta.get("has_audio"):
-        rows.append(spectrogram_to_image(record.spectrogram().numpy(), rows[0].width))
+    row_width = len(indices) * tile_size[0] + MARGIN * (len(indices) - 1)
+    rows = []
+    for modality in registry.MODALITIES.values():
+        if modality.sheet is None or not modality.available(meta):
+            continue
+        images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in modality.sheet(record, indices.tolist())]
+        if modality.layout == "video":
+            rows.append(_row([image.resize(tile_size) for image in images]))
+        else:
+            rows.append(images[0].resize((row_width, STRIP_HEIGHT), Image.BILINEAR))
     return rows
 
 
@@ -191,7 +172,7 @@ def _records_for_sheet(store: VideoStore, samples: int) -> list[VideoRecord]:
 
 
 def contact_sheet(store: VideoStore, samples: int = 4, frames_per_row: int = 6) -> Image.Image:
-    """One block per sampled video: a caption, RGB frames, flow colours, spectrogram."""
+    """One block per sampled video: a caption, then a row per modality it has (``_sample_rows``)."""
     blocks = []
     for record in _records_for_sheet(store, samples):
         meta = record.meta

@@ -1,4 +1,5 @@
-"""``tricoclr-data inspect``: statistics (text and JSON) and the contact sheet."""
+"""``tricoclr-data inspect``: statistics (text and JSON) and the contact sheet, whose rows the
+modality registry draws (a modality registered from a test gets its own row)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from video_factory import make_video, run_prepare, tone
 
 from data_tools import inspect_data
-from data_tools.inspect_data import flow_to_rgb
+from tricoclr.data import modalities as registry
+from tricoclr.data.modalities import flow_to_rgb
+from tricoclr.data.store import open_store
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +51,85 @@ def test_contact_sheet_is_written(prepared, tmp_path):
     assert sheet.mode == "RGB" and sheet.width > 4 * 64 and sheet.height > 3 * 2 * 96
     pixels = np.asarray(sheet)
     assert pixels.std() > 10  # frames, flow colours and spectrograms, not a blank page
+
+
+def _records_by_source(prepared) -> dict:
+    return {record.meta["source"]: record for record in inspect_data._records_for_sheet(open_store(prepared), 3)}
+
+
+def test_contact_sheet_rows_are_rgb_flow_and_audio_as_stored(prepared):
+    """Per video: a row of RGB tiles (TILE_HEIGHT), a row of flow tiles, and the spectrogram
+    stretched across the row (STRIP_HEIGHT) only for videos with audio; the RGB tiles are the
+    stored frames at evenly spaced indices."""
+    records = _records_by_source(prepared)
+    assert sorted(records) == ["Clap/c.mp4", "Wave/a.mp4", "Wave/b.mp4"]
+    for source, record in records.items():
+        meta = record.meta
+        tile_width = int(meta["width"] * inspect_data.TILE_HEIGHT / meta["height"])
+        width = 4 * tile_width + 3 * inspect_data.MARGIN
+        rows = inspect_data._sample_rows(record, 4)
+        expected = [(width, inspect_data.TILE_HEIGHT)] * 2 + [(width, inspect_data.STRIP_HEIGHT)] * meta["has_audio"]
+        assert [row.size for row in rows] == expected, source
+        last = meta["frames"] - 1
+        first_tile = np.asarray(rows[0].crop((0, 0, tile_width, inspect_data.TILE_HEIGHT)))
+        stored = Image.fromarray(record.frames("rgb", 0, 1)[0].permute(1, 2, 0).numpy())
+        assert np.array_equal(first_tile, np.asarray(stored.resize((tile_width, inspect_data.TILE_HEIGHT))))
+        last_tile = rows[0].crop((width - tile_width, 0, width, inspect_data.TILE_HEIGHT))
+        stored = Image.fromarray(record.frames("rgb", last, 1)[0].permute(1, 2, 0).numpy())
+        assert np.array_equal(np.asarray(last_tile), np.asarray(stored.resize(last_tile.size)))
+
+
+def _mean_grey_tiles(record, indices: list[int]) -> torch.Tensor:
+    """The toy's sheet drawing: one flat grey tile per frame, at the frame's mean brightness."""
+    means = record.frames_at("rgb", indices).float().mean(dim=(1, 2, 3)).round().to(torch.uint8)
+    return means.view(-1, 1, 1, 1).expand(-1, 3, 8, 8).contiguous()
+
+
+@pytest.fixture
+def greylevel():
+    """A toy modality registered by the test (no package file knows it), drawn on the sheet as
+    flat grey tiles, served only by videos with audio; removed after the test."""
+    registry.register(
+        registry.Modality(
+            name="greylevel",
+            layout="video",
+            in_channels=1,
+            default_backbone="s3d",
+            stored_parts=("rgb",),
+            read=lambda record, clip, data_cfg: None,
+            augment=lambda raw, generator, data_cfg: raw,
+            present=lambda raw, data_cfg: raw,
+            available=lambda meta: bool(meta.get("has_audio")),
+            sheet=_mean_grey_tiles,
+        )
+    )
+    yield "greylevel"
+    registry.unregister("greylevel")
+
+
+def test_a_registered_modality_draws_its_own_contact_sheet_row(prepared, greylevel, tmp_path):
+    records = _records_by_source(prepared)
+    for source, record in records.items():
+        rows = inspect_data._sample_rows(record, 4)
+        assert len(rows) == 2 + 2 * record.meta["has_audio"], source  # rgb, flow (+ audio, greylevel)
+        if not record.meta["has_audio"]:
+            continue
+        toy, rgb = np.asarray(rows[-1]), np.asarray(rows[0])
+        assert toy.shape == rgb.shape  # a video layout: tiles of the RGB row's size, after the audio row
+        indices = np.linspace(0, record.meta["frames"] - 1, num=4).round().astype(int)
+        tile_width = (rows[-1].width - 3 * inspect_data.MARGIN) // 4
+        for slot, index in enumerate(indices):
+            left = slot * (tile_width + inspect_data.MARGIN)
+            mean = round(float(record.frames("rgb", int(index), 1).float().mean()))
+            assert (toy[:, left : left + tile_width] == mean).all(), (source, slot)
+    png_path = tmp_path / "sheet.png"
+    assert inspect_data.main([str(prepared), "--png", str(png_path), "--samples", "3", "--frames", "4"]) == 0
+    with_toy = Image.open(png_path).height
+    registry.unregister(greylevel)
+    assert inspect_data.main([str(prepared), "--png", str(png_path), "--samples", "3", "--frames", "4"]) == 0
+    toy_rows = sum(record.meta["has_audio"] for record in records.values())
+    row_height = inspect_data.TILE_HEIGHT + inspect_data.MARGIN
+    assert with_toy - Image.open(png_path).height == toy_rows * row_height
 
 
 def test_flow_colour_coding():

@@ -13,8 +13,9 @@ checks it). An entry declares, as typed fields:
   ``finish_eval``: no randomness);
 - its encoder: ``default_backbone``, ``in_channels`` and ``backbone_options`` (model config ->
   extra options of the backbone builder);
-- how it is drawn: ``draw`` (a batch -> (B, 3, H, W) images in [0, 1], TensorBoard) and
-  ``thumbnail`` (a record -> (3, 64, 64) uint8, the retrieval figure and contact sheets);
+- how it is drawn: ``draw`` (a batch -> (B, 3, H, W) images in [0, 1], TensorBoard),
+  ``thumbnail`` (a record -> (3, 64, 64) uint8, the retrieval figure) and ``sheet`` (a record and
+  frame indices -> uint8 images, its row of ``tricoclr-data inspect``'s contact sheet);
 - its ``display_name`` (tables, figures).
 
 A new modality is one ``register(Modality(...))`` call, from inside or outside the package
@@ -26,8 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from tricoclr.data import transforms
 from tricoclr.data.sampling import ClipSpec, clip_frame_indices, spectrogram_span
@@ -112,6 +115,49 @@ def middle_rgb_thumbnail(record) -> torch.Tensor:
     return small[0].round().clamp(0, 255).to(torch.uint8)
 
 
+# ---- contact sheet rows (``Modality.sheet``) ---------------------------------------------------
+
+
+def sheet_video_frames(record, indices: list[int]) -> torch.Tensor:
+    """The stored RGB frames at ``indices``: (N, 3, H, W) uint8, one contact-sheet tile each."""
+    return record.frames_at("rgb", indices).contiguous()
+
+
+def flow_to_rgb(flow: np.ndarray, max_magnitude: float | None = None) -> np.ndarray:
+    """(2, H, W) flow in pixels -> (H, W, 3) uint8 colour image.
+
+    Hue encodes direction (0 = rightward red, going round the colour wheel), brightness the
+    magnitude relative to ``max_magnitude`` (default: the 99th percentile, at least 1 px).
+    """
+    x, y = flow[0], flow[1]
+    magnitude = np.hypot(x, y)
+    if max_magnitude is None:
+        max_magnitude = max(float(np.percentile(magnitude, 99)), 1.0)
+    hue = (np.arctan2(y, x) / (2 * np.pi)) % 1.0
+    hsv = np.stack([hue * 255, np.full_like(hue, 255), np.clip(magnitude / max_magnitude, 0, 1) * 255], axis=-1)
+    return np.array(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))  # a writable copy
+
+
+def sheet_flow_colours(record, indices: list[int]) -> torch.Tensor:
+    """The stored flow fields at ``indices`` in the usual colour coding (``flow_to_rgb``), with
+    one brightness scale for the row (the largest 99th-percentile magnitude, at least 1 px):
+    (N, 3, H, W) uint8."""
+    flows = dequantise_flow(record.frames_at("flow", indices).numpy().astype(np.float32))  # (N, 2, H, W) px
+    bound = max(max(float(np.percentile(np.hypot(f[0], f[1]), 99)) for f in flows), 1.0)
+    return torch.stack([torch.from_numpy(flow_to_rgb(f, bound)).permute(2, 0, 1) for f in flows])
+
+
+def sheet_spectrogram(record, indices: list[int]) -> torch.Tensor:
+    """The whole stored log-mel spectrogram as one grey image, low frequencies at the bottom, the
+    80 dB below its loudest bin: (1, 3, n_mels, steps) uint8 (``indices`` unused)."""
+    log_mel = record.spectrogram().numpy()
+    top = float(log_mel.max())
+    floor = top - np.log(10.0) * 8  # 80 dB of power below the loudest bin
+    scaled = (np.clip(log_mel, floor, top) - floor) / max(top - floor, 1e-6)
+    grey = torch.from_numpy((scaled[::-1] * 255).astype(np.uint8))
+    return grey.expand(1, 3, -1, -1).contiguous()
+
+
 @dataclass(frozen=True)
 class Modality:
     """One modality, as data and small functions (see the module docstring for each field's role).
@@ -148,8 +194,14 @@ class Modality:
     backbone_options: Callable = _no_backbone_options
     # a batch of network-layout clips -> (B, 3, H, W) float images in [0, 1] (TensorBoard)
     draw: Callable = draw_video_frames
-    # a store record -> (3, 64, 64) uint8 image (retrieval figure, contact sheet)
+    # a store record -> (3, 64, 64) uint8 image (retrieval figure)
     thumbnail: Callable = middle_rgb_thumbnail
+    # (store record, frame indices) -> uint8 (N, 3, H, W): its row of the contact sheet of
+    # ``tricoclr-data inspect``, drawn for videos where ``available`` holds. A "video" layout gives
+    # one tile per index, a "spectrogram" layout one image (N = 1) stretched across the row. None:
+    # no row (the default; derived modalities such as rgbdiff have none, as the sheet shows what
+    # the store holds)
+    sheet: Callable | None = None
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -321,6 +373,7 @@ register(
         finish_on_device=_rgb_finish,
         finish_eval=_rgb_finish_eval,
         eval_views=square_crops,
+        sheet=sheet_video_frames,
     )
 )
 register(
@@ -339,6 +392,7 @@ register(
         eval_views=square_crops,
         backbone_options=_flow_backbone_options,
         draw=draw_vector_field,
+        sheet=sheet_flow_colours,
     )
 )
 register(
@@ -354,6 +408,7 @@ register(
         present=_audio_present,
         available=_audio_available,
         draw=draw_spectrogram,
+        sheet=sheet_spectrogram,
     )
 )
 # Residual frames: derived from the RGB clip (no storage, no preparation step). On the workers it
