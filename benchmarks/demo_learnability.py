@@ -22,8 +22,12 @@ README's figures reproduce); ``--same-video negative|positive|drop`` says what o
 query's video in the queue are during InfoNCE (the trainer: negative); ``--bg-mix P`` blends, with
 probability P, one frame of another video of the batch into every frame of a clip (background
 mixing); ``--knn-every N`` prints R@1 during training; ``--skip-stage`` stops after pre-training.
-Each contrastive stage prints its loss and how often the key outranks every negative, over the
-first and last third of its steps once the queue is full.
+Each contrastive stage prints its loss, how often the key outranks every negative and the mean
+query-queue cosine (near 1: the embedding has collapsed), over the first and last third of its
+steps once the queue is full. Second round (section 7 of docs/demo_data.md): ``--key-bn
+batch|shuffle|running`` (the key encoder's batch norm: the key batch's statistics, MoCo's
+shuffled groups of ``--bn-groups``, or running statistics), ``--hue H --saturation S`` (colour
+jitter), and ``supervised`` also prints the kNN R@1 of its backbone.
 
 Figures (README, "Why the demo looks like this") were measured with these commands on the 2-core
 development machine. Clips: 8 frames at stride 2 from 30 fps; crops of the whole frame for the
@@ -43,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -153,6 +158,10 @@ class Clips:
             if photometric and self._rand() < 0.8:
                 brightness, contrast = 0.6 + 0.8 * self._rand(), 0.6 + 0.8 * self._rand()
                 x = ((x - x.mean()) * contrast + x.mean()) * brightness
+            if photometric and self.args.hue > 0 and self._rand() < 0.8:
+                shift = self.args.hue * (2 * self._rand() - 1)
+                saturation = 1 + self.args.saturation * (2 * self._rand() - 1)
+                x = 255 * TF.adjust_saturation(TF.adjust_hue((x / 255).clamp(0, 1), shift), saturation)
             if photometric and self._rand() < 0.2:
                 x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).expand(-1, 3, -1, -1)
         return (x.clamp(0, 255).permute(1, 0, 2, 3) - MEAN) / STD
@@ -197,6 +206,7 @@ def supervised(args, data: dict) -> None:
                 f"epoch {epoch + 1} ({steps} steps): train top-1 {top1(train):.1f}  test top-1 {top1(test):.1f}",
                 flush=True,
             )
+    print(f"kNN R@1 of the supervised backbone's features: {knn_r1(encoder, clips, data):.1f}", flush=True)
 
 
 def knn_r1(encoder: Encoder, clips: Clips, data: dict) -> float:
@@ -231,7 +241,7 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
     queue_labels = torch.zeros(0, dtype=torch.long)
     queue_videos = torch.zeros(0, dtype=torch.long)
     train, labels = torch.nonzero(data["train"]).flatten(), data["labels"]
-    losses, ranks = [], []
+    losses, ranks, cosines = [], [], []
     for step in range(steps):
         if args.knn_every and step and step % args.knn_every == 0:
             print(f"    step {step}: R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
@@ -285,6 +295,7 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
         loss = multi_positive_loss(logits, mask)
         if len(queue) == args.queue:  # the pretext task's progress once the queue is full
             losses.append(float(loss.detach()))
+            cosines.append(float((query.detach() @ queue.t()).mean()))
             ranks.append(
                 float((logits[:, 0:1] >= logits[:, 1:].masked_fill(mask[:, 1:], float("-inf"))).all(1).float().mean())
             )
@@ -299,7 +310,8 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
         print(
             f"    loss once the queue is full (chance ln {args.queue + 1} = {np.log(args.queue + 1):.2f}): "
             f"first third {np.mean(losses[:third]):.2f}, last third {np.mean(losses[-third:]):.2f}; "
-            f"key ranked first {100 * np.mean(ranks[:third]):.0f} -> {100 * np.mean(ranks[-third:]):.0f} %",
+            f"key ranked first {100 * np.mean(ranks[:third]):.0f} -> {100 * np.mean(ranks[-third:]):.0f} %; "
+            f"mean query-queue cosine {np.mean(cosines[:third]):.2f} -> {np.mean(cosines[-third:]):.2f}",
             flush=True,
         )
 
@@ -386,6 +398,8 @@ def main() -> None:
         help="the momentum encoder's batch norm: batch statistics of the key batch, of shuffled groups, or running",
     )
     parser.add_argument("--bn-groups", type=int, default=1, help="batch-norm groups of query and key forwards")
+    parser.add_argument("--hue", type=float, default=0.0, help="hue jitter: a shift uniform in [-hue, hue] (p 0.8)")
+    parser.add_argument("--saturation", type=float, default=0.0, help="saturation jitter with --hue")
     parser.add_argument("--knn-every", type=int, default=0, help="print kNN R@1 every this many steps")
     parser.add_argument("--skip-stage", action="store_true", help="InfoNCE pre-training only")
     args = parser.parse_args()
