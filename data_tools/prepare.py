@@ -279,8 +279,7 @@ def run(args: argparse.Namespace) -> int:
         _process_all(todo, config, writer, args, already=len(mine) - len(todo), flow_device=flow_device)
     finally:
         writer.close()
-    _finish(part_dir, inputs, args)
-    return 0
+    return _finish(part_dir, inputs, args, mine)
 
 
 def _collect_inputs(args) -> lists.InputList:
@@ -394,8 +393,10 @@ def _process_all(
         print(f"{report} on {flow_device[0]}")
 
 
-def _finish(part_dir: Path, inputs: lists.InputList, args) -> None:
-    """Print and save the part's summary (all its videos, from every run)."""
+def _finish(part_dir: Path, inputs: lists.InputList, args, mine: list) -> int:
+    """Print and save the part's summary (all its videos, from every run); the exit status: 1 when
+    this part had videos to prepare and none was kept (a script must not go on to train on an
+    empty store), else 0."""
     stats = statistics_from_entries(read_manifest(part_dir / schema.MANIFEST_FILE))
     stats["ignored_files"] = {"count": len(inputs.ignored), "examples": inputs.ignored[:20]}
     stats["scan_warnings"] = inputs.warnings  # link loops, broken links, unreadable folders: each named
@@ -409,13 +410,15 @@ def _finish(part_dir: Path, inputs: lists.InputList, args) -> None:
         )
     if inputs.duplicates:
         print(f"{len(inputs.duplicates)} duplicate list entries were prepared once")
-    if stats["videos"] == 0 and (stats.get("failed") or inputs.videos):
+    if stats["videos"] == 0 and (stats.get("failed") or mine):
         print(
-            "tricoclr-data prepare: warning: no video was kept; if the reasons say 'not found', SOURCE may not "
+            "tricoclr-data prepare: error: no video was kept; if the reasons say 'not found', SOURCE may not "
             "be the folder the list's paths are relative to (failed videos count as done: prepare them again "
             "into another --out)",
             file=sys.stderr,
         )
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

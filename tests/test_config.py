@@ -87,8 +87,12 @@ def test_an_old_run_config_without_later_keys_still_resumes(tmp_path):
     del old["method"]["oracle_similarity"], old["data"]["min_gap_frames"]  # keys added after it ran
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     check_same_run(config, tmp_path / "config.yaml")  # the defaults are what it ran with
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match=r"different config \(.*: method\.topk changed\)"):
         check_same_run(config.replace(method={"topk": 2}), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r": data\.clip_frames, optim\.lr, seed changed\)"):
+        check_same_run(
+            config.replace(seed=config.seed + 1, optim={"lr": 0.5}, data={"clip_frames": 2}), tmp_path / "config.yaml"
+        )
 
 
 def test_evaluation_rebuilds_the_whole_clip_spec_the_encoder_was_trained_with(tmp_path):

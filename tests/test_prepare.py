@@ -292,6 +292,21 @@ def test_resume_refuses_other_arguments(small_source, tmp_path, capsys):
     assert len((out / schema.MANIFEST_FILE).read_text().splitlines()) == 9
 
 
+def test_nothing_kept_is_an_error_exit(tmp_path, capsys):
+    """Every input unreadable: the summary is still written, but prepare exits 1, so a script
+    stops before training on an empty store; a re-run says the same."""
+    src = tmp_path / "src"
+    for name in ("a.mp4", "b.mp4"):
+        (src / "Jump").mkdir(parents=True, exist_ok=True)
+        (src / "Jump" / name).write_bytes(b"\x00" * 1000)
+    out = tmp_path / "out"
+    for _ in range(2):
+        assert prepare.main(prepare_argv(src, out, *_quick()) + ["--workers", "0"]) == 1
+        assert "error: no video was kept" in capsys.readouterr().err
+    summary = json.loads((out / schema.SUMMARY_FILE).read_text())
+    assert summary["videos"] == 0 and summary["failed"] == 2
+
+
 # ---- kill -9 and resume -----------------------------------------------------------------------
 
 

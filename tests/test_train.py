@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -133,6 +134,17 @@ def test_a_different_config_refuses_to_resume(train_lmdb, tmp_path):
     Trainer(load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=1))).run()
     with pytest.raises(ConfigError, match="different config"):
         Trainer(load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", seed=5))).run()
+
+
+def test_a_rerun_of_a_complete_run_says_so(train_lmdb, tmp_path, caplog):
+    out = tmp_path / "run"
+    config = load_config("configs/tiny.yaml", tiny_overrides(train_lmdb, out, modalities="[rgb]", max_steps=1))
+    Trainer(config).run()
+    assert "nothing left to train" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tricoclr.train"):
+        summary = Trainer(config).run()
+    assert summary["global_step"] == 1 and "nothing left to train: the run in" in caplog.text
 
 
 def test_a_run_saved_before_a_config_key_existed_resumes(train_lmdb, tmp_path):

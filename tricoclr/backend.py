@@ -9,6 +9,7 @@ DeepSpeed are imported here only, so the evaluation never loads them.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,6 +35,27 @@ def make_accelerator(config: Config) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tb")),
         step_scheduler_with_optimizer=False,
     )
+
+
+def share_cores_with_workers(accelerator: Accelerator, workers: int) -> int | None:
+    """On a CPU, leave a core to each data worker: intra-op threads = this process's share of the
+    cores minus ``workers`` (at least 1), never more than torch uses now. Returns the new thread
+    count, or None when nothing changed (an accelerator, no workers, or ``OMP_NUM_THREADS`` set:
+    the user's choice wins; torchrun sets it for several processes per node).
+
+    Why: torch's default (one thread per core) plus the workers oversubscribes the cores. Measured,
+    the demo's TriCoCLR stage (720 steps, 2 workers, 2 cores): 70.9 s with 2 threads, 48.8 s with 1.
+    """
+    if accelerator.device.type != "cpu" or workers == 0 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+    threads = max(1, per_process - workers)
+    if threads >= torch.get_num_threads():
+        return None
+    torch.set_num_threads(threads)
+    log.info(f"{threads} intra-op thread(s) per process, leaving a core to each of the {workers} data workers")
+    return threads
 
 
 class Backend:

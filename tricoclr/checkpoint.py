@@ -120,11 +120,25 @@ def check_same_run(config: Config, config_path: Path) -> None:
     added since it was written take their defaults (it ran with that behaviour), so it resumes."""
     with open(config_path) as f:
         previous = Config.from_dict(yaml.safe_load(f) or {}).to_dict()
-    if _comparable(previous) != _comparable(config.to_dict()) and not config.allow_config_change:
+    changed = _changed_keys(_comparable(previous), _comparable(config.to_dict()))
+    if changed and not config.allow_config_change:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise ConfigError(
-            f"{config_path.parent} holds a run with a different config ({config_path}); refusing to "
-            "resume. Use another output_dir, or allow_config_change=true to resume anyway."
+            f"{config_path.parent} holds a run with a different config ({config_path}: {shown} changed); "
+            "refusing to resume. Use another output_dir, or allow_config_change=true to resume anyway."
         )
+
+
+def _changed_keys(previous: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, e.g. ['optim.lr'] (a section compared key by key)."""
+    changed = []
+    for key in sorted(set(previous) | set(current), key=str):
+        old, new = previous.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_keys(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def write_run_info(accelerator, config: Config, resuming: bool, global_batch: int) -> None:

@@ -50,9 +50,30 @@ def stage_started(plan, total_steps: int, steps_per_epoch: int, num_videos: int)
     """One log line when a stage starts: what it trains against which oracle, and for how long."""
     oracle = list(plan.samplers) or "none (InfoNCE)"
     log.info(
-        f"stage {plan.name}: trains {plan.trained}, oracle {oracle}, {total_steps} steps "
-        f"({steps_per_epoch} per epoch, {num_videos} videos)"
+        f"stage {plan.name}: trains {plan.trained}, oracle {oracle}, {_count(total_steps, 'step')} "
+        f"({steps_per_epoch} per epoch, {_count(num_videos, 'video')})"
     )
+
+
+def configure(is_main: bool) -> None:
+    """Log lines with time and source; INFO from the main process only (every rank would repeat it)."""
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+
+
+def nothing_left(output_dir, step: int) -> None:
+    """The log line of a re-run that found its run already complete (else it would end silently)."""
+    log.info(
+        f"nothing left to train: the run in {output_dir} resumed at global step {step}, the end of its "
+        "schedule (or of max_steps); its encoders are in encoders/. Use another output_dir for a new run."
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def preemption_requested(step: int) -> None:

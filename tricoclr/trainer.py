@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tricoclr import checkpoint, preemption, train_log
-from tricoclr.backend import Backend, make_accelerator
+from tricoclr.backend import Backend, make_accelerator, share_cores_with_workers
 from tricoclr.checkpoint import PreemptionRequested, StagePosition, newest_checkpoint  # noqa: F401 (API)
 from tricoclr.config import Config, ConfigError
 from tricoclr.data.dataset import EpochLoader, StageViews, finish_batch
@@ -62,13 +62,11 @@ class Trainer:
 
     def run(self) -> dict:
         """The schedule from the start (or its checkpoint); returns global_step and the history."""
-        logging.basicConfig(
-            level=logging.INFO if self.is_main else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+        train_log.configure(self.is_main)
+        share_cores_with_workers(self.accelerator, self.config.data.workers)
         ckpt, resume_state = self._start()
         first = resume_state["stage_index"] if resume_state else start_index(self.schedule, self.config)
+        resumed_at = self.global_step if ckpt is not None else None
         try:
             for index in range(first, len(self.schedule)):
                 if self._budget_left() == 0:
@@ -78,6 +76,8 @@ class Trainer:
                 resume_state = None
         finally:
             self.accelerator.end_training()
+        if resumed_at == self.global_step and self.is_main:
+            train_log.nothing_left(self.output_dir, self.global_step)
         return {"global_step": self.global_step, "history": self.history}
 
     def _start(self) -> tuple[Path | None, dict | None]:
