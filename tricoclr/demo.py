@@ -275,6 +275,7 @@ def summarise(per_seed: dict[str, list[dict]]) -> list[dict]:
 
 # The ablation's claims, each a paired difference (first row minus second) of R@1 and linear top-1.
 COMPARISONS = [
+    ("InfoNCE", "random init"),
     ("CoCLR", "InfoNCE"),
     ("TriCoCLR", "CoCLR"),
     ("TriCoCLR", "InfoNCE"),
