@@ -24,7 +24,7 @@ def test_an_mp4_cut_off_before_its_index_is_named_as_an_incomplete_download(tmp_
     src.mkdir(parents=True)
     (src / "cut.mp4").write_bytes(whole[: len(whole) // 2])  # the moov box is at the end: gone
     (src / "garbage.mp4").write_bytes(bytes(range(256)) * 40)  # binary, not a container at all
-    manifest = run_prepare(tmp_path / "src", tmp_path / "out", flow="none")
+    manifest = run_prepare(tmp_path / "src", tmp_path / "out", flow="none", status=1)  # nothing kept
     cut, garbage = manifest["walk/cut.mp4"], manifest["walk/garbage.mp4"]
     assert cut["status"] == "failed" and "has no index (moov box): an incomplete download" in cut["reason"]
     assert garbage["status"] == "failed" and "could not be opened as a video" in garbage["reason"]

@@ -192,12 +192,15 @@ def prepare_argv(source, out, *extra: str, fmt: str = "lmdb", flow: str = "farne
     return [str(source), "--out", str(out), "--format", fmt, "--flow", flow, "--workers", "0", "--no-progress", *extra]
 
 
-def run_prepare(source, out, *extra: str, fmt: str = "lmdb", flow: str = "farneback") -> dict[str, dict]:
-    """Prepare ``source`` into ``out`` in this process; returns the manifest keyed by source."""
+def run_prepare(
+    source, out, *extra: str, fmt: str = "lmdb", flow: str = "farneback", status: int = 0
+) -> dict[str, dict]:
+    """Prepare ``source`` into ``out`` in this process; returns the manifest keyed by source.
+    ``status``: the expected exit status (1 when no video is kept)."""
     from data_tools import prepare
     from tricoclr.data.store import open_store
 
-    assert prepare.main(prepare_argv(source, out, *extra, fmt=fmt, flow=flow)) == 0
+    assert prepare.main(prepare_argv(source, out, *extra, fmt=fmt, flow=flow)) == status
     return {e["source"]: e for e in open_store(out).manifest()}
 
 
