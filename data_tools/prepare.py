@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from data_tools.pool import run_tasks
 from data_tools.writers import PartWriter
 from tricoclr.data import schema
 from tricoclr.data.store import read_manifest
+from tricoclr.distributed import usable_cpus
 from tricoclr.durable import write_json_atomic
 
 # Arguments that do not change what is stored: a resumed run may use other values. The flow
@@ -193,7 +193,7 @@ def _add_audio_and_run_arguments(parser: argparse.ArgumentParser) -> None:
     audio.add_argument("--n-fft", type=int, default=schema.AUDIO_N_FFT)
     run = parser.add_argument_group("running")
     run.add_argument(
-        "--workers", type=int, default=_cpu_count(), help="worker processes (default: all CPUs; 0 = in this process)"
+        "--workers", type=int, default=usable_cpus(), help="worker processes (default: all CPUs; 0 = in this process)"
     )
     run.add_argument("--video-timeout", type=float, default=0, help="seconds before a video is abandoned (0: none)")
     run.add_argument("--decode-threads", type=int, default=1, help="decoder threads per worker")
@@ -239,10 +239,6 @@ def _flow_device_settings(args) -> tuple[str, int, int] | None:
     if batch < 1 or pool < 1:
         raise ValueError("--flow-batch and --flow-pool-pairs must be at least 1")
     return device, batch, pool
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def run(args: argparse.Namespace) -> int:

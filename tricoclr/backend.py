@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
 from tricoclr.config import Config
+from tricoclr.distributed import usable_cpus
 from tricoclr.method import StepPrecision
 
 log = logging.getLogger("tricoclr.train")
@@ -48,8 +49,7 @@ def share_cores_with_workers(accelerator: Accelerator, workers: int) -> int | No
     """
     if accelerator.device.type != "cpu" or workers == 0 or "OMP_NUM_THREADS" in os.environ:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+    per_process = max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     threads = max(1, per_process - workers)
     if threads >= torch.get_num_threads():
         return None
