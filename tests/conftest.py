@@ -101,3 +101,11 @@ def tiny_overrides(data_path: Path, output_dir: Path, **extra) -> list[str]:
     }
     overrides.update(extra)
     return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def eval_retrieval(encoder, train, test, json_out, *extra: str) -> int:
+    """``tricoclr eval retrieval`` in this process (no loader workers, no feature cache); its exit code."""
+    from tricoclr.cli import main
+
+    argv = ["eval", "retrieval", "--encoder", str(encoder), "--train", str(train), "--test", str(test)]
+    return main([*argv, "--json", str(json_out), "--workers", "0", "--no-cache", *extra])

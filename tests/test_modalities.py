@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import eval_retrieval, tiny_overrides
 
 from tricoclr.cli import main
 from tricoclr.config import load_config
@@ -131,28 +131,7 @@ def test_an_rgbdiff_encoder_is_evaluated_and_exported(train_lmdb, test_lmdb, tmp
         extra={"data": {k: SMALL[k] for k in ("clip_frames", "clip_stride", "size", "spectrogram_steps")}},
     )
     out = tmp_path / "retrieval.json"
-    assert (
-        main(
-            [
-                "eval",
-                "retrieval",
-                "--encoder",
-                str(encoder_file),
-                "--train",
-                str(train_lmdb),
-                "--test",
-                str(test_lmdb),
-                "--json",
-                str(out),
-                "--workers",
-                "0",
-                "--no-cache",
-                "--modality",
-                "rgbdiff",
-            ]
-        )
-        == 0
-    )
+    assert eval_retrieval(encoder_file, train_lmdb, test_lmdb, out, "--modality", "rgbdiff") == 0
     metrics = json.loads(out.read_text())
     assert metrics["modality"] == "rgbdiff" and metrics["num_test"] == 4 and 0 <= metrics["R@1"] <= 100
     assert "[rgbdiff encoder]" in out.with_suffix(".md").read_text()

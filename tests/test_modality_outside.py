@@ -13,10 +13,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import eval_retrieval, tiny_overrides
 from torch import nn
 
-from tricoclr.cli import main
 from tricoclr.config import load_config
 from tricoclr.data import modalities as registry
 from tricoclr.data.sampling import clip_frame_indices
@@ -97,28 +96,7 @@ def test_a_fifth_modality_from_outside_the_package_trains_and_is_evaluated(brigh
     encoder_file = out / "encoders" / "cycle1-brightness" / "brightness.safetensors"
     assert encoder_file.exists()
     result = tmp_path / "brightness.json"
-    assert (
-        main(
-            [
-                "eval",
-                "retrieval",
-                "--encoder",
-                str(encoder_file),
-                "--train",
-                str(train_lmdb),
-                "--test",
-                str(test_lmdb),
-                "--json",
-                str(result),
-                "--workers",
-                "0",
-                "--no-cache",
-                "--png",
-                str(tmp_path / "brightness.png"),
-            ]
-        )
-        == 0
-    )
+    assert eval_retrieval(encoder_file, train_lmdb, test_lmdb, result, "--png", str(tmp_path / "brightness.png")) == 0
     metrics = json.loads(result.read_text())
     assert metrics["modality"] == "brightness" and metrics["num_test"] == 4 and 0 <= metrics["R@1"] <= 100
     assert metrics["trained_with"] == ["rgb", "flow", "audio", "rgbdiff", "brightness"]

@@ -20,12 +20,11 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import eval_retrieval, tiny_overrides
 from safetensors.torch import load_file
 
 from data_tools.cli import main as data_main
 from data_tools.writers import PartWriter
-from tricoclr.cli import main
 from tricoclr.config import DEFAULTS, load_config
 from tricoclr.data import schema
 from tricoclr.data.dataset import EpochLoader, StageViews
@@ -250,26 +249,7 @@ def test_retrieval_from_http_equals_retrieval_from_the_local_path(
         ("http", http_stores["train_wds"], http_stores["test_wds"]),
     ):
         out = tmp_path / f"{name}.json"
-        assert (
-            main(
-                [
-                    "eval",
-                    "retrieval",
-                    "--encoder",
-                    str(encoder),
-                    "--train",
-                    str(train),
-                    "--test",
-                    str(test),
-                    "--json",
-                    str(out),
-                    "--workers",
-                    "0",
-                    "--no-cache",
-                ]
-            )
-            == 0
-        )
+        assert eval_retrieval(encoder, train, test, out) == 0
         results[name] = json.loads(out.read_text())
     assert results["http"] == results["local"]
     assert results["http"]["num_test"] > 0
@@ -300,23 +280,7 @@ def test_a_missing_manifest_or_shard_is_an_error_naming_the_url(
     with pytest.raises(FileNotFoundError, match=f"{shard_url}: not found"):
         list(store.iter_records())
     with pytest.raises(SystemExit, match=shard_url):
-        main(
-            [
-                "eval",
-                "retrieval",
-                "--encoder",
-                "random",
-                "--train",
-                http_stores["train_wds"],
-                "--test",
-                f"{base}/no_shard",
-                "--json",
-                str(tmp_path / "x.json"),
-                "--workers",
-                "0",
-                "--no-cache",
-            ]
-        )
+        eval_retrieval("random", http_stores["train_wds"], f"{base}/no_shard", tmp_path / "x.json")
 
     # Training keeps the project's policy for unreadable shards (counted, warned, ranks in step),
     # and the warning names the URL.
