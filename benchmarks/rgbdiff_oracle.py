@@ -154,29 +154,14 @@ def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args, timi
     encoders = {}
     for name, mods, _ in ROWS:
         run_dir = runs / demo.slug(name)
-        stage = "pretrain-rgb" if len(mods) == 1 else "cycle1-rgb"
-        encoders[name] = run_dir / "encoders" / stage / "rgb.safetensors"
-
-        def stage_run(run_dir=run_dir, mods=mods, stage=stage):
-            (run_dir / "encoders").mkdir(parents=True, exist_ok=True)
-            for mod in mods:  # start from the shared pre-trained encoders
-                target = run_dir / "encoders" / f"{mod}.safetensors"
-                if not (run_dir / "checkpoints").exists():
-                    target.write_bytes(pretrained[mod].read_bytes())
-            demo._train(
-                args.config,
-                common
-                + [
-                    f"output_dir={run_dir}",
-                    f"modalities=[{','.join(mods)}]",
-                    f"schedule.start_stage={stage}",
-                    "schedule.cycles=1",
-                    "schedule.order=[rgb]",
-                    f"schedule.pretrain_epochs={schedule['stage_epochs']}",
-                ],
-            )
-
-        timings.run(f"seed{seed}/{demo.slug(name)}", encoders[name].exists(), stage_run)
+        encoders[name] = demo.rgb_stage_encoder(run_dir, mods)
+        timings.run(
+            f"seed{seed}/{demo.slug(name)}",
+            encoders[name].exists(),
+            lambda run_dir=run_dir, mods=mods: demo.train_rgb_stage(
+                args.config, common, run_dir, mods, pretrained, schedule["stage_epochs"]
+            ),
+        )
     return encoders
 
 

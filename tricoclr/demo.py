@@ -161,8 +161,46 @@ def _train(config_path: str, overrides: list[str]) -> None:
     Trainer(config).run()
 
 
-def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args) -> dict[str, Path]:
-    """Pre-train every modality once, then each variant's cooperative (or continued) stages."""
+def rgb_stage_encoder(run_dir: Path, mods: list[str]) -> Path:
+    """Where a compared row's RGB encoder lands: InfoNCE continues pre-training, the others a cycle."""
+    stage = "pretrain-rgb" if mods == ["rgb"] else "cycle1-rgb"
+    return run_dir / "encoders" / stage / "rgb.safetensors"
+
+
+def train_rgb_stage(
+    config_path: str, overrides: list[str], run_dir: Path, mods: list[str], start: dict[str, Path], epochs: int
+) -> Path:
+    """Train one compared row's RGB stage for ``epochs`` from the pre-trained encoders ``start``
+    (one file per modality in ``mods``); returns the RGB encoder's file. ``overrides`` are the
+    row's config overrides (seed, data, its own method settings)."""
+    stage = rgb_stage_encoder(run_dir, mods).parent.name
+    (run_dir / "encoders").mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "checkpoints").exists():  # a fresh run starts from the shared pre-trained encoders
+        for mod in mods:
+            shutil.copy(start[mod], run_dir / "encoders" / f"{mod}.safetensors")
+    # Each row trains RGB only after pre-training: within one cycle the flow and audio stages come
+    # after RGB's and could only change the oracles of a later cycle. InfoNCE continues RGB alone
+    # for as many epochs as the cooperative RGB stage gets.
+    _train(
+        config_path,
+        overrides
+        + [
+            f"output_dir={run_dir}",
+            f"modalities=[{','.join(mods)}]",
+            f"schedule.start_stage={stage}",
+            "schedule.cycles=1",
+            "schedule.order=[rgb]",
+            f"schedule.pretrain_epochs={epochs}",
+        ],
+    )
+    return rgb_stage_encoder(run_dir, mods)
+
+
+def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args, variants=VARIANTS) -> dict[str, Path]:
+    """Pre-train every modality once, then each variant's cooperative (or continued) stages.
+
+    ``variants``: (name, modalities, extra overrides) rows, the demo's ``VARIANTS`` by default.
+    Every step whose encoder exists is skipped (a re-run resumes)."""
     runs = out / "runs" / f"seed{seed}"
     common = [
         *preset["overrides"],
@@ -184,37 +222,15 @@ def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args) -> d
             _train(
                 args.config, common + [f"output_dir={run_dir}", f"modalities=[{','.join(mods)}]", "schedule.cycles=0"]
             )
+    pretrained = {mod: run_dir / "encoders" / f"{mod}.safetensors" for mod, run_dir in pretrain_dirs.items()}
     encoders = {}
-    for name, mods, extra in VARIANTS:
+    for name, mods, extra in variants:
         run_dir = runs / slug(name)
-        # Each variant trains RGB only after pre-training: within one cycle the flow and audio stages
-        # come after RGB's and could only change the oracles of a later cycle.
-        stage = "pretrain-rgb" if mods == ["rgb"] else "cycle1-rgb"
-        if not (run_dir / "encoders" / stage / "rgb.safetensors").exists():
-            (run_dir / "encoders").mkdir(parents=True, exist_ok=True)
-            if not (run_dir / "checkpoints").exists():
-                for mod in mods:  # start from the shared pre-trained encoders
-                    shutil.copy(
-                        pretrain_dirs[mod] / "encoders" / f"{mod}.safetensors",
-                        run_dir / "encoders" / f"{mod}.safetensors",
-                    )
-            # InfoNCE continues RGB alone for as many epochs as the cooperative RGB stage gets.
-            _say(f"seed {seed}: {name} ({'+'.join(mods)}): {stage} for {stage_epochs} epochs")
-            _train(
-                args.config,
-                common
-                + [
-                    f"output_dir={run_dir}",
-                    f"modalities=[{','.join(mods)}]",
-                    f"schedule.start_stage={stage}",
-                    "schedule.cycles=1",
-                    "schedule.order=[rgb]",
-                    f"schedule.pretrain_epochs={stage_epochs}",
-                    *extra,
-                ],
-            )
-        encoders[name] = run_dir / "encoders" / stage / "rgb.safetensors"
-    encoders["InfoNCE (pre-training only)"] = pretrain_dirs["rgb"] / "encoders" / "rgb.safetensors"
+        encoders[name] = rgb_stage_encoder(run_dir, mods)
+        if not encoders[name].exists():
+            _say(f"seed {seed}: {name} ({'+'.join(mods)}): {encoders[name].parent.name} for {stage_epochs} epochs")
+            train_rgb_stage(args.config, common + list(extra), run_dir, mods, pretrained, stage_epochs)
+    encoders["InfoNCE (pre-training only)"] = pretrained["rgb"]
     return encoders
 
 
