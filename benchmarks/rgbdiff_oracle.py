@@ -121,14 +121,7 @@ def prepare(out: Path, preset: dict, workers: int, timings: Timings) -> tuple[Pa
 def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args, timings: Timings) -> dict[str, Path]:
     """Pre-train RGB and each oracle alone, then each row's RGB stage from those encoders."""
     runs = out / "runs" / f"seed{seed}"
-    common = [
-        *preset["overrides"],
-        f"seed={seed}",
-        f"data.path={train_store}",
-        f"data.workers={args.workers}",
-        "resume=true",
-        *OVERRIDES,
-    ]
+    common = [*demo.seed_overrides(preset, seed, train_store, args.workers), *OVERRIDES]
     config = load_config(args.config, common)
     schedule = config["schedule"]
     # The recipe's epochs (configs/small.yaml): RGB's own, and the flow oracle's for both oracles.

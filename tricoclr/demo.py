@@ -196,19 +196,18 @@ def train_rgb_stage(
     return rgb_stage_encoder(run_dir, mods)
 
 
+def seed_overrides(preset: dict, seed: int, train_store: Path, workers: int) -> list[str]:
+    """The config overrides every training run of one seed shares: the preset's, seed, data, resume."""
+    return [*preset["overrides"], f"seed={seed}", f"data.path={train_store}", f"data.workers={workers}", "resume=true"]
+
+
 def train_seed(out: Path, seed: int, train_store: Path, preset: dict, args, variants=VARIANTS) -> dict[str, Path]:
     """Pre-train every modality once, then each variant's cooperative (or continued) stages.
 
     ``variants``: (name, modalities, extra overrides) rows, the demo's ``VARIANTS`` by default.
     Every step whose encoder exists is skipped (a re-run resumes)."""
     runs = out / "runs" / f"seed{seed}"
-    common = [
-        *preset["overrides"],
-        f"seed={seed}",
-        f"data.path={train_store}",
-        f"data.workers={args.workers}",
-        "resume=true",
-    ]
+    common = seed_overrides(preset, seed, train_store, args.workers)
     schedule = load_config(args.config, preset["overrides"])["schedule"]
     stage_epochs = schedule["stage_epochs"]
     # InfoNCE pre-training is per modality and independent, so RGB and the two future oracles are
