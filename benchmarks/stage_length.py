@@ -12,6 +12,7 @@ stores and per-seed pre-training (``--demo-out``), so only the longer stages are
     python benchmarks/stage_length.py --demo-out demo_out --epochs 144 --seeds 1
 
 Writes ``DEMO_OUT/stage_length_E<epochs>/results.{json,md}``; a re-run skips what exists.
+``--quick`` reads a ``tricoclr demo --quick`` folder (its preset; the test suite runs it so).
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--config", default=str(demo.DEFAULT_CONFIG))
+    parser.add_argument("--quick", action="store_true", help="the folder is a `tricoclr demo --quick` one")
     args = parser.parse_args()
     out = args.demo_out / f"stage_length_E{args.epochs}"
     args.out = str(out)  # demo.evaluate caches features there
-    preset = dict(demo.PRESETS["full"], overrides=[f"schedule.stage_epochs={args.epochs}"])
+    preset = demo.PRESETS["quick" if args.quick else "full"]
+    preset = dict(preset, overrides=[*preset["overrides"], f"schedule.stage_epochs={args.epochs}"])
     train_store, test_store = (args.demo_out / "prepared" / split for split in ("train", "test"))
     per_seed: dict[str, list[dict]] = {"random init": []}
     for seed in range(args.seeds):

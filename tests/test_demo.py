@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from tricoclr.demo import VARIANTS, slug
 
@@ -89,3 +90,23 @@ def test_quick_demo_writes_the_ablation_and_reuses_finished_work(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert [row["R@1"] for row in again["rows"]] == [row["R@1"] for row in results["rows"]]
     assert [row["linear_top1"] for row in again["rows"]] == [row["linear_top1"] for row in results["rows"]]
+
+    # benchmarks/stage_length.py trains the demo's InfoNCE, CoCLR and TriCoCLR rows again with another
+    # RGB stage length from the same pre-trained encoders, evaluated the same way.
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "stage_length.py"), "--demo-out", str(out), "--quick"]
+        + ["--epochs", "1", "--seeds", "1", "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "InfoNCE pre-training of" not in result.stdout  # the demo's pre-training is reused
+    longer = json.loads((out / "stage_length_E1" / "results.json").read_text())
+    longer_rows = {row["model"]: row for row in longer["rows"]}
+    assert set(longer_rows) == {"random init", "InfoNCE", "CoCLR", "TriCoCLR", "InfoNCE (pre-training only)"}
+    for unchanged in ("random init", "InfoNCE (pre-training only)"):  # same encoders, same evaluation
+        assert longer_rows[unchanged]["R@1"] == rows[unchanged]["R@1"]
+        assert longer_rows[unchanged]["linear_top1"] == rows[unchanged]["linear_top1"]
+    resolved = yaml.safe_load((out / "stage_length_E1" / "runs" / "seed0" / "tricoclr" / "config.yaml").read_text())
+    assert resolved["schedule"]["pretrain_epochs"] == 1 and resolved["schedule"]["stage_epochs"] == 1
