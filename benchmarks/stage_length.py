@@ -1,7 +1,7 @@
 """Is the demo's TriCoCLR − CoCLR gap limited by the RGB stage's length? (issue 15's measurement)
 
 `benchmarks/demo_learnability.py` showed that even *ideal* oracles give the sound almost nothing
-over the motion for the RGB encoder within ~1000 RGB steps, and more after 3000
+over the motion for the RGB encoder within ~1000 RGB steps, and +3.3 / +4.0 after 3000 only with a visual trace 2.7 times deeper than the generator ships
 (docs/demo_data.md, section 9). This runs the same question through the real trainer: the demo's
 rows InfoNCE, CoCLR and TriCoCLR with the RGB stage ``--epochs`` long instead of
 ``configs/small.yaml``'s ``stage_epochs``, everything else as the demo (its data, config,
