@@ -2,7 +2,7 @@
 # The second synthesized benchmark (issue 15, docs/demo_data.md): a different generator setting
 # than the demo's, judged through exactly the user commands with configs/small.yaml.
 # Usage: bash benchmarks/second_synth_benchmark.sh OUT_DIR [TRAIN_OVERRIDE...]
-#   (figures: docs/demo_data.md, sections 6 and 9; overrides go to every train.py run, e.g.
+#   (figures, every look: docs/demo_data.md, section 6; overrides go to every train.py run, e.g.
 #   schedule.stage_epochs=432; the synthesized and prepared data are reused when OUT_DIR has them)
 set -e
 B=$(realpath -m "${1:?usage: second_synth_benchmark.sh OUT_DIR [TRAIN_OVERRIDE...]}")

@@ -1,8 +1,8 @@
 """Is the demo's TriCoCLR − CoCLR gap limited by the RGB stage's length? (issue 15's measurement)
 
 `benchmarks/demo_learnability.py` showed that even *ideal* oracles give the sound almost nothing
-over the motion for the RGB encoder within ~1000 RGB steps, and +3.3 / +4.0 after 3000 only with a visual trace 2.7 times deeper than the generator ships
-(docs/demo_data.md, section 9). This runs the same question through the real trainer: the demo's
+over the motion for the RGB encoder within ~1000 RGB steps, and +3.3 / +4.0 after 3000 only with
+a visual trace 2.7 times deeper than the generator ships (docs/demo_data.md, section 9). This runs the same question through the real trainer: the demo's
 rows InfoNCE, CoCLR and TriCoCLR with the RGB stage ``--epochs`` long instead of
 ``configs/small.yaml``'s ``stage_epochs``, everything else as the demo (its data, config,
 pre-trained encoders, evaluation and paired intervals). It reuses a finished demo's prepared
@@ -45,16 +45,14 @@ def main() -> int:
     preset = demo.PRESETS["quick" if args.quick else "full"]
     preset = dict(preset, overrides=[*preset["overrides"], f"schedule.stage_epochs={args.epochs}"])
     train_store, test_store = (args.demo_out / "prepared" / split for split in ("train", "test"))
-    per_seed: dict[str, list[dict]] = {"random init": []}
+    per_seed: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
         for pretrain in ("pretrain", "pretrain_oracles"):  # the demo's own pre-training, reused
             source, target = (root / "runs" / f"seed{seed}" / pretrain for root in (args.demo_out, out))
             if not target.exists():
                 shutil.copytree(source, target)
         encoders = demo.train_seed(out, seed, train_store, preset, args, variants=ROWS)
-        per_seed["random init"].append(demo.evaluate("random", train_store, test_store, args, seed))
-        for name, path in encoders.items():
-            per_seed.setdefault(name, []).append(demo.evaluate(path, train_store, test_store, args, seed))
+        demo.evaluate_seed(per_seed, {"random init": "random", **encoders}, train_store, test_store, args, seed)
     rows, comparisons = demo.summarise(per_seed), demo.compare(per_seed)
     (out / "results.json").write_text(json.dumps({"epochs": args.epochs, "rows": rows, "comparisons": comparisons}))
     table = markdown_table(rows, ["model", "R@1", "R@5", "R@10", "linear_top1"])

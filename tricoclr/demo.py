@@ -267,6 +267,14 @@ def evaluate(encoder_path, train_store: Path, test_store: Path, args, seed: int)
     }
 
 
+def evaluate_seed(
+    per_seed: dict[str, list[dict]], encoders: dict, train_store: Path, test_store: Path, args, seed: int
+):
+    """Evaluate one seed's encoders (name -> file, or "random") and append each result to its row."""
+    for name, path in encoders.items():
+        per_seed.setdefault(name, []).append(evaluate(path, train_store, test_store, args, seed))
+
+
 def _percent_outcomes(results: list[dict], key: str) -> torch.Tensor:
     """(seeds, N[, ks]) per-test-video outcomes (0 or 100) of one row, for the bootstraps."""
     return torch.tensor([r[key] for r in results]) * 100
@@ -345,12 +353,10 @@ def run(args) -> int:
     )
     started = time.time()
     synth, train_store, test_store = prepare_data(out, preset, args.workers)
-    per_seed: dict[str, list[dict]] = {"random init": []}
+    per_seed: dict[str, list[dict]] = {}
     for seed in range(preset["seeds"]):
         encoders = train_seed(out, seed, train_store, preset, args)
-        per_seed["random init"].append(evaluate("random", train_store, test_store, args, seed))
-        for name, path in encoders.items():
-            per_seed.setdefault(name, []).append(evaluate(path, train_store, test_store, args, seed))
+        evaluate_seed(per_seed, {"random init": "random", **encoders}, train_store, test_store, args, seed)
     rows = summarise(per_seed)
     tri = per_seed["TriCoCLR"][0]
     _retrieval_figure(out / "retrieval.png", tri, train_store)
