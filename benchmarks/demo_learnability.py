@@ -27,7 +27,9 @@ query-queue cosine (near 1: the embedding has collapsed), over the first and las
 steps once the queue is full. Second round (section 7 of docs/demo_data.md): ``--key-bn
 batch|shuffle|running`` (the key encoder's batch norm: the key batch's statistics, MoCo's
 shuffled groups of ``--bn-groups``, or running statistics), ``--hue H --saturation S`` (colour
-jitter), and ``supervised`` also prints the kNN R@1 of its backbone.
+jitter), and ``supervised`` also prints the kNN R@1 of its backbone. Third round (section 9c):
+``--precision P`` makes the oracle imperfect (each positive shares ``--share`` with probability P,
+else it is another video's entry that does not) and ``--oracle-only`` skips the stage's InfoNCE run.
 
 Figures (README, "Why the demo looks like this") were measured with these commands on the 2-core
 development machine. Clips: 8 frames at stride 2 from 30 fps; crops of the whole frame for the
@@ -233,6 +235,23 @@ def batch_norm_groups(model: nn.Module, clips: torch.Tensor, groups: int, shuffl
     return out[torch.argsort(shuffle)]
 
 
+def oracle_positives(
+    shares: torch.Tensor, other_video: torch.Tensor, k: int, precision: float, g: torch.Generator
+) -> torch.Tensor:
+    """Indices of up to ``k`` queue entries an oracle of the given precision mines.
+
+    shares, other_video: (Q,) bool, whether an entry shares the anchor's key and comes from another
+    video. Each positive is drawn from the sharing entries with probability ``precision`` and
+    from the others (a wrong positive) otherwise; 1.0 is the ideal oracle.
+    """
+    right = torch.nonzero(shares & other_video).flatten()
+    wrong = torch.nonzero(~shares & other_video).flatten()
+    right = right[torch.randperm(len(right), generator=g)]
+    wrong = wrong[torch.randperm(len(wrong), generator=g)]
+    n_right = int((torch.rand(k, generator=g) < precision).sum()) if precision < 1 else k
+    return torch.cat([right[:n_right], wrong[: k - n_right]])
+
+
 def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: int, share_key) -> None:
     """MoCo steps; with ``share_key`` (class -> key), k positives among queue entries sharing the key."""
     momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
@@ -285,12 +304,9 @@ def contrastive_stage(encoder: Encoder, clips: Clips, data: dict, args, steps: i
             )
         if share_key is not None and len(queue):
             for row, video in enumerate(batch):
-                pool = torch.nonzero(
-                    (share_key[queue_labels] == share_key[labels[video]]) & (queue_videos != video)
-                ).flatten()
-                if len(pool):
-                    pick = pool[torch.randperm(len(pool), generator=clips.g)[: args.topk]]
-                    mask[row, 1 + pick] = True
+                shares = share_key[queue_labels] == share_key[labels[video]]
+                pick = oracle_positives(shares, queue_videos != video, args.topk, args.precision, clips.g)
+                mask[row, 1 + pick] = True
             mask = mask_self_positive(mask, args.mask_self, clips.g)
         loss = multi_positive_loss(logits, mask)
         if len(queue) == args.queue:  # the pretext task's progress once the queue is full
@@ -332,13 +348,14 @@ def contrastive(args, data: dict) -> None:
     print(f"InfoNCE {args.pretrain_steps} steps: R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
     if args.skip_stage:
         return
-    pretrained = copy.deepcopy(encoder.state_dict())
-    contrastive_stage(encoder, clips, data, args, args.stage_steps, None)
-    print(f"  + InfoNCE {args.stage_steps} steps: R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
-    encoder.load_state_dict(pretrained)
+    if not args.oracle_only:
+        pretrained = copy.deepcopy(encoder.state_dict())
+        contrastive_stage(encoder, clips, data, args, args.stage_steps, None)
+        print(f"  + InfoNCE {args.stage_steps} steps: R@1 {knn_r1(encoder, clips, data):.1f}", flush=True)
+        encoder.load_state_dict(pretrained)
     contrastive_stage(encoder, clips, data, args, args.stage_steps, share_key)
     print(
-        f"  + ideal oracle sharing {args.share}, {args.stage_steps} steps (self-positive mask "
+        f"  + oracle sharing {args.share} at precision {args.precision}, {args.stage_steps} steps (self-positive mask "
         f"{args.mask_self}): R@1 {knn_r1(encoder, clips, data):.1f}",
         flush=True,
     )
@@ -373,6 +390,13 @@ def main() -> None:
     parser.add_argument(
         "--share", default="motion,sound", help="class factors the ideal oracle's positives share, or 'class'"
     )
+    parser.add_argument(
+        "--precision",
+        type=float,
+        default=1.0,
+        help="share of the oracle's positives that share --share (the rest: random other entries)",
+    )
+    parser.add_argument("--oracle-only", action="store_true", help="skip the stage's InfoNCE comparison")
     parser.add_argument("--mask-self", type=float, default=0.9)
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--queue", type=int, default=128)
