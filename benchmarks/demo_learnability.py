@@ -30,6 +30,8 @@ shuffled groups of ``--bn-groups``, or running statistics), ``--hue H --saturati
 jitter), and ``supervised`` also prints the kNN R@1 of its backbone. Third round (section 9c):
 ``--precision P`` makes the oracle imperfect (each positive shares ``--share`` with probability P,
 else it is another video's entry that does not) and ``--oracle-only`` skips the stage's InfoNCE run.
+``--eval-on validation`` measures kNN R@1 within the training videos (alternate videos of each
+class as queries and gallery), so that a recipe is chosen on training data only (section 7f).
 
 Figures (README, "Why the demo looks like this") were measured with these commands on the 2-core
 development machine. Clips: 8 frames at stride 2 from 30 fps; crops of the whole frame for the
@@ -220,10 +222,21 @@ def knn_r1(encoder: Encoder, clips: Clips, data: dict) -> float:
                 [F.normalize(encoder.features(clips.evaluation_clips(int(i))).mean(0), dim=0) for i in indices]
             )
 
-        train, test = torch.nonzero(data["train"]).flatten(), torch.nonzero(~data["train"]).flatten()
-        nearest = (features(test) @ features(train).t()).argmax(1)
+        gallery, queries = evaluation_split(data, clips.args)
+        nearest = (features(queries) @ features(gallery).t()).argmax(1)
     encoder.train()
-    return 100 * float((data["labels"][train][nearest] == data["labels"][test]).float().mean())
+    return 100 * float((data["labels"][gallery][nearest] == data["labels"][queries]).float().mean())
+
+
+def evaluation_split(data: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gallery, queries) video indices of the kNN R@1: train -> test videos, or with
+    ``--eval-on validation`` alternate training videos of each class (training data only, so a
+    recipe chosen on it is not chosen on the test videos)."""
+    train = torch.nonzero(data["train"]).flatten()
+    if args.eval_on == "test":
+        return train, torch.nonzero(~data["train"]).flatten()
+    odd = (train % args.videos_per_class) % 2 == 1  # videos are stored class by class
+    return train[~odd], train[odd]
 
 
 def batch_norm_groups(model: nn.Module, clips: torch.Tensor, groups: int, shuffle: torch.Tensor | None):
@@ -397,6 +410,12 @@ def main() -> None:
         help="share of the oracle's positives that share --share (the rest: random other entries)",
     )
     parser.add_argument("--oracle-only", action="store_true", help="skip the stage's InfoNCE comparison")
+    parser.add_argument(
+        "--eval-on",
+        choices=["test", "validation"],
+        default="test",
+        help="kNN R@1 of test videos against the training ones, or of half the training videos against the other half",
+    )
     parser.add_argument("--mask-self", type=float, default=0.9)
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--queue", type=int, default=128)
