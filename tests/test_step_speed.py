@@ -165,9 +165,13 @@ def _two_steps(variant: str) -> tuple[list[float], torch.Tensor]:
 
 
 # (loss rel. tolerance, 1 - gradient cosine): layout and fused Adam reorder float32 sums only; bf16
-# autocast keeps 8 bits of mantissa (losses 1-4 % off here, gradient cosine 0.94, of near-identical
-# embeddings of a random-init net); inductor's fused kernels reorder float32 sums.
-TOLERANCES = {"channels_last": (1e-4, 1e-4), "fused_adam": (1e-4, 1e-4), "bf16": (5e-2, 0.1), "compile": (1e-3, 1e-3)}
+# autocast keeps 8 bits of mantissa, and a random-init net's embeddings are near-identical, so at
+# temperature 0.07 that rounding moves the logits about as much as they differ: losses 1-4 % off,
+# gradient cosine 0.94 on the earlier development machines and 0.85 on a Xeon with AVX512-BF16
+# (every layer alike, 0.77-0.91; torch 2.14.1): the bound catches a broken bf16 path (NaN, a
+# detached or sign-flipped gradient), not a CPU's bf16 arithmetic. Inductor's fused kernels
+# reorder float32 sums.
+TOLERANCES = {"channels_last": (1e-4, 1e-4), "fused_adam": (1e-4, 1e-4), "bf16": (5e-2, 0.25), "compile": (1e-3, 1e-3)}
 
 
 @pytest.mark.parametrize("variant", ["channels_last", "fused_adam"])
