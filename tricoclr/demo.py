@@ -122,33 +122,38 @@ def synthesize_data(synth: Path, preset: dict, workers: int) -> None:
     )
 
 
+def prepare_store(synth: Path, listing: Path, store: Path, preset: dict, workers: int) -> None:
+    """Prepare the synthesized videos of one split list into an LMDB store (RGB, Farneback flow,
+    log-mel audio) with ``tricoclr-data prepare``, which resumes a store it finds there."""
+    _say(f"preparing {listing.name} -> {store} (lmdb, Farneback flow, log-mel audio)")
+    _data_cli(
+        [
+            "prepare",
+            str(synth / "videos"),
+            "--out",
+            str(store),
+            "--format",
+            "lmdb",
+            "--list",
+            str(listing),
+            "--flow",
+            "farneback",
+            "--size",
+            str(preset["size"]),
+            "--workers",
+            str(workers),
+        ]
+    )
+
+
 def prepare_data(out: Path, preset: dict, workers: int) -> tuple[Path, Path, Path]:
     synth = out / "synth"
     if not (synth / "splits" / "testlist01.txt").exists():
         synthesize_data(synth, preset, workers)
     stores = {}
     for split in ("train", "test"):
-        store = out / "prepared" / split
-        stores[split] = store
-        _say(f"preparing the {split} split -> {store} (lmdb, Farneback flow, log-mel audio)")
-        _data_cli(
-            [
-                "prepare",
-                str(synth / "videos"),
-                "--out",
-                str(store),
-                "--format",
-                "lmdb",
-                "--list",
-                str(synth / "splits" / f"{split}list01.txt"),
-                "--flow",
-                "farneback",
-                "--size",
-                str(preset["size"]),
-                "--workers",
-                str(workers),
-            ]
-        )
+        stores[split] = out / "prepared" / split
+        prepare_store(synth, synth / "splits" / f"{split}list01.txt", stores[split], preset, workers)
     return synth, stores["train"], stores["test"]
 
 
@@ -275,7 +280,7 @@ def evaluate_seed(
         per_seed.setdefault(name, []).append(evaluate(path, train_store, test_store, args, seed))
 
 
-def _percent_outcomes(results: list[dict], key: str) -> torch.Tensor:
+def percent_outcomes(results: list[dict], key: str) -> torch.Tensor:
     """(seeds, N[, ks]) per-test-video outcomes (0 or 100) of one row, for the bootstraps."""
     return torch.tensor([r[key] for r in results]) * 100
 
@@ -284,11 +289,11 @@ def summarise(per_seed: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for name, results in per_seed.items():
         row = {"model": name, "modalities": MODALITIES_OF.get(name, "RGB"), "seeds": len(results)}
-        hits = _percent_outcomes(results, "hits")  # (seeds, N, len(ks))
+        hits = percent_outcomes(results, "hits")  # (seeds, N, len(ks))
         for column, metric in enumerate(("R@1", "R@5", "R@10")):
             mean, low, high = bootstrap_ci(hits[:, :, column])
             row[metric], row[f"{metric}_ci"] = mean, [low, high]
-        mean, low, high = bootstrap_ci(_percent_outcomes(results, "linear_hits"))
+        mean, low, high = bootstrap_ci(percent_outcomes(results, "linear_hits"))
         row["linear_top1"], row["linear_top1_ci"] = mean, [low, high]
         row["chance_R@1"] = sum(r["chance_R@1"] for r in results) / len(results)
         row["per_seed"] = [{k: r[k] for k in ("R@1", "R@5", "R@10", "linear_top1")} for r in results]
@@ -318,7 +323,7 @@ def compare(per_seed: dict[str, list[dict]]) -> list[dict]:
             continue
         entry = {"a": first, "b": second}
         for metric, key, column in (("R@1", "hits", 0), ("linear_top1", "linear_hits", None)):
-            a, b = (_percent_outcomes(per_seed[name], key) for name in (first, second))
+            a, b = (percent_outcomes(per_seed[name], key) for name in (first, second))
             if column is not None:
                 a, b = a[..., column], b[..., column]
             mean, low, high = bootstrap_ci(a - b)
