@@ -66,7 +66,7 @@ def _sources(store):
 def test_recipe_validation_trains_and_evaluates_on_training_videos_only(tmp_path):
     out = tmp_path / "val"
     command = [sys.executable, str(REPO / "benchmarks" / "recipe_validation.py"), "--out", str(out), "--quick"]
-    command += ["--seeds", "1", "--workers", "1", "--variant", "a=", "--variant", "b=data.crop_scale=[1.0,1.0]"]
+    command += ["--seeds", "1", "--workers", "1", "--variant", "a=", "--variant", "b=data.crop_scale=[0.5,1.0]"]
     subprocess.run(command, check=True, cwd=tmp_path, timeout=600)
     splits = out / "synth" / "splits"
     train = {line.split()[0] for line in (splits / "trainlist01.txt").read_text().splitlines()}
@@ -75,13 +75,14 @@ def test_recipe_validation_trains_and_evaluates_on_training_videos_only(tmp_path
     assert stores["train"] == train and not train & test
     assert stores["gallery"] | stores["queries"] == train and not stores["gallery"] & stores["queries"]
     results = json.loads((out / "results.json").read_text())
-    assert results["variants"] == {"a": "", "b": "data.crop_scale=[1.0,1.0]"}
+    assert results["variants"] == {"a": "", "b": "data.crop_scale=[0.5,1.0]"}
     rows = {row["model"]: row for row in results["rows"]}
     assert {"random init", "InfoNCE (a)", "CoCLR (b)", "TriCoCLR (b)"} <= set(rows)
     assert all(row["seeds"] == 1 and 0 <= row["R@1"] <= 100 for row in rows.values())
     differences = {c["difference"]: c for c in results["comparisons"]}
     assert "TriCoCLR (b) − TriCoCLR (a)" in differences and len(differences) == 4
     # the variant's overrides reached its runs and only its runs
-    for variant, scale in (("a", [0.6, 1.0]), ("b", [1.0, 1.0])):
+    shipped = yaml.safe_load((REPO / "configs" / "small.yaml").read_text())["data"]["crop_scale"]
+    for variant, scale in (("a", shipped), ("b", [0.5, 1.0])):
         config = yaml.safe_load((out / variant / "runs" / "seed0" / "pretrain" / "config.yaml").read_text())
         assert config["data"]["crop_scale"] == scale
