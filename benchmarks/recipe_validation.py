@@ -10,7 +10,7 @@ test videos are never prepared or read. Paired intervals compare each variant's 
 baseline's over the same query videos and seeds.
 
     python benchmarks/recipe_validation.py --out recipe_val --variant shipped= \\
-        --variant whole-frame=data.crop_scale=[1.0,1.0]
+        --variant "whole-frame=data.crop_scale=[1.0,1.0]"
 
 Writes ``OUT/results.{json,md}``; a re-run skips what exists. ``--quick`` uses the quick demo's
 data and schedule (a smoke run).
