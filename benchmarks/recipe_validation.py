@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tricoclr import demo  # noqa: E402
 from tricoclr.eval.report import markdown_table  # noqa: E402
-from tricoclr.eval.stats import bootstrap_ci  # noqa: E402
 
 ROWS = [row for row in demo.VARIANTS if row[0] in ("InfoNCE", "CoCLR", "TriCoCLR")]
 
@@ -68,18 +67,6 @@ def prepare(out: Path, preset: dict, workers: int) -> dict[str, Path]:
     return stores
 
 
-def paired(per_seed: dict[str, list[dict]], first: str, second: str) -> dict:
-    """Mean difference first − second (R@1, linear top-1) with its paired bootstrap interval."""
-    entry = {"difference": f"{first} − {second}"}
-    for metric, key in (("R@1", "hits"), ("linear_top1", "linear_hits")):
-        a, b = (demo.percent_outcomes(per_seed[name], key) for name in (first, second))
-        if key == "hits":
-            a, b = a[..., 0], b[..., 0]
-        mean, low, high = bootstrap_ci(a - b)
-        entry[metric], entry[f"{metric}_ci"] = mean, [low, high]
-    return entry
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -112,12 +99,13 @@ def main() -> int:
             demo.evaluate_seed(per_seed, encoders, stores["gallery"], stores["queries"], run_args, seed)
     rows = demo.summarise(per_seed)
     baseline = variants[0][0]
-    comparisons = [
-        paired(per_seed, row, row.replace(f"({name})", f"({baseline})"))
+    pairs = [
+        (row, row.replace(f"({name})", f"({baseline})"))
         for name, _ in variants[1:]
         for row in per_seed
         if row.endswith(f"({name})")
     ]
+    comparisons = [{"difference": f"{a} − {b}", **demo.paired_difference(per_seed, a, b)} for a, b in pairs]
     (args.out / "results.json").write_text(
         json.dumps({"variants": dict(variants), "rows": rows, "comparisons": comparisons})
     )

@@ -317,19 +317,24 @@ def compare(per_seed: dict[str, list[dict]]) -> list[dict]:
     """Paired differences between rows: every row is evaluated on the same test videos (and seeds),
     so the bootstrap resamples test videos once for both and the interval is that of the
     difference, much narrower than comparing the two rows' own intervals."""
-    comparisons = []
-    for first, second in COMPARISONS:
-        if first not in per_seed or second not in per_seed:
-            continue
-        entry = {"a": first, "b": second}
-        for metric, key, column in (("R@1", "hits", 0), ("linear_top1", "linear_hits", None)):
-            a, b = (percent_outcomes(per_seed[name], key) for name in (first, second))
-            if column is not None:
-                a, b = a[..., column], b[..., column]
-            mean, low, high = bootstrap_ci(a - b)
-            entry[metric], entry[f"{metric}_ci"] = mean, [low, high]
-        comparisons.append(entry)
-    return comparisons
+    return [
+        {"a": first, "b": second, **paired_difference(per_seed, first, second)}
+        for first, second in COMPARISONS
+        if first in per_seed and second in per_seed
+    ]
+
+
+def paired_difference(per_seed: dict[str, list[dict]], first: str, second: str) -> dict:
+    """R@1 and linear top-1 of row ``first`` minus row ``second`` (percentage points), each with
+    the 95 % bootstrap interval of the difference over the same test videos and seeds."""
+    entry = {}
+    for metric, key, column in (("R@1", "hits", 0), ("linear_top1", "linear_hits", None)):
+        a, b = (percent_outcomes(per_seed[name], key) for name in (first, second))
+        if column is not None:
+            a, b = a[..., column], b[..., column]
+        mean, low, high = bootstrap_ci(a - b)
+        entry[metric], entry[f"{metric}_ci"] = mean, [low, high]
+    return entry
 
 
 def comparison_table(comparisons: list[dict]) -> str:
