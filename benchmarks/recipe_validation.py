@@ -9,8 +9,8 @@ are the gallery (and the linear probe's training set), the odd-positioned ones t
 test videos are never prepared or read. Paired intervals compare each variant's row with the
 baseline's over the same query videos and seeds.
 
-    python benchmarks/recipe_validation.py --out recipe_val --variant shipped= \\
-        --variant "whole-frame=data.crop_scale=[1.0,1.0]"
+    python benchmarks/recipe_validation.py --out recipe_val \\
+        --variant "crops-60-100=data.crop_scale=[0.6,1.0]" --variant "whole-frame=data.crop_scale=[1.0,1.0]"
 
 Writes ``OUT/results.{json,md}``; a re-run skips what exists. ``--quick`` uses the quick demo's
 data and schedule (a smoke run).
